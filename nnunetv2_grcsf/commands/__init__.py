@@ -1,0 +1,1 @@
+"""Subcommands of the ``nnunetv2_grcsf`` command line; each module has ``add_parser`` and ``run``."""

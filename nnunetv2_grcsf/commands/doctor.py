@@ -1,0 +1,166 @@
+"""``nnunetv2_grcsf doctor``: is this environment ready to train and predict with our trainers?
+
+Checks, in order: versions, the compute device, the torch/torchvision pairing (a mismatch breaks
+every nnU-Net trainer lookup), nnU-Net's three path variables, the start-up hook and
+``nnUNet_extTrainer``, and then looks every trainer up exactly as ``nnUNetv2_train`` does.
+Each failed check prints what to do. Exit code 0 when everything is ready, 1 otherwise.
+"""
+
+import contextlib
+import io
+import os
+import site
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from nnunetv2_grcsf import discovery
+from nnunetv2_grcsf.datasets import NNUNET_PATH_VARIABLES, find_raw_dataset, load_dataset_json
+from nnunetv2_grcsf.errors import UserFacingError
+
+PACKAGES = ("nnunetv2-grcsf", "nnunetv2", "torch", "torchvision", "dynamic-network-architectures",
+            "batchgenerators", "SimpleITK")
+
+
+class Report:
+    """Collects OK / FAIL lines; ``failures`` counts the problems found."""
+
+    def __init__(self):
+        self.failures = 0
+
+    def ok(self, what: str, detail: str = "") -> None:
+        print(f"  [ok]   {what}" + (f": {detail}" if detail else ""))
+
+    def fail(self, what: str, fix: str) -> None:
+        self.failures += 1
+        print(f"  [FAIL] {what}\n         fix: {fix}")
+
+    def info(self, what: str, detail: str) -> None:
+        print(f"  [info] {what}: {detail}")
+
+
+def _check_versions(report: Report) -> None:
+    print("versions")
+    report.info("python", sys.version.split()[0])
+    for package in PACKAGES:
+        try:
+            report.ok(package, metadata.version(package))
+        except metadata.PackageNotFoundError:
+            report.fail(f"{package} is not installed", f"pip install {package} (or reinstall nnunetv2-grcsf)")
+
+
+def _check_torch(report: Report) -> None:
+    print("device")
+    import torch
+
+    if torch.cuda.is_available():
+        report.ok("CUDA", f"{torch.cuda.get_device_name(0)} (train and predict with -device cuda)")
+    else:
+        report.info("CUDA", "not available: use -device cpu (training on a CPU is for small runs)")
+    try:
+        import torchvision  # noqa: F401  (nnU-Net's trainer lookup imports it through timm)
+
+        torch.ops.torchvision.nms  # raises if torchvision's compiled ops do not match this torch
+        report.ok("torch/torchvision pairing", f"torch {torch.__version__}, torchvision {torchvision.__version__}")
+    except (ImportError, RuntimeError, AttributeError) as error:
+        report.fail(f"torchvision does not work with this torch ({error})",
+                    "install a matching pair from the same index, e.g. `pip install --force-reinstall torch "
+                    "torchvision`; nnU-Net's trainer lookup imports torchvision and fails for every trainer")
+
+
+def _check_paths(report: Report) -> None:
+    print("nnU-Net paths")
+    for variable in NNUNET_PATH_VARIABLES:
+        value = os.environ.get(variable)
+        if not value:
+            report.fail(f"{variable} is not set", f"export {variable}=/path/to/{variable}  "
+                                                  "(see nnU-Net's documentation/setting_up_paths.md)")
+        elif not Path(value).is_dir():
+            report.fail(f"{variable}={value} does not exist", f"mkdir -p {value}  (or point {variable} elsewhere)")
+        else:
+            report.ok(variable, value)
+
+
+def _installed_hook_files() -> list:
+    folders = site.getsitepackages() + [site.getusersitepackages()]
+    return [Path(f) / discovery.HOOK_FILE_NAME for f in folders if (Path(f) / discovery.HOOK_FILE_NAME).is_file()]
+
+
+def _check_discovery(report: Report) -> None:
+    print("trainer discovery")
+    hooks = _installed_hook_files()
+    if hooks:
+        report.ok("start-up hook", str(hooks[0]))
+    else:
+        report.info("start-up hook", f"{discovery.HOOK_FILE_NAME} not found in site-packages")
+    if os.environ.get(discovery.OPT_OUT_VARIABLE):
+        report.info("automatic registration", f"switched off by {discovery.OPT_OUT_VARIABLE}")
+    value = os.environ.get(discovery.EXT_TRAINER_VARIABLE, "")
+    if discovery.is_registered():
+        report.ok(discovery.EXT_TRAINER_VARIABLE, value)
+    else:
+        report.fail(f"{discovery.EXT_TRAINER_VARIABLE} does not list our shim directory (it is {value!r})",
+                    f"reinstall with `pip install nnunetv2-grcsf` (installs the start-up hook) or "
+                    f"export {discovery.EXT_TRAINER_VARIABLE}={os.pathsep.join([*discovery.ext_trainer_directories(), discovery.shim_directory()])}")
+
+
+def _check_trainers(report: Report) -> None:
+    print("trainers, looked up as nnUNetv2_train does")
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunetv2_grcsf.trainers import __all__ as trainer_names
+
+    found = []
+    for name in trainer_names:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                trainer = recursive_find_trainer_class_by_name(name)
+        except Exception as error:  # report every kind of lookup failure; that is this check's purpose
+            report.fail(f"{name} not found ({type(error).__name__}: {str(error).splitlines()[0][:160]})",
+                        "fix the checks above (paths, torchvision, nnUNet_extTrainer), then run doctor again")
+            continue
+        if trainer.__module__.startswith("nnunetv2_grcsf"):
+            found.append(name)
+        else:
+            report.fail(f"{name} resolves to {trainer.__module__}.{trainer.__name__}, not ours",
+                        "a trainer of the same name earlier in nnUNet_extTrainer wins; rename or remove it")
+    if found:
+        report.ok(f"{len(found)} of {len(trainer_names)} trainers found", ", ".join(found[:6]) + ", ...")
+
+
+def _check_dataset(report: Report, dataset: str) -> None:
+    print(f"data set {dataset}")
+    from nnunetv2_grcsf.residual_channels import residual_channels_of_dataset
+
+    folder = find_raw_dataset(dataset)
+    dataset_json = load_dataset_json(folder)
+    report.ok("raw data set", str(folder))
+    report.info("channels", str(dataset_json.get("channel_names")))
+    try:
+        channels = residual_channels_of_dataset(dataset_json, folder.name)
+        report.ok("MAE residual channels", f"{channels}: GRCSFTrainer and GRCSF_FIASTrainer can train on it")
+    except UserFacingError:
+        report.info("MAE residual channels", "none: use FIASTrainer or GRCSFTrainer_noRCU, or make a data set "
+                                             f"with them: nnunetv2_grcsf mae-train -d {dataset} && "
+                                             f"nnunetv2_grcsf residuals -d {dataset} -o NEW_ID")
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser("doctor", help="check that nnU-Net finds our trainers and what to fix if not",
+                                   description=__doc__)
+    parser.add_argument("-d", "--dataset", help="also check this raw data set (id or DatasetXXX_Name)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args) -> int:
+    report = Report()
+    _check_versions(report)
+    _check_torch(report)
+    _check_paths(report)
+    _check_discovery(report)
+    _check_trainers(report)
+    if args.dataset:
+        _check_dataset(report, args.dataset)
+    print("ready." if not report.failures else f"{report.failures} problem(s) found: see the fixes above.")
+    return 0 if not report.failures else 1

@@ -1,0 +1,14 @@
+"""nnU-Net trainers of nnunetv2-grcsf (found by nnU-Net through nnunetv2_grcsf/discovery.py).
+
+Every name in ``__all__`` works with ``nnUNetv2_train ... -tr NAME`` and ``nnUNetv2_predict ... -tr NAME``.
+"""
+
+from nnunetv2_grcsf.trainers.fias import FIASTrainer, GRCSF_FIASTrainer
+from nnunetv2_grcsf.trainers.grcsf import GRCSFTrainer, GRCSFTrainer_noGCU, GRCSFTrainer_noRCU
+from nnunetv2_grcsf.trainers.schedules import schedule_variants
+
+BASE_TRAINERS = (GRCSFTrainer, GRCSFTrainer_noRCU, GRCSFTrainer_noGCU, FIASTrainer, GRCSF_FIASTrainer)
+_VARIANTS = schedule_variants(BASE_TRAINERS, __name__)
+globals().update(_VARIANTS)
+
+__all__ = [trainer.__name__ for trainer in BASE_TRAINERS] + list(_VARIANTS)

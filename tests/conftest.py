@@ -1,0 +1,63 @@
+"""Shared test helpers: real nnU-Net plans (tests/data/plans) and the shared real data sets.
+
+The plans in tests/data/plans were made by `nnUNetv2_plan_and_preprocess` (nnunetv2 2.8.1) on the
+data sets in ../shared/data, so networks are tested on the topologies nnU-Net really plans:
+- Dataset802_BUSI256_nnUNetPlans.json: 2d, patch 224x256, 6 stages (32..512), PlainConvUNet.
+- Dataset802_BUSI256_nnUNetResEncUNetMPlans.json: the same with ResidualEncoderUNet (ResEnc M).
+- Dataset804_Hippocampus_nnUNetPlans.json: 3d_fullres patch 40x56x40, 4 stages (32..256); and 2d.
+- Dataset805_BraTS6_nnUNetPlans.json: 3d_fullres patch 96x160x160, 6 stages (32..320), 2 channels.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+PLANS_DIR = TESTS_DIR / "data" / "plans"
+PROJECT_ROOT = TESTS_DIR.parent
+
+
+def load_plans(plans_name: str) -> dict:
+    """The plans dict of tests/data/plans/<plans_name>.json, e.g. 'Dataset802_BUSI256_nnUNetPlans'."""
+    return json.loads((PLANS_DIR / f"{plans_name}.json").read_text())
+
+
+def configuration_manager(plans_name: str, configuration: str):
+    """nnU-Net's ConfigurationManager for one configuration of a stored plans file."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    return PlansManager(load_plans(plans_name)).get_configuration(configuration)
+
+
+def build_network_from_plans(network_class_name: str, plans_name: str, configuration: str, input_channels: int,
+                             num_classes: int, deep_supervision: bool = True, **extra_arch_kwargs):
+    """Build `network_class_name` exactly as nnU-Net would from the plans' arch_kwargs (+ extra kwargs).
+
+    Returns (network, patch_size).
+    """
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    cm = configuration_manager(plans_name, configuration)
+    network = get_network_from_plans(network_class_name, {**cm.network_arch_init_kwargs, **extra_arch_kwargs},
+                                     cm.network_arch_init_kwargs_req_import, input_channels, num_classes,
+                                     allow_init=True, deep_supervision=deep_supervision)
+    return network, tuple(cm.patch_size)
+
+
+def shared_data_dir() -> Path:
+    """../shared/data beside the project root, or $GRCSF_SHARED_DATA."""
+    return Path(os.environ.get("GRCSF_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_dataset():
+    """Returns a function name -> Path of a real data set in ../shared/data; skips the test if absent."""
+
+    def get(name: str) -> Path:
+        path = shared_data_dir() / name
+        if not (path / "dataset.json").is_file():
+            pytest.skip(f"real data set {name} not found at {path} (set GRCSF_SHARED_DATA to its parent folder)")
+        return path
+
+    return get
