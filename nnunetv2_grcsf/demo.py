@@ -9,7 +9,8 @@ Steps (each one a real command; nnU-Net's run as subprocesses, exactly as a user
 5. ``nnUNetv2_train 991 2d 0 -tr GRCSFTrainer_<short> -device DEVICE``;
 6. ``nnUNetv2_predict`` on the held-out test images (their residual channel made in step 3);
 7. evaluation with nnU-Net's own ``compute_metrics_on_folder``: per-class Dice, printed;
-8. overlay PNGs (image | residual | reference | prediction) for a few test cases.
+8. an overlay PNG (image | reference | prediction) of a few test cases; the residual maps have
+   their own PNG panels in the report of step 3.
 
 Everything is written below one output folder (its own nnUNet_raw / _preprocessed / _results), so
 the user's nnU-Net folders are never touched.
@@ -152,20 +153,15 @@ def _evaluate(reference: Path, predictions: Path, dataset: Path) -> dict:
 
 
 def _overlay_cases(dataset: Path, predictions: Path, limit: int) -> list:
+    """Image, reference and prediction of the first ``limit`` predicted test cases, for the overlay grid."""
     import SimpleITK as sitk
 
     def read(path):
         return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
-    cases = []
-    for prediction in sorted(predictions.glob("*.nii.gz"))[:limit]:
-        case = prediction.name[: -len(".nii.gz")]
-        cases.append({
-            "name": case,
-            "image": read(dataset / "imagesTs" / f"{case}_0000.nii.gz"),
-            "residual": read(dataset / "imagesTs" / f"{case}_0001.nii.gz"),
-            "reference": read(dataset.parent / f"Dataset{SOURCE_ID}_{DATASET_NAME}" / "labelsTs" / f"{case}.nii.gz"),
-            "prediction": read(prediction),
-        })
-    return cases
-
+    references = dataset.parent / f"Dataset{SOURCE_ID}_{DATASET_NAME}" / "labelsTs"
+    return [{"title": prediction.name[: -len(".nii.gz")],
+             "image": read(dataset / "imagesTs" / prediction.name.replace(".nii.gz", "_0000.nii.gz")),
+             "reference": read(references / prediction.name),
+             "prediction": read(prediction)}
+            for prediction in sorted(predictions.glob("*.nii.gz"))[:limit]]
