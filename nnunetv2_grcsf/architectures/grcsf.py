@@ -1,0 +1,263 @@
+"""GRCSF network: an nnU-Net U-Net with Global (GCU) and Region (RCU) Compensation Units, 2D and 3D.
+
+What the paper states (Wang, Chen, Yang, Kim, "Improving Lesion Segmentation in Medical Images by Global
+and Regional Feature Compensation", arXiv 2502.08675, abstract only; no official code): a U-shaped
+backbone; GCUs preserve global context and fine detail during multiscale downsampling; an RCU fuses
+self-supervised MAE residual maps into the segmentation features by patch-based cross-attention,
+weighted by a patch-level importance score from the backbone's global spatial features.
+
+Our design (see blocks/gcu.py and blocks/rcu.py for the units):
+
+- Backbone: exactly the U-Net the nnU-Net plans describe, from dynamic_network_architectures'
+  PlainConvEncoder (plans with ``n_conv_per_stage``) or ResidualEncoder (ResEnc plans with
+  ``n_blocks_per_stage``) and UNetDecoder, subclassed, not copied. Their state-dict keys are unchanged
+  (``encoder.stages.*``, ``encoder.stem.*``, ``decoder.*``), so the weights of a PlainConvUNet /
+  ResidualEncoderUNet of the same plans and encoder input channels load into GRCSFUNet with ``strict=False``
+  (only the GCU/RCU weights are then missing).
+- GCU: one after every encoder stage whose stride product is > 1 (keys ``encoder.global_compensation.<stage>``).
+- Input routing: with the RCU on, the input channels listed in ``residual_channels`` (MAE residual maps,
+  see nnunetv2_grcsf.residual_channels) are split off: only the image channels go through the encoder,
+  the residual map (B, K, *S) goes to the RCU(s). With the RCU off every input channel is an image channel.
+- RCU: patch size = product of all encoder strides per axis, so the patch grid is the bottleneck grid and
+  each regional token aligns with one bottleneck position, whose features (the backbone's global spatial
+  features) give that patch's importance score. Inputs must therefore be divisible by that product (nnU-Net's
+  patch sizes are). By default it acts at resolution stage 0 only, on the full-resolution decoder features
+  just before the final segmentation layer: the paper fuses *pixel-level* features, the residual map is
+  itself full resolution (a lesion's anomaly is located there without interpolation), and small lesions
+  are lost at coarser decoder stages. ``rcu_stages`` adds RCUs at coarser decoder stages (stage index as
+  in the plans, 0 = full resolution); those then also feed the deep-supervision outputs of their scale.
+
+Shapes: input (B, C_in, *S), S divisible by prod(strides) per axis -> logits (B, num_classes, *S), or with
+``decoder.deep_supervision`` a list of n_stages - 1 logits, full resolution first, then each coarser decoder
+stage (B, num_classes, *(S / prod(strides[:i + 1]))).
+"""
+from typing import List, Sequence, Tuple, Type, Union
+
+import numpy as np
+import torch
+from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.dropout import _DropoutNd
+
+from nnunetv2_grcsf.architectures.blocks.gcu import GlobalCompensationUnit
+from nnunetv2_grcsf.architectures.blocks.rcu import RegionCompensationUnit
+from nnunetv2_grcsf.residual_channels import ResidualChannelError, check_residual_channels
+
+
+def stage_sizes(input_size: Sequence[int], strides: Sequence[Sequence[int]]) -> List[List[int]]:
+    """Spatial size after each encoder stage: [S / strides[0], S / (strides[0] * strides[1]), ...]."""
+    sizes, size = [], list(input_size)
+    for stride in strides:
+        size = [s // t for s, t in zip(size, stride)]
+        sizes.append(size)
+    return sizes
+
+
+class GRCSFEncoder(nn.Module):
+    """Shared part of the GRCSF encoders: the backbone encoder's stages, each downsampling one followed by a GCU.
+
+    Mixed into a dynamic_network_architectures encoder (PlainConvEncoder or ResidualEncoder), whose
+    constructor builds the stages; ``add_global_compensation`` then adds the GCUs.
+    Shapes: image (B, C_img, *S) -> skips [(B, features_per_stage[i], *(S / prod(strides[:i + 1])))], i < n_stages.
+    """
+
+    def add_global_compensation(self, stage_input_channels: Sequence[int], use_gcu: bool):
+        """One GCU per stage with a stride product > 1 (none if ``use_gcu`` is False)."""
+        self.global_compensation = nn.ModuleDict({
+            str(stage): GlobalCompensationUnit(self.conv_op, stage_input_channels[stage], self.output_channels[stage],
+                                               stride, self.norm_op, self.norm_op_kwargs)
+            for stage, stride in enumerate(self.strides) if use_gcu and np.prod(stride) > 1})
+
+    def embed_input(self, image: torch.Tensor) -> torch.Tensor:
+        """What feeds stage 0 (a stem, for encoders that have one)."""
+        return image
+
+    def forward(self, image: torch.Tensor) -> List[torch.Tensor]:
+        x = self.embed_input(image)
+        skips = []
+        for stage, stage_module in enumerate(self.stages):
+            out = stage_module(x)
+            if str(stage) in self.global_compensation:
+                out = self.global_compensation[str(stage)](x, out)
+            skips.append(out)
+            x = out
+        return skips
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
+        output = super().compute_conv_feature_map_size(input_size)
+        for stage, size in enumerate(stage_sizes(input_size, self.strides)):
+            if str(stage) in self.global_compensation:
+                output += self.global_compensation[str(stage)].compute_conv_feature_map_size(size)
+        return output
+
+
+class GRCSFPlainConvEncoder(GRCSFEncoder, PlainConvEncoder):
+    """PlainConvEncoder (nnU-Net's default plans) with GCUs; arguments as PlainConvEncoder plus ``use_gcu``."""
+
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op: Type[_ConvNd], kernel_sizes,
+                 strides, n_conv_per_stage, use_gcu: bool = True, **plain_encoder_kwargs):
+        super().__init__(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
+                         n_conv_per_stage, return_skips=True, **plain_encoder_kwargs)
+        self.add_global_compensation([input_channels, *self.output_channels[:-1]], use_gcu)
+
+
+class GRCSFResidualEncoder(GRCSFEncoder, ResidualEncoder):
+    """ResidualEncoder (nnU-Net's ResEnc plans) with GCUs; arguments as ResidualEncoder plus ``use_gcu``."""
+
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op: Type[_ConvNd], kernel_sizes,
+                 strides, n_blocks_per_stage, use_gcu: bool = True, **residual_encoder_kwargs):
+        super().__init__(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
+                         n_blocks_per_stage, return_skips=True, **residual_encoder_kwargs)
+        stem_channels = self.stem.output_channels
+        self.add_global_compensation([stem_channels, *self.output_channels[:-1]], use_gcu)
+
+    def embed_input(self, image: torch.Tensor) -> torch.Tensor:
+        return self.stem(image)
+
+
+class GRCSFDecoder(UNetDecoder):
+    """UNetDecoder whose outputs at the stages in ``rcu_stages`` pass through a Region Compensation Unit.
+
+    ``rcu_stages`` counts resolution stages as the plans do (0 = full resolution). Each RCU gets the residual
+    map (B, K, *S) and the bottleneck features (B, features_per_stage[-1], *(S / prod(strides))) as global
+    features; its patch size is the product of all strides, so its patch grid is the bottleneck grid.
+    Shapes: skips as GRCSFEncoder returns them, residual_map (B, K, *S) or None -> logits as UNetDecoder.
+    """
+
+    def __init__(self, encoder: GRCSFEncoder, num_classes: int, n_conv_per_stage, deep_supervision: bool,
+                 nonlin_first: bool = False, residual_map_channels: int = 0, rcu_stages: Sequence[int] = (0,),
+                 rcu_embed_channels: int = None, rcu_num_heads: int = 2):
+        super().__init__(encoder, num_classes, n_conv_per_stage, deep_supervision, nonlin_first=nonlin_first)
+        patch_size = np.prod(encoder.strides, axis=0).tolist()
+        bad_stages = [s for s in rcu_stages if not 0 <= s < len(self.stages)]
+        if bad_stages:
+            raise ValueError(f"GRCSFDecoder: rcu_stages {bad_stages} out of range; decoder stages are "
+                             f"0..{len(self.stages) - 1} (0 = full resolution).")
+        self.region_compensation = nn.ModuleDict({
+            str(stage): RegionCompensationUnit(encoder.conv_op, encoder.output_channels[stage], residual_map_channels,
+                                               encoder.output_channels[-1], patch_size, rcu_embed_channels,
+                                               rcu_num_heads)
+            for stage in sorted(set(rcu_stages)) if residual_map_channels > 0})
+
+    def forward(self, skips: List[torch.Tensor], residual_map: torch.Tensor = None):
+        bottleneck = skips[-1]
+        lower_resolution = bottleneck
+        seg_outputs = []
+        for s in range(len(self.stages)):
+            x = self.transpconvs[s](lower_resolution)
+            x = self.stages[s](torch.cat((x, skips[-(s + 2)]), 1))
+            resolution_stage = len(self.stages) - 1 - s
+            if str(resolution_stage) in self.region_compensation:
+                x = self.region_compensation[str(resolution_stage)](x, residual_map, bottleneck)
+            if self.deep_supervision or resolution_stage == 0:
+                seg_outputs.append(self.seg_layers[s](x))
+            lower_resolution = x
+        seg_outputs = seg_outputs[::-1]  # full resolution first
+        return seg_outputs if self.deep_supervision else seg_outputs[0]
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
+        output = super().compute_conv_feature_map_size(input_size)
+        sizes = stage_sizes(input_size, self.encoder.strides)
+        for stage, rcu in self.region_compensation.items():
+            output += rcu.compute_conv_feature_map_size(sizes[int(stage)])
+        return output
+
+
+class GRCSFUNet(AbstractDynamicNetworkArchitectures):
+    """GRCSF on nnU-Net's U-Net; takes the plans' arch_kwargs (PlainConvUNet or ResidualEncoderUNet form).
+
+    Backbone arguments are those of PlainConvUNet (``n_conv_per_stage``) or of ResidualEncoderUNet
+    (``n_blocks_per_stage``, ``block``, ``bottleneck_channels``, ``stem_channels``): exactly one of
+    ``n_conv_per_stage`` / ``n_blocks_per_stage`` must be given and selects the encoder. Our arguments:
+
+    - residual_channels: input channel indices that are MAE residual maps (the rest are image channels);
+      required (non-empty) when ``use_rcu``; ignored otherwise (then all channels are image channels).
+    - use_gcu / use_rcu: the ablation switches (no GCU modules / no RCU modules and no channel split).
+    - rcu_stages: resolution stages (0 = full resolution) whose decoder output gets an RCU; default (0,).
+    - rcu_embed_channels: RCU token/attention width; None -> the features of that stage.
+    - rcu_num_heads: RCU attention heads.
+
+    Shapes: see the module docstring.
+    """
+
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage: Union[int, List[int], Tuple[int, ...]],
+                 conv_op: Type[_ConvNd], kernel_sizes, strides, *, num_classes: int, n_conv_per_stage_decoder,
+                 n_conv_per_stage=None, n_blocks_per_stage=None, conv_bias: bool = False,
+                 norm_op: Union[None, Type[nn.Module]] = None, norm_op_kwargs: dict = None,
+                 dropout_op: Union[None, Type[_DropoutNd]] = None, dropout_op_kwargs: dict = None,
+                 nonlin: Union[None, Type[nn.Module]] = None, nonlin_kwargs: dict = None,
+                 deep_supervision: bool = False, nonlin_first: bool = False,
+                 block: Union[Type[BasicBlockD], Type[BottleneckD]] = BasicBlockD, bottleneck_channels=None,
+                 stem_channels: int = None, residual_channels: Sequence[int] = (), use_gcu: bool = True,
+                 use_rcu: bool = True, rcu_stages: Sequence[int] = (0,), rcu_embed_channels: int = None,
+                 rcu_num_heads: int = 2):
+        super().__init__()
+        if (n_conv_per_stage is None) == (n_blocks_per_stage is None):
+            raise ValueError("GRCSFUNet: give exactly one of n_conv_per_stage (PlainConvUNet plans) and "
+                             "n_blocks_per_stage (ResidualEncoderUNet plans).")
+        self.use_rcu = use_rcu
+        self.residual_channels = self._checked_residual_channels(residual_channels, input_channels) if use_rcu else []
+        self.image_channels = [c for c in range(input_channels) if c not in self.residual_channels]
+
+        common = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
+                      dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
+        backbone = (len(self.image_channels), n_stages, features_per_stage, conv_op, kernel_sizes, strides)
+        if n_conv_per_stage is not None:
+            self.encoder = GRCSFPlainConvEncoder(*backbone, n_conv_per_stage, use_gcu=use_gcu,
+                                                 nonlin_first=nonlin_first, **common)
+            self.key_to_stem = "encoder.stages.0"
+            self.keys_to_in_proj = ("encoder.stages.0.0.convs.0.all_modules.0", "encoder.stages.0.0.convs.0.conv")
+        else:
+            self.encoder = GRCSFResidualEncoder(*backbone, n_blocks_per_stage, use_gcu=use_gcu, block=block,
+                                                bottleneck_channels=bottleneck_channels, stem_channels=stem_channels,
+                                                **common)
+            self.key_to_stem = "encoder.stem"
+            self.keys_to_in_proj = ("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0")
+        self.key_to_encoder = "encoder"  # stem, stages and GCUs
+        self.decoder = GRCSFDecoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision,
+                                    nonlin_first=nonlin_first, residual_map_channels=len(self.residual_channels),
+                                    rcu_stages=rcu_stages, rcu_embed_channels=rcu_embed_channels,
+                                    rcu_num_heads=rcu_num_heads)
+        self.size_divisor = np.prod(self.encoder.strides, axis=0).tolist()
+
+    @staticmethod
+    def _checked_residual_channels(residual_channels: Sequence[int], input_channels: int) -> list:
+        if not residual_channels:
+            raise ResidualChannelError(
+                "GRCSFUNet with the Region Compensation Unit (use_rcu=True) needs MAE residual map input channels, "
+                "but residual_channels is empty. Train on a data set made by `nnunetv2_grcsf residuals` (its "
+                "dataset.json lists them), or use the GCU-only variant (use_rcu=False, e.g. GRCSFTrainer_noRCU).")
+        return check_residual_channels(residual_channels, input_channels, "GRCSFUNet residual_channels")
+
+    def check_input_size(self, size: Sequence[int]):
+        """Raises if the spatial input size is not divisible by the product of the strides (the RCU patch size)."""
+        if any(s % d for s, d in zip(size, self.size_divisor)):
+            raise ValueError(
+                f"GRCSFUNet: input size {list(size)} is not divisible by {self.size_divisor}, the product of the plans' "
+                f"'strides' (arch_kwargs) per axis, which is also the RCU patching's patch size (one patch per "
+                f"bottleneck position). The configuration's 'patch_size' must be a multiple of it on every axis.")
+
+    def forward(self, x: torch.Tensor):
+        self.check_input_size(x.shape[2:])
+        if not self.use_rcu:
+            return self.decoder(self.encoder(x))
+        image, residual_map = x[:, self.image_channels], x[:, self.residual_channels]
+        return self.decoder(self.encoder(image), residual_map)
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
+        assert len(input_size) == convert_conv_op_to_dim(self.encoder.conv_op), \
+            "give the spatial size only: input_size=(x, y(, z)), without batch and channel axes"
+        return self.encoder.compute_conv_feature_map_size(input_size) + \
+            self.decoder.compute_conv_feature_map_size(input_size)
+
+    @staticmethod
+    def initialize(module):
+        InitWeights_He(1e-2)(module)
+        init_last_bn_before_add_to_0(module)

@@ -1,0 +1,186 @@
+"""GRCSFUNet built from real nnU-Net plans (tests/data/plans) as nnU-Net builds it; CPU, small inputs."""
+import numpy as np
+import pytest
+import torch
+from conftest import build_network_from_plans, configuration_manager
+from dynamic_network_architectures.architectures.abstract_arch import test_submodules_loadable as submodules_loadable
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+
+from nnunetv2_grcsf.architectures import GRCSFUNet
+from nnunetv2_grcsf.architectures.blocks import GlobalCompensationUnit, RegionCompensationUnit
+from nnunetv2_grcsf.residual_channels import ResidualChannelError
+
+GRCSF = "nnunetv2_grcsf.architectures.grcsf.GRCSFUNet"
+BUSI, BUSI_RESENC, HIPPOCAMPUS = ("Dataset802_BUSI256_nnUNetPlans", "Dataset802_BUSI256_nnUNetResEncUNetMPlans",
+                                  "Dataset804_Hippocampus_nnUNetPlans")
+# plans, configuration, a cropped input size that is still divisible by the product of the strides
+PLANS = [(BUSI, "2d", (64, 96)), (BUSI_RESENC, "2d", (64, 64)), (HIPPOCAMPUS, "3d_fullres", (16, 24, 16))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """These inputs are tiny: one intra-op thread avoids thread spin-waiting on a shared CPU (several times faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(plans=HIPPOCAMPUS, configuration="3d_fullres", input_channels=2, num_classes=3, deep_supervision=True,
+          **kwargs):
+    torch.manual_seed(0)
+    kwargs = {"residual_channels": [1], **kwargs}
+    return build_network_from_plans(GRCSF, plans, configuration, input_channels, num_classes, deep_supervision,
+                                    **kwargs)[0]
+
+
+def expected_deep_supervision_shapes(plans, configuration, input_size, batch, num_classes):
+    """The target shapes nnU-Net's loss uses: its deep supervision scales (nnUNetTrainer) times the patch size."""
+    pool_op_kernel_sizes = configuration_manager(plans, configuration).pool_op_kernel_sizes
+    scales = (1 / np.cumprod(np.vstack(pool_op_kernel_sizes), axis=0))[:-1]
+    return [(batch, num_classes, *[int(round(s * f)) for s, f in zip(input_size, scale)]) for scale in scales]
+
+
+@pytest.fixture(scope="module")
+def plans_networks():
+    """One GRCSFUNet (deep supervision on, residual channel 1 of 2) per entry of PLANS, built once per module."""
+    return {plans: build(plans, configuration) for plans, configuration, _ in PLANS}
+
+
+@pytest.mark.parametrize("plans, configuration, input_size", PLANS)
+def test_deep_supervision_outputs_have_the_shapes_nnunets_loss_expects(plans_networks, plans, configuration,
+                                                                         input_size):
+    network = plans_networks[plans]
+    assert isinstance(network, GRCSFUNet)  # the class the plans name, re-exported by nnunetv2_grcsf.architectures
+    with torch.no_grad():
+        outputs = network(torch.randn(1, 2, *input_size))
+        assert isinstance(outputs, (list, tuple))
+        assert [tuple(o.shape) for o in outputs] == expected_deep_supervision_shapes(plans, configuration,
+                                                                                     input_size, 1, 3)
+        network.decoder.deep_supervision = False  # nnU-Net's set_deep_supervision_enabled does this
+        try:
+            output = network(torch.randn(1, 2, *input_size))
+        finally:
+            network.decoder.deep_supervision = True
+    assert isinstance(output, torch.Tensor) and output.shape == (1, 3, *input_size)
+
+
+def test_full_hippocampus_patch_without_deep_supervision():
+    network = build(deep_supervision=False)
+    patch_size = configuration_manager(HIPPOCAMPUS, "3d_fullres").patch_size
+    with torch.no_grad():
+        assert network(torch.randn(1, 2, *patch_size)).shape == (1, 3, *patch_size)
+
+
+@pytest.mark.parametrize("configuration, input_size", [("2d", (16, 24)), ("3d_fullres", (8, 16, 8))])
+def test_every_gcu_and_rcu_parameter_gets_a_gradient(configuration, input_size):
+    network = build(HIPPOCAMPUS, configuration, rcu_stages=(0, 1))
+    outputs = network(torch.randn(2, 2, *input_size))
+    sum(o.square().mean() for o in outputs).backward()
+    units = [m for m in network.modules() if isinstance(m, (GlobalCompensationUnit, RegionCompensationUnit))]
+    assert len(units) == 3 + 2
+    for unit in units:
+        for name, parameter in unit.named_parameters():
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"{type(unit).__name__}.{name}"
+
+
+def test_with_rcu_the_residual_channel_is_split_off_and_changes_the_output():
+    network = build(input_channels=3, residual_channels=[0]).eval()
+    assert network.image_channels == [1, 2] and network.residual_channels == [0]
+    assert network.get_submodule(network.keys_to_in_proj[0]).weight.shape[1] == 2  # encoder sees image channels
+    x = torch.randn(1, 3, 16, 16, 16)
+    changed = x.clone()
+    changed[:, 0] = torch.randn_like(changed[:, 0])
+    with torch.no_grad():
+        assert not torch.allclose(network(x)[0], network(changed)[0], atol=1e-6)
+        # the residual channel reaches the output through the RCU only
+        network.decoder.region_compensation["0"].scale.zero_()
+        assert torch.allclose(network(x)[0], network(changed)[0])
+
+
+def test_without_rcu_every_channel_is_an_image_channel():
+    network = build(use_rcu=False, residual_channels=[1])
+    assert network.image_channels == [0, 1] and network.residual_channels == []
+    assert network.get_submodule(network.keys_to_in_proj[0]).weight.shape[1] == 2
+    assert not any(isinstance(m, RegionCompensationUnit) for m in network.modules())
+
+
+@pytest.mark.parametrize("kwargs, n_gcu, n_rcu", [
+    (dict(), 3, 1),
+    (dict(use_gcu=False), 0, 1),
+    (dict(use_rcu=False), 3, 0),
+    (dict(use_gcu=False, use_rcu=False), 0, 0),
+    (dict(rcu_stages=(0, 1, 2)), 3, 3),
+])
+def test_switches_change_the_module_set(kwargs, n_gcu, n_rcu):
+    network = build(**kwargs)
+    assert sum(isinstance(m, GlobalCompensationUnit) for m in network.modules()) == n_gcu  # stages with stride > 1
+    assert sum(isinstance(m, RegionCompensationUnit) for m in network.modules()) == n_rcu
+
+
+def test_without_both_units_it_is_the_plain_unet_of_the_plans():
+    kwargs = dict(plans=HIPPOCAMPUS, configuration="3d_fullres", input_channels=2, num_classes=3)
+    network = build(**kwargs, use_gcu=False, use_rcu=False)
+    torch.manual_seed(0)
+    plain, _ = build_network_from_plans("dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                                        HIPPOCAMPUS, "3d_fullres", 2, 3, deep_supervision=True)
+    network.load_state_dict(plain.state_dict())  # strict: the same keys
+    x = torch.randn(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(network(x), plain(x)))
+
+
+def test_plain_unet_weights_load_into_the_full_network():
+    network = build(use_rcu=False)
+    plain, _ = build_network_from_plans("dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                                        HIPPOCAMPUS, "3d_fullres", 2, 3)
+    missing, unexpected = network.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected
+    assert missing and all(".global_compensation." in key for key in missing)
+
+
+def test_empty_residual_channels_with_rcu_name_the_residuals_command():
+    with pytest.raises(ResidualChannelError, match="nnunetv2_grcsf residuals.*use_rcu=False"):
+        build(residual_channels=[])
+
+
+def test_residual_channel_out_of_range_is_a_named_error():
+    with pytest.raises(ResidualChannelError, match=r"residual channel index \[2\] is out of range"):
+        build(residual_channels=[2])
+
+
+@pytest.mark.parametrize("use_rcu", [True, False])
+def test_input_not_divisible_by_the_strides_product_names_the_plans_entry(use_rcu):
+    network = build(use_rcu=use_rcu)
+    with pytest.raises(ValueError, match=r"not divisible by \[8, 8, 8\].*'strides'.*'patch_size'"):
+        network(torch.randn(1, 2, 16, 20, 16))
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(rcu_stages=(3,)), "rcu_stages"),
+                                           (dict(n_blocks_per_stage=[1, 1, 1, 1]), "exactly one of")])
+def test_bad_arguments_are_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build(**kwargs)
+
+
+@pytest.mark.parametrize("configuration, input_size", [("2d", (16, 24)), ("3d_fullres", (16, 16, 16))])
+def test_deep_supervision_state_dict_loads_without_deep_supervision(configuration, input_size):
+    trained = build(HIPPOCAMPUS, configuration, deep_supervision=True)
+    inference = build(HIPPOCAMPUS, configuration, deep_supervision=False)
+    inference.load_state_dict(trained.state_dict())
+    x = torch.randn(1, 2, *input_size)
+    with torch.no_grad():
+        assert torch.allclose(inference.eval()(x), trained.eval()(x)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("plans, configuration, input_size", PLANS)
+def test_weight_transfer_keys_and_feature_map_size(plans_networks, plans, configuration, input_size):
+    network = plans_networks[plans]
+    submodules_loadable(network)
+    assert network.get_submodule(network.key_to_encoder) is network.encoder
+    patch_size = configuration_manager(plans, configuration).patch_size
+    backbone_encoder_class = type(network.encoder).__mro__[2]  # PlainConvEncoder or ResidualEncoder
+    backbone_size = (backbone_encoder_class.compute_conv_feature_map_size(network.encoder, patch_size) +
+                     UNetDecoder.compute_conv_feature_map_size(network.decoder, patch_size))
+    size = network.compute_conv_feature_map_size(patch_size)
+    assert isinstance(size, np.integer) and size > backbone_size
