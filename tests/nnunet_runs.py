@@ -33,9 +33,10 @@ def run(command: list, env: dict, timeout: int = 900) -> subprocess.CompletedPro
 
 
 def add_lesion_channel(dataset: Path, seed: int = 0) -> None:
-    """Append a residual-like channel (blurred lesion mask + noise) to a generated data set, declared in
-    dataset.json as a residual channel. Test data for the network path only: the real MAE residuals are
-    tested in tests/mae and used by the demo."""
+    """Append a residual-like channel (blurred lesion mask + noise, 8-bit, named ``rgb_to_0_1`` as
+    `nnunetv2_grcsf residuals` writes it) to a generated data set, declared in dataset.json as a residual
+    channel. Test data for the network path only: the real MAE residuals are tested in tests/mae and used
+    by the demo."""
     rng = np.random.default_rng(seed)
     dataset_json = json.loads((dataset / "dataset.json").read_text())
     channel = len(dataset_json["channel_names"])
@@ -45,10 +46,10 @@ def add_lesion_channel(dataset: Path, seed: int = 0) -> None:
             image = sitk.ReadImage(str(image_file))
             label = sitk.GetArrayFromImage(sitk.ReadImage(str(dataset / labels / f"{case}.nii.gz")))
             residual = ndimage.gaussian_filter(label.astype(np.float32), 2) + 0.2 * rng.random(label.shape)
-            out = sitk.GetImageFromArray(residual.astype(np.float32))
+            out = sitk.GetImageFromArray(np.round(200 * residual).clip(0, 255).astype(np.uint8))
             out.CopyInformation(image)
             sitk.WriteImage(out, str(dataset / images / f"{case}_{channel:04d}.nii.gz"))
-    dataset_json["channel_names"][str(channel)] = "noNorm"
+    dataset_json["channel_names"][str(channel)] = "rgb_to_0_1"
     dataset_json[DATASET_JSON_KEY] = {"residual_channels": [channel]}
     (dataset / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
 

@@ -1,0 +1,90 @@
+"""``nnunetv2_grcsf mae-train``: train the Masked Autoencoder whose residual maps GRCSF's RCU uses.
+
+See :mod:`nnunetv2_grcsf.mae.train` for what is trained on, how, and what is written where.
+"""
+
+import argparse
+
+DESCRIPTION = """\
+Train a Masked Autoencoder (He et al. 2022) on the images of an nnU-Net raw data set (imagesTr and
+imagesTs; labels are never read). 3D volumes are cut into slices along their lowest-resolution axis.
+Writes checkpoint_latest.pth (periodically), checkpoint_final.pth and training_log.json to
+$nnUNet_results/DatasetXXX_Name/nnunetv2_grcsf_mae/ (or -o); never into the raw data set.
+Next step: nnunetv2_grcsf residuals -d DATASET -o NEW_ID."""
+
+EXAMPLES = """\
+examples:
+  nnunetv2_grcsf mae-train -d 500                      # tiny preset, 300 steps (CPU: minutes)
+  nnunetv2_grcsf mae-train -d 500 --preset small --epochs 200 --device cuda
+  nnunetv2_grcsf mae-train -d 500 --resume --steps 1000   # continue / extend a run"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from nnunetv2_grcsf.mae import DEFAULT_STEPS, PRESETS
+
+    parser = subparsers.add_parser(
+        "mae-train", help="train the MAE for residual maps on an nnU-Net raw data set's images",
+        description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-d", "--dataset", required=True,
+                        help="raw data set id (e.g. 500) or name (Dataset500_X), looked up in $nnUNet_raw")
+    parser.add_argument("-o", "--output", default=None,
+                        help="output folder (default: $nnUNet_results/DatasetXXX_Name/nnunetv2_grcsf_mae)")
+    arch = parser.add_argument_group("architecture (ignored with --resume: taken from the checkpoint)")
+    arch.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                      help="named model size: tiny (CPU, 128 px, patch 8, dim 96, depth 3), small / base (GPU, "
+                           "256 px). Default: tiny")
+    arch.add_argument("--image-size", type=int, default=None, help="model input size in pixels (square)")
+    arch.add_argument("--patch-size", type=int, default=None, help="patch size in pixels (image size must be a multiple)")
+    arch.add_argument("--embed-dim", type=int, default=None, help="encoder width")
+    arch.add_argument("--depth", type=int, default=None, help="number of encoder blocks")
+    arch.add_argument("--num-heads", type=int, default=None, help="encoder attention heads")
+    arch.add_argument("--decoder-dim", type=int, default=None, help="decoder width")
+    arch.add_argument("--decoder-depth", type=int, default=None, help="number of decoder blocks")
+    arch.add_argument("--pixel-loss", action="store_true",
+                      help="loss on pixels instead of the paper's per-patch normalized pixels")
+    opt = parser.add_argument_group("training")
+    budget = opt.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    budget.add_argument("--epochs", type=float, default=None, help="passes over the training slices (instead of --steps)")
+    opt.add_argument("--batch-size", type=int, default=16, help="slices per step (default 16)")
+    opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default 1e-3)")
+    opt.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches removed (default 0.75)")
+    opt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    opt.add_argument("--save-every", type=int, default=100, help="write checkpoint_latest.pth every N steps (default 100)")
+    opt.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    opt.add_argument("--max-slices-per-case", type=int, default=None,
+                     help="3D: keep at most N evenly spaced slices per volume in memory (default: all)")
+    opt.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default auto)")
+    opt.add_argument("--num-threads", type=int, default=None,
+                     help="CPU threads for torch (default: one per core that is idle now, at least 1: on a busy "
+                          "machine extra threads slow training down several-fold)")
+    state = opt.add_mutually_exclusive_group()
+    state.add_argument("--resume", action="store_true",
+                       help="continue from checkpoint_latest.pth in the output folder (--steps/--epochs may extend)")
+    state.add_argument("--overwrite", action="store_true", help="delete existing checkpoints in the output folder and start over")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args) -> int:
+    from nnunetv2_grcsf.mae.data import channel_names_of, load_dataset_json, resolve_raw_dataset
+    from nnunetv2_grcsf.mae.train import TrainConfig, auto_num_threads, model_config_from_preset, train_mae
+
+    model_config = None
+    if not args.resume:
+        _, folder = resolve_raw_dataset(args.dataset)
+        channels = len(channel_names_of(load_dataset_json(folder)))
+        model_config = model_config_from_preset(
+            args.preset, channels, img_size=args.image_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
+            depth=args.depth, num_heads=args.num_heads, decoder_embed_dim=args.decoder_dim,
+            decoder_depth=args.decoder_depth, norm_pix_loss=False if args.pixel_loss else None)
+    train_config = TrainConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                               mask_ratio=args.mask_ratio, seed=args.seed, save_every=args.save_every,
+                               flip=not args.no_flip, max_slices_per_case=args.max_slices_per_case)
+    if not 0 < args.mask_ratio < 1:
+        from nnunetv2_grcsf.mae import MAEError
+        raise MAEError(f"--mask-ratio {args.mask_ratio} must be between 0 and 1")
+    train_mae(args.dataset, args.output, model_config, train_config, device=args.device, resume=args.resume,
+              overwrite=args.overwrite, progress=not args.quiet, num_threads=args.num_threads or auto_num_threads())
+    return 0

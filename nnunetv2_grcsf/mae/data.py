@@ -1,0 +1,336 @@
+"""Images for the MAE: nnU-Net raw data sets read with nnU-Net's own reader/writer classes.
+
+- Data sets are resolved like nnU-Net does (id or ``DatasetXXX_Name``, via
+  ``nnunetv2.utilities.dataset_name_id_conversion.maybe_convert_to_dataset_name``) and must exist in
+  ``$nnUNet_raw``. Images are listed like nnU-Net lists them (``CASE_XXXX<file_ending>``, one file per
+  channel) and read with the reader that ``determine_reader_writer_from_dataset_json`` picks, so every
+  format nnU-Net reads (PNG, NIfTI, NRRD, MHA, TIFF) works, and the same reader later writes the
+  residual channel in the image's own geometry. Labels are never read here.
+- nnU-Net readers return ``[C, Z, Y, X]`` arrays for both 2D (``Z = 1``) and 3D images, with the spacing
+  in array-axis order (2D images get a dummy 999 spacing on the first axis). The MAE is 2D: every image
+  is cut into slices along its **lowest-resolution axis** (largest spacing; the first such axis on
+  ties, i.e. axis 0 of isotropic volumes; the dummy axis of 2D images, so a 2D image is one slice).
+- Intensity normalization (ours; stored in the checkpoint, so residuals use exactly the training
+  normalization), per channel, chosen like nnU-Net chooses per channel name
+  (``map_channel_name_to_normalization``):
+
+  * ``per_image`` for channels nnU-Net z-scores (MRI, ultrasound, any unknown name): the image is
+    clipped to its own 0.5 / 99.5 percentiles and z-scored with its own mean and std (MR and
+    ultrasound gain differ between scans);
+  * ``global`` for ``CT``, ``noNorm``, ``rgb_to_0_1``: clipped to the data set's 0.5 / 99.5 percentiles
+    and z-scored with the data set's mean and std (fitted on up to 64 training cases).
+
+- Slices go to the model's square input (``img_size``) by **resize-and-pad**: the long side is
+  resized to ``img_size`` (bilinear, antialiased when shrinking), keeping the aspect ratio in pixels,
+  and the short side is padded with the slice's minimum (per channel), i.e. with "background". The
+  same mapping, undone (crop the padding, resize back), brings residual maps to the image's grid.
+"""
+
+import os
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nnunetv2_grcsf.mae import MAEDatasetError, MAEImageReadError, MAEIncompatibleError
+
+PERCENTILES = (0.5, 99.5)
+GLOBAL_FIT_MAX_CASES = 64
+
+
+# ---- data sets and files ------------------------------------------------------------------------------
+def raw_folder() -> Path:
+    """``$nnUNet_raw``; a clear error when it is unset or missing."""
+    value = os.environ.get("nnUNet_raw")
+    if not value:
+        raise MAEDatasetError("nnUNet_raw is not set. Set it to the folder holding your nnU-Net raw data sets, "
+                              "e.g. `export nnUNet_raw=/data/nnUNet_raw` (see nnU-Net's documentation/setting_up_paths.md)")
+    if not os.path.isdir(value):
+        raise MAEDatasetError(f"nnUNet_raw={value} is not a folder. Point nnUNet_raw to your nnU-Net raw data folder.")
+    return Path(value)
+
+
+def resolve_raw_dataset(dataset) -> tuple:
+    """``(name, folder)`` of a raw data set given by id (``500``, ``"500"``) or name (``Dataset500_X``).
+
+    Resolution as in nnU-Net (``maybe_convert_to_dataset_name``); the folder must be in ``$nnUNet_raw``
+    and hold a ``dataset.json``.
+    """
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    raw = raw_folder()
+    text = str(dataset).strip()
+    try:
+        name = str(maybe_convert_to_dataset_name(int(text) if text.isdigit() else text))  # nnU-Net returns np.str_
+    except (RuntimeError, ValueError) as error:
+        first_line = str(error).splitlines()[0]
+        if "More than one" in first_line:
+            raise MAEDatasetError(f"data set id {text} is ambiguous: several DatasetXXX_ names use it across "
+                                  f"nnUNet_raw={raw}, nnUNet_preprocessed and nnUNet_results; give the full name "
+                                  f"(Dataset{int(text):03d}_Name) or remove the stale folder.") from error
+        raise MAEDatasetError(f"data set {text!r} not found: no folder Dataset{int(text):03d}_* in nnUNet_raw={raw} "
+                              f"(nor in nnUNet_preprocessed / nnUNet_results). Check the id with `ls {raw}`. "
+                              f"(nnU-Net: {first_line})" if text.isdigit() else
+                              f"data set {text!r} is neither an id nor a DatasetXXX_Name name (searched nnUNet_raw={raw}). "
+                              f"(nnU-Net: {first_line})") from error
+    folder = raw / name
+    if not folder.is_dir():
+        raise MAEDatasetError(f"data set {text!r} resolves to {name}, but there is no folder {folder} in nnUNet_raw={raw} "
+                              f"(nnU-Net knows the name from nnUNet_preprocessed or nnUNet_results only). The MAE needs "
+                              f"the raw images: put the raw data set there.")
+    if not (folder / "dataset.json").is_file():
+        raise MAEDatasetError(f"{folder} has no dataset.json: it is not an nnU-Net raw data set "
+                              f"(see nnU-Net's documentation/dataset_format.md)")
+    return name, folder
+
+
+def load_dataset_json(folder) -> dict:
+    """The dataset.json of a raw data set folder, checked for the keys the MAE needs."""
+    import json
+
+    path = Path(folder) / "dataset.json"
+    try:
+        dataset_json = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise MAEDatasetError(f"{path} cannot be read as JSON ({error}); fix or recreate it") from error
+    for key in ("channel_names", "file_ending"):
+        if key not in dataset_json and not (key == "channel_names" and "modality" in dataset_json):
+            raise MAEDatasetError(f"{path} has no '{key}' (required by nnU-Net v2, see documentation/dataset_format.md)")
+    if "dataset" in dataset_json:
+        raise MAEDatasetError(f"{path} lists its files under a 'dataset' key; nnunetv2_grcsf supports only the "
+                              f"imagesTr/labelsTr folder layout (CASE_XXXX{dataset_json['file_ending']}).")
+    return dataset_json
+
+
+def channel_names_of(dataset_json: dict) -> dict:
+    return dict(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+
+
+def list_cases(folder, file_ending: str) -> dict:
+    """``{case_id: [channel files in channel order]}`` for ``CASE_XXXX<file_ending>`` files in ``folder``.
+
+    Same naming rule as nnU-Net (``create_lists_from_splitted_dataset_folder``), without its process pool.
+    Returns an empty dict when the folder does not exist.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending) + r"$")
+    cases = {}
+    for f in sorted(os.listdir(folder)):
+        m = pattern.fullmatch(f)
+        if m:
+            cases.setdefault(m.group(1), []).append((int(m.group(2)), folder / f))
+    return {case: [p for _, p in sorted(files)] for case, files in sorted(cases.items())}
+
+
+def check_case_channels(cases: dict, num_channels: int, where) -> None:
+    """Every case must have channel files ``_0000`` .. ``_{num_channels-1:04d}``."""
+    for case, files in cases.items():
+        indices = [int(f.name[len(case) + 1:len(case) + 5]) for f in files]
+        if indices != list(range(num_channels)):
+            raise MAEIncompatibleError(
+                f"case {case!r} in {where} has channel files {[f.name for f in files]}, expected channels "
+                f"_0000.._{num_channels - 1:04d} ({num_channels} channel(s)). Fix the file names or the channel count.")
+
+
+def reader_for(dataset_json: dict = None, file_ending: str = None, example_file=None):
+    """An instance of the nnU-Net reader/writer class for the data set (or the file ending)."""
+    from nnunetv2.imageio.reader_writer_registry import (determine_reader_writer_from_dataset_json,
+                                                         determine_reader_writer_from_file_ending)
+    example = None if example_file is None else str(example_file)
+    try:
+        if dataset_json is not None:
+            cls = determine_reader_writer_from_dataset_json(dataset_json, example, verbose=False)
+        else:
+            cls = determine_reader_writer_from_file_ending(file_ending, example, verbose=False)
+    except RuntimeError as error:
+        raise MAEImageReadError(f"no nnU-Net reader can read {example or file_ending}: {error}. If the file is "
+                                f"corrupt, replace or remove that case.") from error
+    return cls()
+
+
+def read_case(reader, files, case: str = None) -> tuple:
+    """``(image float32 [C, Z, Y, X], properties)`` of one case's channel files, read with ``reader``."""
+    try:
+        image, props = reader.read_images([str(f) for f in files])
+    except Exception as error:  # readers raise anything from OSError to RuntimeError / AssertionError
+        raise MAEImageReadError(f"cannot read image {', '.join(str(f) for f in files)}"
+                                f"{f' (case {case!r})' if case else ''}: {type(error).__name__}: {error}. "
+                                f"The file is corrupt or not a valid image of this format: replace it or remove "
+                                f"the case.") from error
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 4:
+        raise MAEImageReadError(f"{files[0]}: nnU-Net's reader returned an array of shape {image.shape}; expected "
+                                f"[channels, z, y, x]")
+    if not np.all(np.isfinite(image)):
+        raise MAEImageReadError(f"{files[0]} contains NaN or infinite values; fix the image")
+    return image, props
+
+
+def image_dim(image: np.ndarray) -> int:
+    """2 for nnU-Net's 2D arrays ``[C, 1, X, Y]``, 3 for volumes."""
+    return 2 if image.shape[1] == 1 else 3
+
+
+def slice_axis(spacing, shape) -> int:
+    """The spatial axis (0, 1 or 2 of ``[Z, Y, X]``) to slice along: the lowest-resolution one.
+
+    Largest spacing; the first such axis on ties. For nnU-Net's 2D arrays (a size-1 first axis with
+    dummy spacing 999) that is axis 0, so a 2D image is one slice.
+    """
+    if shape[0] == 1:
+        return 0
+    spacing = np.asarray(spacing, dtype=float)
+    return int(np.flatnonzero(spacing >= spacing.max() * (1 - 1e-6))[0])
+
+
+def check_image_compatible(image: np.ndarray, num_channels: int, dim: int, where) -> None:
+    """Channel count and 2D/3D must match what the MAE checkpoint was trained on."""
+    if image.shape[0] != num_channels:
+        raise MAEIncompatibleError(f"{where} has {image.shape[0]} channel(s) but the MAE checkpoint was trained on "
+                                   f"{num_channels}; use an MAE trained on this data set (`nnunetv2_grcsf mae-train`).")
+    if image_dim(image) != dim:
+        raise MAEIncompatibleError(f"{where} is a {image_dim(image)}D image but the MAE checkpoint was trained on "
+                                   f"{dim}D images; use an MAE trained on images like these (`nnunetv2_grcsf mae-train`).")
+
+
+def case_seed(case: str, seed: int) -> int:
+    """A deterministic per-case seed (masks of a case do not depend on batching or order)."""
+    return (zlib.crc32(case.encode()) ^ (int(seed) * 2654435761)) % (2 ** 31)
+
+
+# ---- intensity normalization --------------------------------------------------------------------------
+class IntensityNormalizer:
+    """Per-channel ``global`` or ``per_image`` clip-and-z-score (see module docstring); serializable."""
+
+    def __init__(self, modes, stats=None):
+        self.modes = list(modes)
+        self.stats = stats or [None] * len(self.modes)  # per channel: {"low", "high", "mean", "std"} for global
+
+    @staticmethod
+    def auto_modes(channel_names: dict) -> list:
+        """Per channel: ``per_image`` where nnU-Net would z-score (or min-max) per image, else ``global``."""
+        from nnunetv2.preprocessing.normalization.default_normalization_schemes import (RescaleTo01Normalization,
+                                                                                        ZScoreNormalization)
+        from nnunetv2.preprocessing.normalization.map_channel_name_to_normalization import get_normalization_scheme
+        modes = []
+        for key in sorted(channel_names, key=int):
+            scheme = get_normalization_scheme(str(channel_names[key]))
+            modes.append("per_image" if scheme in (ZScoreNormalization, RescaleTo01Normalization) else "global")
+        return modes
+
+    def fit(self, images) -> "IntensityNormalizer":
+        """Fit the ``global`` channels on an iterable of ``[C, ...]`` images (subsampled voxels)."""
+        if "global" not in self.modes:
+            return self
+        rng = np.random.default_rng(0)
+        samples = [[] for _ in self.modes]
+        for image in images:
+            for c, mode in enumerate(self.modes):
+                if mode == "global":
+                    v = image[c].ravel()
+                    if v.size > 200_000:
+                        v = v[rng.integers(0, v.size, 200_000)]
+                    samples[c].append(v.astype(np.float64))
+        for c, mode in enumerate(self.modes):
+            if mode == "global":
+                v = np.concatenate(samples[c])
+                low, high = np.percentile(v, PERCENTILES)
+                v = np.clip(v, low, high)
+                self.stats[c] = {"low": float(low), "high": float(high), "mean": float(v.mean()),
+                                 "std": float(max(v.std(), 1e-8))}
+        return self
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """Normalize a ``[C, ...]`` float image (returns a new float32 array)."""
+        out = np.empty(image.shape, dtype=np.float32)
+        for c, mode in enumerate(self.modes):
+            x = image[c].astype(np.float32)
+            if mode == "global":
+                s = self.stats[c]
+                out[c] = (np.clip(x, s["low"], s["high"]) - s["mean"]) / s["std"]
+            else:
+                low, high = np.percentile(x, PERCENTILES)
+                x = np.clip(x, low, high)
+                out[c] = (x - x.mean()) / max(float(x.std()), 1e-8)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"modes": list(self.modes), "stats": list(self.stats), "percentiles": list(PERCENTILES)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IntensityNormalizer":
+        return cls(d["modes"], d.get("stats"))
+
+
+# ---- slices and the model's input grid ------------------------------------------------------------------
+def to_slices(image: np.ndarray, axis: int) -> np.ndarray:
+    """``[C, Z, Y, X]`` -> ``[S, C, A, B]`` slices along spatial ``axis``."""
+    return np.moveaxis(image, 1 + axis, 0)
+
+
+def from_slices(slices: np.ndarray, axis: int) -> np.ndarray:
+    """``[S, K, A, B]`` -> ``[K, Z, Y, X]`` (inverse of :func:`to_slices`)."""
+    return np.moveaxis(slices, 0, 1 + axis)
+
+
+def content_size(h: int, w: int, size: int) -> tuple:
+    """Size ``(nh, nw)`` of an ``h x w`` slice inside the ``size x size`` model input (long side = size)."""
+    f = size / max(h, w)
+    return max(1, int(round(h * f))), max(1, int(round(w * f)))
+
+
+def to_model_grid(slices, size: int) -> torch.Tensor:
+    """Resize-and-pad ``[S, C, h, w]`` slices (numpy or tensor) to ``[S, C, size, size]`` float32.
+
+    Content occupies the top-left ``content_size(h, w, size)`` corner; the rest is the per-slice,
+    per-channel minimum.
+    """
+    x = torch.as_tensor(np.ascontiguousarray(slices) if isinstance(slices, np.ndarray) else slices).float()
+    s, c, h, w = x.shape
+    nh, nw = content_size(h, w, size)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=nh < h or nw < w)
+    fill = x.amin(dim=(2, 3), keepdim=True)
+    out = fill.expand(s, c, size, size).clone()
+    out[:, :, :nh, :nw] = x
+    return out
+
+
+def from_model_grid(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Crop the content of ``[S, K, size, size]`` (see :func:`to_model_grid`) and resize it back to ``h x w``."""
+    nh, nw = content_size(h, w, x.shape[-1])
+    x = x[:, :, :nh, :nw]
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=nh > h or nw > w)
+    return x
+
+
+def content_mask(h: int, w: int, size: int) -> torch.Tensor:
+    """Boolean ``[size, size]``: True where a ``h x w`` slice's content lies on the model grid."""
+    nh, nw = content_size(h, w, size)
+    m = torch.zeros(size, size, dtype=torch.bool)
+    m[:nh, :nw] = True
+    return m
+
+
+def training_slices(image: np.ndarray, normalizer: IntensityNormalizer, spacing, size: int,
+                    max_slices: int = None) -> tuple:
+    """``(slices [S, C, size, size] float16, (h, w))``: normalized model-grid slices of one image for training.
+
+    ``(h, w)`` is the slices' size before resizing. Slices without content (constant in every channel,
+    e.g. empty slices around a brain) are skipped; with ``max_slices`` an evenly spaced subset is kept.
+    """
+    norm = normalizer(image)
+    sl = to_slices(norm, slice_axis(spacing, image.shape[1:]))
+    keep = [i for i in range(sl.shape[0]) if float(sl[i].std(axis=(1, 2)).max()) > 1e-6]
+    if max_slices and len(keep) > max_slices:
+        keep = [keep[int(i)] for i in np.linspace(0, len(keep) - 1, max_slices).round()]
+    hw = tuple(sl.shape[2:])
+    if not keep:
+        return torch.zeros((0, image.shape[0], size, size), dtype=torch.float16), hw
+    return to_model_grid(sl[keep], size).half(), hw

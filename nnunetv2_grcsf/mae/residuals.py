@@ -1,0 +1,510 @@
+"""MAE residual maps and the data sets / folders that carry them as extra input channels.
+
+Residual definition (ours; GRCSF's abstract only says "pixel-wise difference between an MAE
+reconstruction and the image"):
+
+1. The image is normalized with the MAE's own stored normalization (:mod:`.data`), cut into slices
+   along its lowest-resolution axis and each slice resized-and-padded to the model input.
+2. For a mask ratio ``r = m / K`` the slice is reconstructed in ``K`` passes with **complementary
+   masks** (:func:`~nnunetv2_grcsf.mae.model.complementary_masks`): the visible patches of the ``K``
+   passes partition the image, so every patch is removed in exactly ``m`` passes (3 of 4 at 0.75, 1
+   of 2 at 0.5), and a pixel's reconstruction is the mean of the ``m`` predictions made while its
+   patch was removed. Visible patches, which the decoder merely copies, never contribute.
+3. Residual = ``|x - x_hat|`` per pixel, averaged over the image channels, in units of the
+   normalized intensity (image standard deviations); optionally smoothed with a Gaussian of
+   ``smoothing_sigma`` model-grid pixels (default 2: on BUSI256 sigma 0 / 1 / 2 / 4 gave per-image
+   AUROC 0.77 / 0.79 / 0.80 / 0.81 at mask ratio 0.5, see ``benchmarks/mae_busi256.py``; 2 keeps most
+   of the gain at half the blur of 4, since the segmentation network also needs the map's edges;
+   speckle-level noise in single pixels carries no lesion information); then the padding is cropped and the map resized back to the slice's own
+   grid (bilinear). We resize-and-back rather than tile at full resolution because the MAE is
+   trained on whole images at the model's scale: tiles would show it a scale and a field of view it
+   never saw. The price is a residual at the model's resolution (e.g. half resolution for 256-pixel
+   images at the default 128 input); use a larger ``--image-size`` on a GPU for finer maps.
+4. Encoding in the written file: ``uint8 = round(255 * clip(residual / scale, 0, 1))`` where
+   ``scale`` is fixed per MAE checkpoint (1.5 x the 99.9th percentile of training residuals, see
+   :func:`~nnunetv2_grcsf.mae.train.calibrate_residual_scale`). It is written with nnU-Net's own
+   writer for the data set's format (``write_seg`` of the class nnU-Net picks for the file ending),
+   with the properties read from the same case's image, so spacing / origin / direction (or the
+   NIfTI affine) are the image's. 8 bits because nnU-Net's writers write integer maps and PNG
+   holds nothing else; 256 levels are ample for a residual.
+5. Channel name ``rgb_to_0_1``: nnU-Net maps it to ``RGBTo01Normalization``, i.e. value / 255, the
+   same fixed scaling for every image, so the network sees ``clip(residual / scale, 0, 1)``.
+   nnU-Net's default z-score (any other channel name) would rescale every residual map by its own
+   mean and standard deviation and erase what matters: whether an image reconstructs well overall
+   (low residual everywhere) or not. ``noNorm`` would feed the raw 0..255 integers.
+
+The new data set's ``dataset.json`` records the residual channels under the ``nnunetv2_grcsf`` key
+(see :mod:`nnunetv2_grcsf.residual_channels`) plus ``residual_definition`` (the settings above), so a
+prediction folder can be given identical residual channels (``residuals -i ... --from-dataset``).
+"""
+
+import functools
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nnunetv2_grcsf.mae import (MAEDatasetError, MAEError, MAEIncompatibleError, MAEOutputExistsError)
+from nnunetv2_grcsf.mae import data as mdata
+from nnunetv2_grcsf.mae.model import complementary_masks, masked_reconstruction
+from nnunetv2_grcsf.mae.report import ResidualReport
+from nnunetv2_grcsf.mae.train import (autocast_context, find_latest_checkpoint, load_checkpoint, model_from_checkpoint,
+                                      resolve_device, torch_threads)
+from nnunetv2_grcsf.residual_channels import DATASET_JSON_KEY
+
+RESIDUAL_CHANNEL_NAME = "rgb_to_0_1"
+REPORT_SUBFOLDER = "nnunetv2_grcsf_residual_report"
+
+
+@dataclass
+class ResidualSettings:
+    """How residual maps are made (recorded in the new dataset.json)."""
+
+    mask_ratios: tuple = (0.75,)
+    smoothing_sigma: float = 2.0
+    repeats: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        self.mask_ratios = tuple(float(r) for r in self.mask_ratios)
+        if not self.mask_ratios:
+            raise MAEError("give at least one mask ratio")
+        for r in self.mask_ratios:
+            if not 0.0 < r < 1.0:
+                raise MAEError(f"mask ratio {r} must be between 0 and 1 (exclusive)")
+        if len(set(self.mask_ratios)) != len(self.mask_ratios):
+            raise MAEError(f"mask ratios {list(self.mask_ratios)} repeat a value")
+        if self.smoothing_sigma < 0 or self.repeats < 1:
+            raise MAEError("smoothing sigma must be >= 0 and repeats >= 1")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mask_ratios"] = list(self.mask_ratios)
+        return d
+
+
+def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of ``[N, K, H, W]`` with reflect padding (no-op for sigma 0)."""
+    if sigma <= 0:
+        return x
+    radius = int(min(max(1, round(3 * sigma)), min(x.shape[-2:]) - 1))
+    if radius < 1:
+        return x
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    n, c, h, w = x.shape
+    y = x.reshape(n * c, 1, h, w)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+    return y.reshape(n, c, h, w)
+
+
+class ResidualMapper:
+    """Residual maps of whole images with one MAE checkpoint (see the module docstring for the definition)."""
+
+    def __init__(self, checkpoint, settings: ResidualSettings = None, device: str = "auto", batch_size: int = 16):
+        self.checkpoint_path = None if isinstance(checkpoint, dict) else Path(checkpoint).resolve()
+        self.ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+        if not self.ckpt.get("complete", True) and self.checkpoint_path is not None:
+            print(f"note: {self.checkpoint_path} is from an unfinished training (step {self.ckpt['step']})")
+        self.settings = settings or ResidualSettings()
+        self.device = resolve_device(device)
+        self.batch_size = max(1, int(batch_size))
+        self.model = model_from_checkpoint(self.ckpt, self.device)
+        self.normalizer = mdata.IntensityNormalizer.from_dict(self.ckpt["normalization"])
+        self.num_channels = int(self.ckpt["data"]["num_channels"])
+        self.image_dim = int(self.ckpt["data"]["image_dim"])
+        self.size = int(self.ckpt["model_config"]["img_size"])
+        self.scale = float(self.ckpt.get("residual_scale") or 3.0)
+
+    def check(self, image: np.ndarray, where) -> None:
+        mdata.check_image_compatible(image, self.num_channels, self.image_dim, where)
+
+    def encode(self, residual: np.ndarray) -> np.ndarray:
+        """Float residual -> uint8 ``round(255 * clip(residual / scale, 0, 1))``."""
+        return np.round(255.0 * np.clip(residual / self.scale, 0.0, 1.0)).astype(np.uint8)
+
+    @torch.no_grad()
+    def compute(self, items, want_recon=()) -> list:
+        """Residual maps for ``items`` = ``[(case_id, image [C, Z, Y, X], spacing), ...]``.
+
+        Returns, per item, ``{"residuals": [R, Z, Y, X] float32, "axis": slice axis, and for case ids in
+        want_recon "normalized": [C, Z, Y, X], "recon": [C, Z, Y, X] (first mask ratio)}``. Slices of all
+        items are batched together; masks depend only on the case id and the seed.
+        """
+        s = self.settings
+        length = self.model.config.num_patches
+        prepared, grids, masks = [], [], [[] for _ in s.mask_ratios]
+        for case, image, spacing in items:
+            norm = self.normalizer(image)
+            axis = mdata.slice_axis(spacing, image.shape[1:])
+            sl = mdata.to_slices(norm, axis)
+            grids.append(mdata.to_model_grid(sl, self.size))
+            gen = torch.Generator().manual_seed(mdata.case_seed(case, s.seed))
+            for j, ratio in enumerate(s.mask_ratios):
+                masks[j].append(complementary_masks(sl.shape[0], length, ratio, s.repeats, gen))
+            prepared.append((case, norm, axis, sl.shape))
+        grid = torch.cat(grids)
+        masks = [torch.cat(m, dim=1) for m in masks]
+        res_grid = torch.empty((grid.shape[0], len(s.mask_ratios), self.size, self.size))
+        rec_grid = torch.empty_like(grid)
+        for start in range(0, grid.shape[0], self.batch_size):
+            sel = slice(start, start + self.batch_size)
+            x = grid[sel].to(self.device)
+            for j, ratio in enumerate(s.mask_ratios):
+                with autocast_context(self.device):
+                    recon = masked_reconstruction(self.model, x, masks=masks[j][:, sel].to(self.device))
+                res_grid[sel, j] = (x - recon.float()).abs().mean(dim=1).cpu()
+                if j == 0:
+                    rec_grid[sel] = recon.float().cpu()
+        out, start = [], 0
+        for case, norm, axis, shape in prepared:
+            n, _, h, w = shape
+            nh, nw = mdata.content_size(h, w, self.size)
+            r = gaussian_smooth(res_grid[start:start + n, :, :nh, :nw], s.smoothing_sigma)
+            r = mdata.from_model_grid(F.pad(r, (0, self.size - nw, 0, self.size - nh)), h, w)
+            entry = {"residuals": mdata.from_slices(r.clamp_min(0).numpy(), axis).astype(np.float32), "axis": axis}
+            if case in want_recon:
+                rec = mdata.from_model_grid(rec_grid[start:start + n], h, w).numpy()
+                entry["recon"] = mdata.from_slices(rec, axis)
+                entry["normalized"] = norm
+            out.append(entry)
+            start += n
+        return out
+
+
+# ---- helpers for writing ------------------------------------------------------------------------------
+def _sidecar(path: Path, ending: str) -> Path:
+    """Tiff3DIO keeps spacing in ``<file without ending>.json`` next to the image."""
+    return path.with_name(path.name[:-len(ending)] + ".json")
+
+
+def _copy_with_sidecar(src: Path, dst: Path, ending: str) -> None:
+    shutil.copyfile(src, dst)
+    side = _sidecar(src, ending)
+    if side.is_file():
+        shutil.copyfile(side, _sidecar(dst, ending))
+
+
+def _write_residual_channels(writer, encoded: np.ndarray, out_folder: Path, case: str, first_index: int,
+                             ending: str, props: dict) -> list:
+    paths = []
+    for j in range(encoded.shape[0]):
+        path = out_folder / f"{case}_{first_index + j:04d}{ending}"
+        writer.write_seg(encoded[j], str(path), props)
+        paths.append(path)
+    return paths
+
+
+def _chunks(cases: dict, reader, mapper: ResidualMapper, labels_folder=None, ending=None):
+    """Yield lists of ``(case, files, image, props, label_mask)`` holding about ``batch_size`` slices."""
+    chunk, n_slices = [], 0
+    for case, files in cases.items():
+        image, props = mdata.read_case(reader, files, case)
+        mapper.check(image, f"case {case!r} ({files[0]})")
+        mask = None
+        if labels_folder is not None:
+            label_file = Path(labels_folder) / f"{case}{ending}"
+            if label_file.is_file():
+                try:
+                    seg, _ = reader.read_seg(str(label_file))
+                except Exception as error:
+                    raise mdata.MAEImageReadError(f"cannot read label {label_file}: {type(error).__name__}: {error}. "
+                                                  f"Replace the file or remove the case.") from error
+                mask = np.asarray(seg[0]) > 0
+        chunk.append((case, files, image, props, mask))
+        axis = mdata.slice_axis(props["spacing"], image.shape[1:])
+        n_slices += image.shape[1 + axis]
+        if n_slices >= mapper.batch_size:
+            yield chunk
+            chunk, n_slices = [], 0
+    if chunk:
+        yield chunk
+
+
+def _process_cases(cases: dict, reader, mapper: ResidualMapper, out_images: Path, ending: str,
+                   report: ResidualReport = None, labels_folder=None, progress=True, desc="residuals") -> dict:
+    """Copy channels + write residual channel(s) for ``cases`` into ``out_images``; returns timing figures."""
+    from tqdm import tqdm
+
+    out_images.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(cases), desc=desc, unit="case", disable=not progress)
+    t_compute, n_done, t0 = 0.0, 0, time.time()
+    for chunk in _chunks(cases, reader, mapper, labels_folder if report else None, ending):
+        want = {c for c, _, _, _, mask in chunk if report is not None and report.wants_panel(mask)}
+        t = time.time()
+        results = mapper.compute([(c, img, props["spacing"]) for c, _, img, props, _ in chunk], want_recon=want)
+        t_compute += time.time() - t
+        for (case, files, image, props, mask), res in zip(chunk, results):
+            for f in files:
+                _copy_with_sidecar(f, out_images / f.name, ending)
+            _write_residual_channels(reader, mapper.encode(res["residuals"]), out_images, case, image.shape[0],
+                                     ending, props)
+            if report is not None:
+                report.add_case(case, res["residuals"], mask, res.get("normalized"), res.get("recon"), res["axis"])
+            n_done += 1
+            bar.update(1)
+    bar.close()
+    total = time.time() - t0
+    return {"num_images": n_done, "seconds_total": round(total, 2), "seconds_compute": round(t_compute, 2),
+            "images_per_second": round(n_done / total, 3) if total > 0 else None,
+            "images_per_second_compute": round(n_done / t_compute, 3) if t_compute > 0 else None}
+
+
+def residual_definition(mapper: ResidualMapper) -> dict:
+    return {**mapper.settings.to_dict(), "scale": mapper.scale, "channel_name": RESIDUAL_CHANNEL_NAME,
+            "encoding": "uint8 = round(255 * clip(r / scale, 0, 1)), r = mean over channels of |x - x_hat| in "
+                        "normalized intensity units, x_hat from complementary masks (every patch reconstructed "
+                        "only while masked), Gaussian smoothing sigma in model-grid pixels",
+            "image_size": mapper.size}
+
+
+def _with_torch_threads(fn):
+    """Adds a ``num_threads`` keyword: torch CPU threads during the call (restored afterwards)."""
+    @functools.wraps(fn)
+    def wrapper(*args, num_threads: int = None, **kwargs):
+        with torch_threads(num_threads):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+# ---- a new raw data set -----------------------------------------------------------------------------------
+def _folders_with_id(dataset_id: int) -> dict:
+    """``{variable: [folders named DatasetXXX_*]}`` in nnUNet_raw / _preprocessed / _results."""
+    found = {}
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        base = os.environ.get(var)
+        if base and os.path.isdir(base):
+            found[var] = sorted(Path(base) / d for d in os.listdir(base) if d.startswith(f"Dataset{dataset_id:03d}_"))
+        else:
+            found[var] = []
+    return found
+
+
+def _is_same_or_inside(a: Path, b: Path) -> bool:
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or b in a.parents or a in b.parents
+
+
+@_with_torch_threads
+def make_residual_dataset(source, output_id, checkpoint=None, settings: ResidualSettings = None, name: str = None,
+                          overwrite: bool = False, report: bool = False, report_dir=None, report_cases: int = 4,
+                          device: str = "auto", batch_size: int = 16, progress: bool = True, log=print) -> dict:
+    """Make raw data set ``Dataset<output_id>_<name>``: source channels + residual channel(s), labels, dataset.json.
+
+    Built in a hidden temporary folder in ``$nnUNet_raw`` and renamed when complete, so a failure leaves
+    nothing behind; the source data set is only read. Returns a dict with the paths and figures.
+    """
+    settings = settings or ResidualSettings()
+    src_name, src_folder = mdata.resolve_raw_dataset(source)
+    src_json = mdata.load_dataset_json(src_folder)
+    ending = src_json["file_ending"]
+    channel_names = mdata.channel_names_of(src_json)
+
+    full = re.fullmatch(r"Dataset(\d{3})_(.+)", str(output_id).strip())
+    if full:  # a full name DatasetXXX_Name is accepted too
+        output_id, name = full.group(1), name or full.group(2)
+    try:
+        dst_id = int(output_id)
+    except (TypeError, ValueError):
+        raise MAEError(f"output data set id {output_id!r} must be an integer (e.g. 501) or a name "
+                       f"DatasetXXX_Name") from None
+    if not 1 <= dst_id <= 999:
+        raise MAEError(f"output data set id {dst_id} must be between 1 and 999")
+    base_name = name or re.sub(r"^Dataset\d{3}_", "", src_name)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-.]*", base_name):
+        raise MAEError(f"data set name {base_name!r} may only contain letters, digits, '_', '-' and '.'")
+    dst_name = f"Dataset{dst_id:03d}_{base_name}"
+    raw = mdata.raw_folder()
+    dst_folder = raw / dst_name
+
+    existing = _folders_with_id(dst_id)
+    if dst_id == int(src_name[7:10]) or any(_is_same_or_inside(p, src_folder) for p in existing["nnUNet_raw"]):
+        raise MAEOutputExistsError(f"output id {dst_id} is the id of the source data set {src_name}; choose another -o "
+                                   f"(the source is never overwritten)")
+    if existing["nnUNet_raw"]:
+        if not overwrite:
+            raise MAEOutputExistsError(f"data set id {dst_id} already exists: {existing['nnUNet_raw'][0]}. Choose "
+                                       f"another -o, or pass --overwrite to replace it.")
+        if [p.name for p in existing["nnUNet_raw"]] != [dst_name]:
+            raise MAEOutputExistsError(f"data set id {dst_id} exists under another name ({existing['nnUNet_raw'][0]}); "
+                                       f"--overwrite only replaces {dst_name}. Remove that folder yourself or choose "
+                                       f"another -o.")
+    for var in ("nnUNet_preprocessed", "nnUNet_results"):
+        others = [p for p in existing[var] if p.name != dst_name]
+        if others:
+            raise MAEOutputExistsError(f"id {dst_id} is already used by {others[0]} ({var}); nnU-Net would then find two "
+                                       f"names for one id. Choose another -o or remove that folder.")
+        if any(p.name == dst_name for p in existing[var]) and var == "nnUNet_preprocessed":
+            log(f"note: {var}/{dst_name} exists from an earlier run: rerun nnUNetv2_plan_and_preprocess -d {dst_id}")
+
+    ckpt_path = Path(checkpoint) if checkpoint else find_latest_checkpoint(src_name)
+    mapper = ResidualMapper(ckpt_path, settings, device, batch_size)
+    if len(channel_names) != mapper.num_channels:
+        raise MAEIncompatibleError(f"{src_name} has {len(channel_names)} channel(s) ({channel_names}) but the MAE "
+                                   f"checkpoint {ckpt_path} was trained on {mapper.num_channels} "
+                                   f"({mapper.ckpt['data'].get('dataset_name')}); train an MAE on {src_name}.")
+    trained_on = mapper.ckpt["data"].get("dataset_name")
+    if trained_on != src_name:
+        log(f"note: the MAE checkpoint was trained on {trained_on}, not on {src_name}")
+
+    splits = {}
+    for sub in ("imagesTr", "imagesTs"):
+        cases = mdata.list_cases(src_folder / sub, ending)
+        mdata.check_case_channels(cases, len(channel_names), src_folder / sub)
+        if cases:
+            splits[sub] = cases
+    if "imagesTr" not in splits:
+        raise MAEDatasetError(f"{src_folder / 'imagesTr'} has no images (CASE_XXXX{ending})")
+    first = next(iter(splits["imagesTr"].values()))
+    reader = mdata.reader_for(src_json, example_file=first[0])
+
+    rep = None
+    if report:
+        rdir = Path(report_dir) if report_dir else (
+            Path(os.environ["nnUNet_results"]) / dst_name / REPORT_SUBFOLDER if os.environ.get("nnUNet_results")
+            else raw.parent / f"{dst_name}_residual_report")
+        if _is_same_or_inside(rdir, src_folder):
+            raise MAEError(f"report folder {rdir} would be inside the source data set; choose another --report-dir")
+        rep = ResidualReport(rdir, settings.mask_ratios, mapper.scale, report_cases)
+
+    C = len(channel_names)
+    tmp = raw / f".{dst_name}.incomplete-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    log(f"{src_name} -> {dst_name}: {sum(len(c) for c in splits.values())} cases, residual channel(s) "
+        f"{list(range(C, C + len(settings.mask_ratios)))} at mask ratio(s) {list(settings.mask_ratios)}, "
+        f"MAE {ckpt_path}, device {mapper.device}")
+    try:
+        tmp.mkdir(parents=True)
+        figures = {}
+        for sub, cases in splits.items():
+            labels = src_folder / "labelsTr" if sub == "imagesTr" else None
+            figures[sub] = _process_cases(cases, reader, mapper, tmp / sub, ending, rep, labels, progress,
+                                          desc=f"residuals {sub}")
+        if (src_folder / "labelsTr").is_dir():
+            (tmp / "labelsTr").mkdir()
+            for f in sorted((src_folder / "labelsTr").iterdir()):
+                if f.is_file() and (f.name.endswith(ending) or f.suffix == ".json"):
+                    shutil.copyfile(f, tmp / "labelsTr" / f.name)
+        dst_json = {k: v for k, v in src_json.items() if k != "modality"}
+        dst_json["channel_names"] = {**{str(k): v for k, v in channel_names.items()},
+                                     **{str(C + j): RESIDUAL_CHANNEL_NAME for j in range(len(settings.mask_ratios))}}
+        dst_json["name"] = f"{src_json.get('name', src_name)} + MAE residuals"
+        dst_json[DATASET_JSON_KEY] = {
+            "residual_channels": list(range(C, C + len(settings.mask_ratios))),
+            "mae_checkpoint": str(Path(ckpt_path).resolve()),
+            "mask_ratios": list(settings.mask_ratios),
+            "source_dataset": src_name,
+            "residual_definition": residual_definition(mapper),
+        }
+        (tmp / "dataset.json").write_text(json.dumps(dst_json, indent=2))
+        if dst_folder.exists() or dst_folder.is_symlink():  # --overwrite checked above; never the source
+            if dst_folder.is_symlink():
+                dst_folder.unlink()
+            else:
+                shutil.rmtree(dst_folder)
+        os.replace(tmp, dst_folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result = {"dataset": dst_name, "folder": str(dst_folder), "checkpoint": str(Path(ckpt_path).resolve()),
+              "figures": figures}
+    if rep is not None:
+        result["report"] = rep.write({"source_dataset": src_name, "dataset": dst_name,
+                                      "mae_checkpoint": result["checkpoint"],
+                                      "residual_definition": residual_definition(mapper)})
+        result["report_folder"] = str(rep.folder)
+        _log_report(result["report"], rep.folder, log)
+    tr = figures["imagesTr"]
+    log(f"wrote {dst_folder} ({tr['num_images']} training images, {tr['images_per_second']} images/s). Next: "
+        f"nnUNetv2_plan_and_preprocess -d {dst_id}")
+    return result
+
+
+def _log_report(summary: dict, folder: Path, log) -> None:
+    for ratio, o in summary["overall"].items():
+        pooled = "n/a" if o["pooled_auroc"] is None else f"{o['pooled_auroc']:.3f}"
+        mean = "n/a" if o["mean_case_auroc"] is None else f"{o['mean_case_auroc']:.3f}"
+        log(f"residual AUROC for lesion pixels at mask ratio {ratio}: pooled {pooled}, mean per case {mean} "
+            f"({o['cases_with_lesion']} cases with lesion)")
+    log(f"report: {folder / 'report.json'} and {len(summary['panels'])} PNG panel(s)")
+
+
+# ---- a folder of prediction inputs -----------------------------------------------------------------------
+def settings_from_dataset(dataset) -> tuple:
+    """``(checkpoint, ResidualSettings)`` recorded in the dataset.json of a data set made by ``residuals -d``."""
+    name, folder = mdata.resolve_raw_dataset(dataset)
+    d = mdata.load_dataset_json(folder).get(DATASET_JSON_KEY)
+    if not d or "mae_checkpoint" not in d:
+        raise MAEDatasetError(f"{folder / 'dataset.json'} has no '{DATASET_JSON_KEY}' entry: {name} was not made by "
+                              f"`nnunetv2_grcsf residuals -d`; pass -m and --mask-ratios instead")
+    definition = d.get("residual_definition", {})
+    settings = ResidualSettings(mask_ratios=tuple(d.get("mask_ratios", (0.75,))),
+                                smoothing_sigma=definition.get("smoothing_sigma", ResidualSettings.smoothing_sigma),
+                                repeats=definition.get("repeats", 1), seed=definition.get("seed", 0))
+    return Path(d["mae_checkpoint"]), settings
+
+
+@_with_torch_threads
+def make_residual_folder(input_folder, output_folder, checkpoint, settings: ResidualSettings = None,
+                         file_ending: str = None, overwrite: bool = False, labels_folder=None, report_dir=None,
+                         report_cases: int = 4, device: str = "auto", batch_size: int = 16, progress: bool = True,
+                         log=print) -> dict:
+    """Prediction inputs ``CASE_XXXX<ending>`` in ``input_folder`` -> copies + residual channel(s) in ``output_folder``.
+
+    The input folder is only read. An existing non-empty output folder is refused unless ``overwrite``
+    (then files of the same names are replaced, nothing is deleted). With ``labels_folder`` (files
+    ``CASE<ending>``) a report is written to ``report_dir`` (default ``<output_folder>_residual_report``).
+    """
+    settings = settings or ResidualSettings()
+    inp, out = Path(input_folder), Path(output_folder)
+    if not inp.is_dir():
+        raise MAEDatasetError(f"input folder {inp} does not exist")
+    if _is_same_or_inside(out, inp):
+        raise MAEOutputExistsError(f"output folder {out} is the input folder {inp} or inside/around it; choose a separate "
+                                   f"output folder (inputs are never overwritten)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MAEOutputExistsError(f"output folder {out} exists and is not empty; choose another one or pass --overwrite")
+    mapper = ResidualMapper(checkpoint, settings, device, batch_size)
+    ending = file_ending or mapper.ckpt["data"].get("file_ending")
+    if not ending:
+        raise MAEError("no file ending: pass --file-ending (e.g. .nii.gz)")
+    cases = mdata.list_cases(inp, ending)
+    if not cases:
+        raise MAEDatasetError(f"{inp} has no files named CASE_XXXX{ending}; check --file-ending")
+    mdata.check_case_channels(cases, mapper.num_channels, inp)
+    reader = mdata.reader_for(None, file_ending=ending, example_file=next(iter(cases.values()))[0])
+    rep = None
+    if labels_folder is not None:
+        if not Path(labels_folder).is_dir():
+            raise MAEDatasetError(f"labels folder {labels_folder} does not exist")
+        rdir = Path(report_dir) if report_dir else out.with_name(out.name + "_residual_report")
+        rep = ResidualReport(rdir, settings.mask_ratios, mapper.scale, report_cases)
+    created = not out.exists()
+    log(f"{inp} -> {out}: {len(cases)} cases, residual channel(s) "
+        f"{list(range(mapper.num_channels, mapper.num_channels + len(settings.mask_ratios)))} at mask ratio(s) "
+        f"{list(settings.mask_ratios)}, device {mapper.device}")
+    try:
+        figures = _process_cases(cases, reader, mapper, out, ending, rep, labels_folder, progress)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    result = {"folder": str(out), "checkpoint": str(mapper.checkpoint_path), "figures": figures,
+              "residual_definition": residual_definition(mapper)}
+    if rep is not None:
+        result["report"] = rep.write({"input_folder": str(inp), "mae_checkpoint": result["checkpoint"],
+                                      "residual_definition": residual_definition(mapper)})
+        result["report_folder"] = str(rep.folder)
+        _log_report(result["report"], rep.folder, log)
+    log(f"wrote {figures['num_images']} cases to {out} ({figures['images_per_second']} images/s)")
+    return result

@@ -1,0 +1,493 @@
+"""Training the MAE on an nnU-Net raw data set's images (``nnunetv2_grcsf mae-train``), and its checkpoints.
+
+What is trained on: every image of ``imagesTr`` and, when present, ``imagesTs`` (never the labels; an MAE
+needs no labels, and its residual maps are meant for the same data set's images), read with nnU-Net's
+reader, normalized (:class:`~nnunetv2_grcsf.mae.data.IntensityNormalizer`, fitted here and stored in the
+checkpoint), cut into slices along the lowest-resolution axis, resized-and-padded to the model input.
+The slices are kept in memory as float16 (``N * C * img_size^2 * 2`` bytes; use ``max_slices_per_case``
+for large 3D data sets).
+
+Optimization (ours, for short budgets; the paper trains 800-1600 epochs): AdamW (betas 0.9/0.95,
+weight decay 0.05 on weight matrices only, as in MAE), learning rate with linear warm-up (5 % of the
+steps) then cosine decay to 0; random horizontal flips; batches from a per-epoch random permutation.
+All randomness of step ``t`` comes from generators seeded by ``(seed, t)`` (and the permutation from
+``(seed, epoch)``), so a resumed run continues exactly like an uninterrupted one. AMP on CUDA
+(bfloat16 where supported, else float16 with a gradient scaler).
+
+Output folder (never inside the raw data set): ``$nnUNet_results/<DatasetXXX_Name>/nnunetv2_grcsf_mae/``
+unless given. It holds ``checkpoint_latest.pth`` (every ``save_every`` steps and on Ctrl-C),
+``checkpoint_final.pth`` (at the end) and ``training_log.json``. Checkpoints are written to a temporary
+file and renamed, so an interrupted save never leaves a truncated checkpoint behind.
+
+After training, :func:`calibrate_residual_scale` fixes the residual scale stored in the checkpoint (see
+:mod:`.residuals`).
+"""
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnunetv2_grcsf import __version__
+from nnunetv2_grcsf.mae import (DEFAULT_STEPS, PRESETS, MAECheckpointError, MAEDatasetError, MAEError,
+                                MAEOutputExistsError)
+from nnunetv2_grcsf.mae import data as mdata
+from nnunetv2_grcsf.mae.model import MAEConfig, MaskedAutoencoder, masked_reconstruction, random_mask
+
+CHECKPOINT_FORMAT = "nnunetv2_grcsf.mae"
+CHECKPOINT_VERSION = 1
+DEFAULT_SUBFOLDER = "nnunetv2_grcsf_mae"
+LATEST = "checkpoint_latest.pth"
+FINAL = "checkpoint_final.pth"
+CALIBRATION_RATIO = 0.75
+CALIBRATION_MAX_SLICES = 64
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings (stored in the checkpoint). ``steps`` wins over ``epochs``; default 300 steps."""
+
+    steps: int = None
+    epochs: float = None
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    mask_ratio: float = 0.75
+    seed: int = 0
+    save_every: int = 100
+    flip: bool = True
+    max_slices_per_case: int = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def model_config_from_preset(preset: str = "tiny", in_channels: int = 1, **overrides) -> MAEConfig:
+    """An :class:`MAEConfig` from a named preset with ``None``-free overrides applied."""
+    if preset not in PRESETS:
+        raise MAEError(f"unknown MAE preset {preset!r}; choose one of {sorted(PRESETS)}")
+    kwargs = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}, "in_channels": in_channels}
+    try:
+        return MAEConfig(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise MAEError(f"invalid MAE architecture {kwargs}: {error}") from error
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` if available else ``cpu``; checks that a requested CUDA device exists."""
+    device = (device or "auto").lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as error:
+        raise MAEError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from error
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MAEError(f"device {device!r} requested but CUDA is not available here; use --device cpu (or auto)")
+    return dev
+
+
+def auto_num_threads() -> int:
+    """torch's CPU thread count, lowered to the cores that are idle now (1-minute load average), at least 1.
+
+    On a shared machine whose load exceeds its cores, torch's default (one thread per core) makes
+    the threads wait on each other: on the 2-core development machine under load 12, one MAE
+    training step took 0.2 s with one thread and 1.8-3 s with two. Used by the command line when
+    ``--num-threads`` is not given.
+    """
+    n = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return n
+    idle = (os.cpu_count() or n) - load
+    return max(1, min(n, int(math.floor(idle + 0.5))))
+
+
+class torch_threads:
+    """Context manager: ``torch.set_num_threads(n)`` inside, the previous count restored after (no-op for None)."""
+
+    def __init__(self, n):
+        self.n = int(n) if n else None
+
+    def __enter__(self):
+        self.previous = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.n:
+            torch.set_num_threads(self.previous)
+        return False
+
+
+def autocast_context(device: torch.device):
+    """bfloat16/float16 autocast on CUDA, nothing elsewhere."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+def save_checkpoint(state: dict, path) -> None:
+    """Write atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load and check an MAE checkpoint; :class:`MAECheckpointError` if it is not ours or is damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise MAECheckpointError(f"MAE checkpoint {path} does not exist. Train one with `nnunetv2_grcsf mae-train -d "
+                                 f"DATASET` (it writes .../nnunetv2_grcsf_mae/{FINAL}) or give the right path.")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zip, pickle of foreign objects, not a torch file at all
+        raise MAECheckpointError(f"{path} cannot be loaded as an nnunetv2_grcsf MAE checkpoint "
+                                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+                                 f"It is truncated, corrupt or not a checkpoint written by `nnunetv2_grcsf mae-train`; "
+                                 f"retrain or use another checkpoint.") from error
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise MAECheckpointError(f"{path} is not an nnunetv2_grcsf MAE checkpoint (no '{CHECKPOINT_FORMAT}' format "
+                                 f"marker; an nnU-Net model checkpoint or another MAE will not do). Train one with "
+                                 f"`nnunetv2_grcsf mae-train -d DATASET`.")
+    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise MAECheckpointError(f"{path} was written by a newer nnunetv2_grcsf (checkpoint format "
+                                 f"{ckpt.get('format_version')}); upgrade nnunetv2-grcsf.")
+    missing = [k for k in ("model_config", "model_state", "normalization", "data", "step") if k not in ckpt]
+    if missing:
+        raise MAECheckpointError(f"{path} is an incomplete MAE checkpoint (missing {missing}); retrain.")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, device="cpu") -> MaskedAutoencoder:
+    """The :class:`MaskedAutoencoder` of a loaded checkpoint, in eval mode."""
+    model = MaskedAutoencoder(MAEConfig.from_dict(ckpt["model_config"]))
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as error:
+        raise MAECheckpointError(f"the MAE checkpoint's weights do not fit its own architecture: {error}") from error
+    return model.to(device).eval()
+
+
+def default_output_folder(dataset_name: str) -> Path:
+    results = os.environ.get("nnUNet_results")
+    if not results:
+        raise MAEError("nnUNet_results is not set, so there is no default place for the MAE checkpoint: set it "
+                       "(`export nnUNet_results=/data/nnUNet_results`) or pass -o OUTPUT_FOLDER.")
+    return Path(results) / dataset_name / DEFAULT_SUBFOLDER
+
+
+# ---- schedule and sampling ----------------------------------------------------------------------------
+def learning_rate(step: int, total: int, base_lr: float, warmup_fraction: float) -> float:
+    warmup = max(1, int(round(total * warmup_fraction)))
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _step_generator(seed: int, key: int) -> torch.Generator:
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(key)) % (2 ** 63))
+
+
+def batch_indices(step: int, num_slices: int, batch_size: int, seed: int, _cache={}) -> torch.Tensor:
+    """Indices of the slices in batch ``step``: consecutive chunks of a per-epoch random permutation."""
+    per_epoch = max(1, num_slices // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    key = (seed, num_slices, epoch)
+    if key not in _cache:
+        _cache.clear()
+        _cache[key] = torch.randperm(num_slices, generator=_step_generator(seed, -1 - epoch))
+    return _cache[key][i * batch_size:(i + 1) * batch_size]
+
+
+def total_steps(config: TrainConfig, num_slices: int) -> int:
+    if config.steps:
+        return int(config.steps)
+    if config.epochs:
+        return max(1, int(round(config.epochs * max(1, num_slices // config.batch_size))))
+    return DEFAULT_STEPS
+
+
+# ---- data -------------------------------------------------------------------------------------------
+def dataset_images(dataset) -> tuple:
+    """``(name, folder, dataset_json, cases {id: files}, reader)`` for training: imagesTr + imagesTs."""
+    name, folder = mdata.resolve_raw_dataset(dataset)
+    dataset_json = mdata.load_dataset_json(folder)
+    ending = dataset_json["file_ending"]
+    cases = {}
+    for sub in ("imagesTr", "imagesTs"):
+        found = mdata.list_cases(folder / sub, ending)
+        mdata.check_case_channels(found, len(mdata.channel_names_of(dataset_json)), folder / sub)
+        cases.update({f"{sub}/{k}": v for k, v in found.items()})
+    if not cases:
+        raise MAEDatasetError(f"{folder} has no images (CASE_XXXX{ending}) in imagesTr or imagesTs")
+    reader = mdata.reader_for(dataset_json, example_file=next(iter(cases.values()))[0])
+    return name, folder, dataset_json, cases, reader
+
+
+def load_training_slices(cases: dict, reader, normalizer: mdata.IntensityNormalizer, img_size: int,
+                         num_channels: int, max_slices_per_case=None, fit: bool = True, progress: bool = True):
+    """Read every case, fit the normalizer's global channels (if ``fit``), return slices and metadata."""
+    from tqdm import tqdm
+
+    images = []
+    dims = set()
+    for case, files in tqdm(cases.items(), desc="reading images", unit="case", disable=not progress):
+        image, props = mdata.read_case(reader, files, case)
+        if image.shape[0] != num_channels:
+            raise MAEDatasetError(f"case {case} has {image.shape[0]} channels, dataset.json declares {num_channels}")
+        dims.add(mdata.image_dim(image))
+        images.append((image, props["spacing"]))
+    if len(dims) > 1:
+        raise MAEDatasetError("the data set mixes 2D and 3D images; the MAE needs one kind")
+    if fit:
+        step = max(1, len(images) // mdata.GLOBAL_FIT_MAX_CASES)
+        normalizer.fit(img for img, _ in images[::step])
+    slices, sizes = [], []
+    for image, spacing in images:
+        s, hw = mdata.training_slices(image, normalizer, spacing, img_size, max_slices_per_case)
+        slices.append(s)
+        sizes += [hw] * s.shape[0]
+    slices = torch.cat(slices)
+    if slices.shape[0] == 0:
+        raise MAEDatasetError("no image of the data set has any non-constant slice to train on")
+    return slices, sizes, dims.pop()
+
+
+# ---- calibration --------------------------------------------------------------------------------------
+@torch.no_grad()
+def calibrate_residual_scale(model: MaskedAutoencoder, slices: torch.Tensor, sizes, device, seed: int = 0,
+                             batch_size: int = 16) -> float:
+    """The residual scale stored in the checkpoint: 1.5 x the 99.9th percentile of residuals on training slices.
+
+    Residual as in :mod:`.residuals` (channel mean of ``|x - x_hat|`` with complementary masks at mask
+    ratio 0.75, no smoothing), over the image content (padding excluded) of up to 64 evenly spaced slices.
+    """
+    model.eval()
+    n = slices.shape[0]
+    idx = np.unique(np.linspace(0, n - 1, min(n, CALIBRATION_MAX_SLICES)).round().astype(int))
+    values = []
+    gen = _step_generator(seed, -(10 ** 9))
+    for start in range(0, len(idx), batch_size):
+        chunk = idx[start:start + batch_size]
+        x = slices[torch.as_tensor(chunk)].float().to(device)
+        with autocast_context(device):
+            recon = masked_reconstruction(model, x, CALIBRATION_RATIO, generator=gen)
+        res = (x - recon).abs().mean(dim=1).cpu()
+        for j, i in enumerate(chunk):
+            h, w = sizes[i]
+            values.append(res[j][mdata.content_mask(h, w, x.shape[-1])].numpy())
+    v = np.concatenate(values)
+    return float(max(1.5 * np.percentile(v, 99.9), 1e-3))
+
+
+# ---- training -----------------------------------------------------------------------------------------
+def _param_groups(model, weight_decay):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or name.endswith(("cls_token", "mask_token")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def prepare_output_folder(output_folder: Path, raw_dataset_folder: Path, resume: bool, overwrite: bool):
+    """Refuse folders inside the raw data set and existing checkpoints (unless resume/overwrite)."""
+    out = Path(output_folder).resolve()
+    raw = Path(raw_dataset_folder).resolve()
+    if out == raw or raw in out.parents:
+        raise MAEError(f"the MAE output folder {out} is inside the raw data set {raw}; never write there. "
+                       f"Use the default ($nnUNet_results/...) or another -o.")
+    existing = [p for p in (out / LATEST, out / FINAL) if p.exists()]
+    if existing and not resume:
+        if not overwrite:
+            raise MAEOutputExistsError(f"{out} already holds an MAE checkpoint ({existing[0].name}). Pass --resume to "
+                                       f"continue training, --overwrite to start over, or choose another -o.")
+        for p in existing:
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train_mae(dataset, output_folder=None, model_config: MAEConfig = None, train_config: TrainConfig = None,
+              device: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True,
+              num_threads: int = None, stop_after_steps: int = None, log=print) -> Path:
+    """Train an MAE on the images of raw data set ``dataset`` (id or name); returns the final checkpoint path.
+
+    ``model_config``: architecture (default preset ``tiny`` with the data set's channel count).
+    ``resume``: continue from ``checkpoint_latest.pth`` (architecture, normalization and settings from the
+    checkpoint; ``train_config.steps``/``epochs``, if set, may extend the run). ``stop_after_steps``
+    stops (with a checkpoint) after that many steps in this call: for tests of resuming.
+    ``num_threads``: torch CPU threads during this call (restored afterwards).
+    """
+    with torch_threads(num_threads):
+        return _train_mae(dataset, output_folder, model_config, train_config, device, resume, overwrite, progress,
+                          stop_after_steps, log)
+
+
+def _train_mae(dataset, output_folder, model_config, train_config, device, resume, overwrite, progress,
+               stop_after_steps, log) -> Path:
+    name, raw_folder, dataset_json, cases, reader = dataset_images(dataset)
+    num_channels = len(mdata.channel_names_of(dataset_json))
+    out = prepare_output_folder(Path(output_folder) if output_folder else default_output_folder(name), raw_folder,
+                                resume, overwrite)
+    dev = resolve_device(device)
+
+    ckpt = None
+    if resume:
+        src = out / LATEST if (out / LATEST).exists() else out / FINAL
+        if src.exists():
+            ckpt = load_checkpoint(src)
+            if ckpt["data"].get("dataset_name") != name:
+                raise MAEError(f"{src} was trained on {ckpt['data'].get('dataset_name')}, not {name}; "
+                               f"resume with the same data set or choose another -o")
+            log(f"resuming from {src} at step {ckpt['step']}")
+        else:
+            log(f"nothing to resume in {out}: starting a new training")
+    if ckpt is not None:
+        model_config = MAEConfig.from_dict(ckpt["model_config"])
+        stored = TrainConfig.from_dict(ckpt["train_config"])
+        if train_config is not None and (train_config.steps or train_config.epochs):
+            stored.steps, stored.epochs = train_config.steps, train_config.epochs
+        train_config = stored
+        normalizer = mdata.IntensityNormalizer.from_dict(ckpt["normalization"])
+    else:
+        model_config = model_config or model_config_from_preset("tiny", num_channels)
+        train_config = train_config or TrainConfig()
+        normalizer = mdata.IntensityNormalizer(mdata.IntensityNormalizer.auto_modes(mdata.channel_names_of(dataset_json)))
+    if model_config.in_channels != num_channels:
+        raise MAEError(f"the MAE architecture has {model_config.in_channels} input channels but {name} has "
+                       f"{num_channels}")
+
+    slices, sizes, dim = load_training_slices(cases, reader, normalizer, model_config.img_size, num_channels,
+                                              train_config.max_slices_per_case, fit=ckpt is None, progress=progress)
+    n = slices.shape[0]
+    total = total_steps(train_config, n)
+    log(f"MAE on {name}: {len(cases)} images ({dim}D), {n} training slices of {model_config.img_size}^2, "
+        f"{total} steps of batch {train_config.batch_size}, mask ratio {train_config.mask_ratio}, device {dev}"
+        f"{f' ({torch.get_num_threads()} CPU thread(s))' if dev.type == 'cpu' else ''}; "
+        f"output {out}")
+
+    torch.manual_seed(train_config.seed)
+    model = MaskedAutoencoder(model_config).to(dev)
+    optimizer = torch.optim.AdamW(_param_groups(model, train_config.weight_decay), lr=train_config.lr,
+                                  betas=(0.9, 0.95))
+    use_scaler = dev.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    step, history, elapsed = 0, [], 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model_state"])
+        if "optimizer_state" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer_state"])
+        step, history, elapsed = int(ckpt["step"]), list(ckpt.get("loss_history", [])), float(ckpt.get("train_seconds", 0))
+
+    data_info = {"dataset_name": name, "file_ending": dataset_json["file_ending"], "num_channels": num_channels,
+                 "channel_names": mdata.channel_names_of(dataset_json), "image_dim": dim, "num_cases": len(cases),
+                 "num_slices": n, "reader_writer": type(reader).__name__}
+
+    def state(complete: bool, residual_scale=None) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                "nnunetv2_grcsf_version": __version__, "model_config": model_config.to_dict(),
+                "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+                "train_config": {**train_config.to_dict(), "total_steps": total}, "normalization": normalizer.to_dict(),
+                "data": data_info, "step": step, "complete": complete, "loss_history": history,
+                "train_seconds": elapsed, "residual_scale": residual_scale}
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=min(step, total), desc="MAE training", unit="step", disable=not progress)
+    run_start, ema, steps_this_call = time.time(), None, 0
+    model.train()
+    try:
+        while step < total:
+            if stop_after_steps is not None and steps_this_call >= stop_after_steps:
+                save_checkpoint(state(False), out / LATEST)
+                bar.close()
+                log(f"stopped after {steps_this_call} steps (step {step} of {total}); resume with --resume")
+                return out / LATEST
+            gen = _step_generator(train_config.seed, step)
+            idx = batch_indices(step, n, train_config.batch_size, train_config.seed)
+            x = slices[idx].float()
+            if train_config.flip:
+                flip = torch.rand(x.shape[0], generator=gen) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            mask = random_mask(x.shape[0], model_config.num_patches, train_config.mask_ratio, generator=gen)
+            x, mask = x.to(dev, non_blocking=True), mask.to(dev)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, total, train_config.lr, train_config.warmup_fraction)
+            with autocast_context(dev):
+                loss = model(x, mask=mask)["loss"]
+            if not torch.isfinite(loss):
+                raise MAEError(f"MAE training diverged at step {step} (loss {loss.item()}); lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            step += 1
+            steps_this_call += 1
+            value = float(loss.detach())
+            ema = value if ema is None else 0.95 * ema + 0.05 * value
+            history.append([step, value])
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.4f}")
+            if step % max(1, train_config.save_every) == 0 and step < total:
+                elapsed_now = elapsed + time.time() - run_start
+                elapsed, run_start = elapsed_now, time.time()
+                save_checkpoint(state(False), out / LATEST)
+    except KeyboardInterrupt:
+        elapsed += time.time() - run_start
+        save_checkpoint(state(False), out / LATEST)
+        bar.close()
+        log(f"interrupted: saved {out / LATEST} at step {step}; continue with --resume")
+        raise
+    bar.close()
+    elapsed += time.time() - run_start
+
+    scale = calibrate_residual_scale(model, slices, sizes, dev, train_config.seed, train_config.batch_size)
+    final = state(True, scale)
+    save_checkpoint(final, out / FINAL)
+    save_checkpoint(final, out / LATEST)
+    log_data = {"dataset": name, "steps": step, "train_seconds": round(elapsed, 1), "final_loss_ema": ema,
+                "residual_scale": scale, "num_slices": n, "device": str(dev), "checkpoint": str(out / FINAL),
+                "model_config": model_config.to_dict(), "train_config": final["train_config"]}
+    (out / "training_log.json").write_text(json.dumps(log_data, indent=2))
+    log(f"done: {step} steps in {elapsed:.0f} s, loss {ema if ema is not None else float('nan'):.4f}, residual scale "
+        f"{scale:.3f}; checkpoint {out / FINAL}")
+    return out / FINAL
+
+
+def find_latest_checkpoint(dataset_name: str) -> Path:
+    """The newest ``checkpoint_final.pth`` under ``$nnUNet_results/<dataset_name>/nnunetv2_grcsf_mae*/``."""
+    results = os.environ.get("nnUNet_results")
+    where = Path(results) / dataset_name if results else None
+    found = sorted(where.glob(f"{DEFAULT_SUBFOLDER}*/{FINAL}"), key=lambda p: p.stat().st_mtime) if where and where.is_dir() else []
+    if not found:
+        unfinished = sorted(where.glob(f"{DEFAULT_SUBFOLDER}*/{LATEST}")) if where and where.is_dir() else []
+        hint = (f" There is an unfinished training ({unfinished[-1]}): finish it with `nnunetv2_grcsf mae-train -d "
+                f"{dataset_name} --resume` or pass it with -m." if unfinished else "")
+        raise MAECheckpointError(f"no MAE checkpoint for {dataset_name}: nothing matches {where or '$nnUNet_results (unset)'}"
+                                 f"/{DEFAULT_SUBFOLDER}*/{FINAL}.{hint} Train one with `nnunetv2_grcsf mae-train -d "
+                                 f"{dataset_name}` or pass -m CHECKPOINT.")
+    return found[-1]

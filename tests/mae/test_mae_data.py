@@ -1,0 +1,108 @@
+"""Reading raw data sets for the MAE: listing, slicing, normalization, the model grid, data set lookup."""
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2_grcsf.mae import MAEDatasetError, MAEImageReadError, MAEIncompatibleError
+from nnunetv2_grcsf.mae import data as mdata
+
+from mae_testutils import make_raw_dataset, nnunet_env  # noqa: F401 (fixture)
+
+
+def test_slice_axis_is_the_lowest_resolution_axis():
+    assert mdata.slice_axis((999, 1, 1), (1, 40, 50)) == 0  # nnU-Net's 2D arrays: one slice
+    assert mdata.slice_axis((3.0, 0.8, 0.8), (10, 64, 64)) == 0
+    assert mdata.slice_axis((0.8, 0.8, 3.0), (64, 64, 10)) == 2
+    assert mdata.slice_axis((1.0, 2.5, 1.0), (64, 10, 64)) == 1
+    assert mdata.slice_axis((1.0, 1.0, 1.0), (30, 40, 50)) == 0  # isotropic: first axis
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_slices_roundtrip(axis):
+    img = np.random.rand(2, 5, 6, 7).astype(np.float32)
+    sl = mdata.to_slices(img, axis)
+    assert sl.shape[0] == img.shape[1 + axis] and sl.shape[1] == 2
+    assert np.array_equal(mdata.from_slices(sl, axis), img)
+
+
+@pytest.mark.parametrize("hw", [(48, 56), (128, 64), (200, 256), (32, 32)])
+def test_model_grid_keeps_aspect_and_pads_with_minimum(hw):
+    h, w = hw
+    x = torch.rand(2, 1, h, w) + 1.0
+    g = mdata.to_model_grid(x, 64)
+    assert g.shape == (2, 1, 64, 64)
+    nh, nw = mdata.content_size(h, w, 64)
+    assert max(nh, nw) == 64 and abs(nh / nw - h / w) < 0.05
+    fill = g[:, :, :nh, :nw].amin(dim=(2, 3), keepdim=True)  # padding = each slice's minimum
+    assert torch.equal(g[:, :, nh:, :], fill.expand_as(g[:, :, nh:, :]))
+    assert torch.equal(g[:, :, :, nw:], fill.expand_as(g[:, :, :, nw:]))
+    back = mdata.from_model_grid(g, h, w)
+    assert back.shape == (2, 1, h, w)
+    smooth = torch.linspace(0, 1, w).repeat(1, 1, h, 1)
+    assert torch.allclose(mdata.from_model_grid(mdata.to_model_grid(smooth, 64), h, w), smooth, atol=0.05)
+    assert int(mdata.content_mask(h, w, 64).sum()) == nh * nw
+
+
+def test_normalizer_modes_and_serialization():
+    modes = mdata.IntensityNormalizer.auto_modes({"0": "T1", "1": "CT", "2": "noNorm", "3": "ultrasound"})
+    assert modes == ["per_image", "global", "global", "per_image"]
+    rng = np.random.default_rng(0)
+    images = [np.stack([rng.normal(100, 10, (1, 20, 20)), rng.normal(-500, 200, (1, 20, 20))]).astype(np.float32)
+              for _ in range(5)]
+    norm = mdata.IntensityNormalizer(["per_image", "global"]).fit(images)
+    out = norm(images[0])
+    assert abs(out[0].mean()) < 1e-4 and abs(out[0].std() - 1) < 1e-3
+    assert abs(out[1].mean()) < 0.5 and 0.5 < out[1].std() < 1.5
+    again = mdata.IntensityNormalizer.from_dict(norm.to_dict())
+    assert np.allclose(again(images[1]), norm(images[1]))
+    # global: a uniformly brighter image stays brighter (per-image z-scoring would erase that)
+    assert norm(images[0] + 1000)[1].mean() > out[1].mean() + 1
+
+
+def test_list_cases_and_channel_check(tmp_path):
+    folder = make_raw_dataset(tmp_path, 3, num_cases=3, channels=2)
+    cases = mdata.list_cases(folder / "imagesTr", ".png")
+    assert list(cases) == ["case_000", "case_001", "case_002"]
+    assert [f.name for f in cases["case_001"]] == ["case_001_0000.png", "case_001_0001.png"]
+    mdata.check_case_channels(cases, 2, folder)
+    with pytest.raises(MAEIncompatibleError, match="case_000.*expected channels _0000.._0002"):
+        mdata.check_case_channels(cases, 3, folder)
+    assert mdata.list_cases(folder / "imagesTs", ".png") == {}
+
+
+def test_read_case_and_corrupt_file(tmp_path):
+    folder = make_raw_dataset(tmp_path, 3, num_cases=2, shape=(20, 24))
+    cases = mdata.list_cases(folder / "imagesTr", ".png")
+    reader = mdata.reader_for({"file_ending": ".png"}, example_file=cases["case_000"][0])
+    image, props = mdata.read_case(reader, cases["case_000"], "case_000")
+    assert image.shape == (1, 1, 20, 24) and mdata.image_dim(image) == 2
+    cases["case_001"][0].write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(MAEImageReadError, match="case_001_0000.png.*corrupt"):
+        mdata.read_case(reader, cases["case_001"], "case_001")
+
+
+def test_resolve_dataset(nnunet_env):
+    make_raw_dataset(nnunet_env["nnUNet_raw"], 7, "Seven", num_cases=1, shape=(16, 16))
+    name, folder = mdata.resolve_raw_dataset("7")
+    assert name == "Dataset007_Seven" and type(name) is str and folder == nnunet_env["nnUNet_raw"] / name
+    assert mdata.resolve_raw_dataset("Dataset007_Seven")[0] == name
+    with pytest.raises(MAEDatasetError, match=r"'42' not found.*Dataset042_\*.*nnUNet_raw=.*nnUNet_raw"):
+        mdata.resolve_raw_dataset(42)
+    with pytest.raises(MAEDatasetError, match="no folder"):
+        mdata.resolve_raw_dataset("Dataset008_Missing")
+
+
+def test_resolve_dataset_without_nnunet_raw(monkeypatch):
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    with pytest.raises(MAEDatasetError, match="nnUNet_raw is not set"):
+        mdata.resolve_raw_dataset(1)
+
+
+def test_training_slices_of_a_volume_skip_empty_slices():
+    vol = np.zeros((1, 6, 20, 30), dtype=np.float32)
+    vol[0, 1:5] = np.random.rand(4, 20, 30)
+    norm = mdata.IntensityNormalizer(["global"], [{"low": 0.0, "high": 1.0, "mean": 0.5, "std": 0.3}])
+    slices, hw = mdata.training_slices(vol, norm, (2.0, 1.0, 1.0), 32)
+    assert slices.shape == (4, 1, 32, 32) and slices.dtype == torch.float16 and hw == (20, 30)
+    slices, _ = mdata.training_slices(vol, norm, (2.0, 1.0, 1.0), 32, max_slices=2)
+    assert slices.shape[0] == 2

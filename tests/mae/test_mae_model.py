@@ -1,0 +1,134 @@
+"""The MAE model: shapes, masking, the loss on removed patches only, complementary masks."""
+import pytest
+import torch
+
+from nnunetv2_grcsf.mae.model import (MAEConfig, MaskedAutoencoder, complementary_masks, mask_schedule,
+                                      masked_reconstruction, patch_mask_to_pixels, random_mask)
+
+from mae_testutils import one_thread  # noqa: F401,E402 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+torch.manual_seed(0)
+
+
+def tiny(**kw):
+    return MaskedAutoencoder(MAEConfig(**{**dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                                 decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2), **kw}))
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_shapes_and_patchify_roundtrip(channels, norm_pix):
+    model = tiny(in_channels=channels, norm_pix_loss=norm_pix)
+    x = torch.randn(3, channels, 32, 32)
+    assert torch.equal(model.unpatchify(model.patchify(x)), x)
+    out = model(x, mask_ratio=0.75)
+    assert out["pred"].shape == (3, 16, channels * 64)
+    assert out["mask"].shape == (3, 16) and out["mask"].sum(dim=1).tolist() == [12, 12, 12]
+    assert (out["stats"] is not None) == norm_pix
+    if norm_pix:
+        assert out["stats"].shape == (3, 16, channels, 2)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert model.patch_embed.weight.grad is not None
+    assert model.reconstruct(x, out["mask"]).shape == x.shape
+
+
+def test_random_mask_counts():
+    m = random_mask(5, 64, 0.75, generator=torch.Generator().manual_seed(1))
+    assert m.dtype == torch.bool and m.sum(dim=1).tolist() == [48] * 5
+    assert not torch.equal(m[0], m[1])
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_loss_counts_removed_patches_only(norm_pix):
+    model = tiny(norm_pix_loss=norm_pix)
+    x = torch.randn(2, 1, 32, 32)
+    mask = random_mask(2, 16, 0.5, generator=torch.Generator().manual_seed(0))
+    latent, ids_keep = model.forward_encoder(x, mask)
+    pred, stats = model.forward_decoder(latent, ids_keep)
+    loss = model.forward_loss(x, pred, stats, mask)
+    visible = ~mask
+    # changing predictions (and statistics) at visible patches does not change the loss ...
+    pred2, stats2 = pred.clone(), None if stats is None else stats.clone()
+    pred2[visible] += 5.0
+    if stats2 is not None:
+        stats2[visible] += 5.0
+    assert torch.allclose(model.forward_loss(x, pred2, stats2, mask), loss)
+    # ... at removed patches it does
+    pred3 = pred.clone()
+    pred3[mask] += 5.0
+    assert not torch.allclose(model.forward_loss(x, pred3, stats, mask), loss)
+    # and the loss equals the mean per-patch MSE over removed patches against the per-patch normalized target
+    per_patch = ((pred - model.target(x)) ** 2).mean(-1)
+    expected = per_patch[mask].mean()
+    if norm_pix:
+        patches = model.patchify(x).reshape(2, 16, 1, -1)
+        true = torch.cat([patches.mean(-1, keepdim=True), 0.5 * torch.log(patches.var(-1, keepdim=True) + 1e-2)], -1)
+        expected = expected + ((stats - true) ** 2).mean(dim=(-1, -2))[mask].mean()
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_norm_pix_target_is_per_patch_normalized():
+    model = tiny()
+    x = torch.randn(1, 1, 32, 32) * 3 + 7
+    t = model.target(x)
+    assert torch.allclose(t.mean(-1), torch.zeros(1, 16), atol=1e-5)
+    assert torch.allclose(t.var(-1), torch.ones(1, 16), atol=0.05)
+
+
+@pytest.mark.parametrize("ratio,passes,times", [(0.75, 4, 3), (0.5, 2, 1), (0.6, 5, 3), (0.9, 10, 9)])
+def test_mask_schedule(ratio, passes, times):
+    assert mask_schedule(ratio) == (passes, times)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75, 0.6])
+@pytest.mark.parametrize("num_patches", [16, 64, 30])
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_complementary_masks_cover_every_patch_exactly(ratio, num_patches, repeats):
+    k, m = mask_schedule(ratio)
+    masks = complementary_masks(3, num_patches, ratio, repeats, torch.Generator().manual_seed(0))
+    assert masks.shape == (k * repeats, 3, num_patches)
+    # every patch is removed in exactly m * repeats passes (so visible in (k - m) * repeats)
+    assert (masks.sum(dim=0) == m * repeats).all()
+    # each pass removes the same number of patches in every row, about ratio * L (exact when k divides L)
+    counts = masks.sum(dim=2)
+    assert (counts == counts[:, :1]).all()
+    if num_patches % k == 0:
+        assert (counts == round(ratio * num_patches)).all()
+    # the visible sets of the k passes of one repeat partition the patches
+    for r in range(repeats):
+        assert ((~masks[r * k:(r + 1) * k]).sum(dim=0) == k - m).all()
+
+
+def test_patch_mask_to_pixels():
+    mask = torch.tensor([[True, False, False, True]])
+    px = patch_mask_to_pixels(mask, 2)
+    assert px.shape == (1, 1, 4, 4)
+    assert px[0, 0].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+
+
+def test_reconstruction_of_a_patch_never_sees_that_patch():
+    """Visible patches carry no signal: a pixel's value comes only from passes where its patch was removed."""
+    model = tiny().eval()
+    x = torch.randn(2, 1, 32, 32)
+    x2 = x.clone()
+    x2[:, :, 8:16, 16:24] += 10.0  # change one patch only (patch index 1 * 4 + 2)
+    rec = masked_reconstruction(model, x, 0.75, generator=torch.Generator().manual_seed(3))
+    rec2 = masked_reconstruction(model, x2, 0.75, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(rec[:, :, 8:16, 16:24], rec2[:, :, 8:16, 16:24], atol=1e-5)
+    assert not torch.allclose(rec, rec2, atol=1e-3)  # other patches did see it (while it was visible)
+
+
+def test_masked_reconstruction_rejects_masks_that_leave_patches_visible():
+    model = tiny().eval()
+    masks = torch.zeros(1, 1, 16, dtype=torch.bool)
+    masks[0, 0, :8] = True
+    with pytest.raises(ValueError, match="visible"):
+        masked_reconstruction(model, torch.randn(1, 1, 32, 32), masks=masks)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple"):
+        MAEConfig(img_size=30, patch_size=8)
+    assert MAEConfig.from_dict({**MAEConfig().to_dict(), "unknown": 1}) == MAEConfig()

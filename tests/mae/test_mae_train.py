@@ -1,0 +1,135 @@
+"""MAE training: where it writes, checkpoints, resume, seeds, and its errors."""
+import json
+
+import pytest
+import torch
+
+from nnunetv2_grcsf.mae import MAECheckpointError, MAEDatasetError, MAEImageReadError, MAEOutputExistsError
+from nnunetv2_grcsf.mae.train import (FINAL, LATEST, TrainConfig, find_latest_checkpoint, learning_rate,
+                                      load_checkpoint, model_from_checkpoint, train_mae)
+
+from mae_testutils import make_raw_dataset, nnunet_env, run_command, snapshot, tiny_model_config  # noqa: F401
+
+QUIET = dict(progress=False, num_threads=1, log=lambda *a: None)
+
+
+def test_training_writes_checkpoints_under_results_and_never_into_raw(nnunet_env):
+    raw = make_raw_dataset(nnunet_env["nnUNet_raw"], 11, num_cases=6, num_test=2, shape=(32, 40))
+    before = snapshot(raw)
+    ckpt_path = train_mae(11, model_config=tiny_model_config(img_size=32),
+                          train_config=TrainConfig(steps=4, batch_size=4), **QUIET)
+    assert snapshot(raw) == before
+    out = nnunet_env["nnUNet_results"] / "Dataset011_Blobs" / "nnunetv2_grcsf_mae"
+    assert ckpt_path == out / FINAL and (out / LATEST).is_file() and (out / "training_log.json").is_file()
+    ckpt = load_checkpoint(ckpt_path)
+    assert ckpt["step"] == 4 and ckpt["complete"] and ckpt["residual_scale"] > 0
+    assert ckpt["data"]["num_cases"] == 8  # imagesTr + imagesTs
+    assert ckpt["data"]["num_channels"] == 1 and ckpt["data"]["image_dim"] == 2
+    assert ckpt["data"]["file_ending"] == ".png" and ckpt["normalization"]["modes"] == ["per_image"]
+    assert model_from_checkpoint(ckpt).config.img_size == 32
+    assert find_latest_checkpoint("Dataset011_Blobs") == ckpt_path
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["steps"] == 4
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(nnunet_env, tmp_path):
+    make_raw_dataset(nnunet_env["nnUNet_raw"], 12, num_cases=6, shape=(32, 32))
+    cfg = dict(model_config=tiny_model_config(img_size=32))
+    full = train_mae(12, tmp_path / "full", train_config=TrainConfig(steps=6, batch_size=4, save_every=2), **cfg,
+                     **QUIET)
+    part = train_mae(12, tmp_path / "part", train_config=TrainConfig(steps=6, batch_size=4, save_every=2),
+                     stop_after_steps=3, **cfg, **QUIET)
+    assert part.name == LATEST and load_checkpoint(part)["step"] == 3 and not load_checkpoint(part)["complete"]
+    assert not (tmp_path / "part" / FINAL).exists()
+    with pytest.raises(MAEOutputExistsError, match="--resume"):
+        train_mae(12, tmp_path / "part", train_config=TrainConfig(steps=6, batch_size=4), **cfg, **QUIET)
+    resumed = train_mae(12, tmp_path / "part", resume=True, **QUIET)
+    a, b = load_checkpoint(full), load_checkpoint(resumed)
+    assert b["step"] == 6 and b["complete"]
+    for key in a["model_state"]:
+        assert torch.equal(a["model_state"][key], b["model_state"][key]), key
+    assert [round(v, 6) for _, v in a["loss_history"]] == [round(v, 6) for _, v in b["loss_history"]]
+    # --resume with more steps extends the run
+    longer = train_mae(12, tmp_path / "part", resume=True, train_config=TrainConfig(steps=8), **QUIET)
+    assert load_checkpoint(longer)["step"] == 8
+
+
+def test_seed_changes_the_run(nnunet_env, tmp_path):
+    make_raw_dataset(nnunet_env["nnUNet_raw"], 13, num_cases=4, shape=(32, 32))
+    runs = [load_checkpoint(train_mae(13, tmp_path / f"s{seed}", tiny_model_config(img_size=32),
+                                      TrainConfig(steps=2, batch_size=2, seed=seed), **QUIET))
+            for seed in (0, 1)]
+    assert runs[0]["loss_history"] != runs[1]["loss_history"]
+
+
+def test_unfinished_training_is_named_when_no_final_checkpoint(nnunet_env):
+    make_raw_dataset(nnunet_env["nnUNet_raw"], 14, num_cases=4, shape=(32, 32))
+    train_mae(14, model_config=tiny_model_config(img_size=32), train_config=TrainConfig(steps=4, batch_size=2),
+              stop_after_steps=1, **QUIET)
+    with pytest.raises(MAECheckpointError, match="unfinished training.*--resume"):
+        find_latest_checkpoint("Dataset014_Blobs")
+    with pytest.raises(MAECheckpointError, match="no MAE checkpoint for Dataset099_X"):
+        find_latest_checkpoint("Dataset099_X")
+
+
+def test_bad_checkpoints(tmp_path, nnunet_env):
+    make_raw_dataset(nnunet_env["nnUNet_raw"], 15, num_cases=2, shape=(32, 32))
+    good = train_mae(15, tmp_path / "m", tiny_model_config(img_size=32), TrainConfig(steps=1, batch_size=2), **QUIET)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(MAECheckpointError, match="truncated.pth cannot be loaded.*truncated, corrupt"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, foreign)
+    with pytest.raises(MAECheckpointError, match="foreign.pth is not an nnunetv2_grcsf MAE checkpoint"):
+        load_checkpoint(foreign)
+    text = tmp_path / "notes.pth"
+    text.write_text("hello")
+    with pytest.raises(MAECheckpointError, match="notes.pth cannot be loaded"):
+        load_checkpoint(text)
+    with pytest.raises(MAECheckpointError, match="missing.pth does not exist"):
+        load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_bad_dataset_inputs(nnunet_env, tmp_path):
+    with pytest.raises(MAEDatasetError, match=r"'404' not found.*Dataset404_\*.*nnUNet_raw="):
+        train_mae(404, tmp_path / "x", **QUIET)
+    raw = make_raw_dataset(nnunet_env["nnUNet_raw"], 16, num_cases=3, shape=(32, 32))
+    (raw / "imagesTr" / "case_001_0000.png").write_bytes(b"not a png at all")
+    before = snapshot(nnunet_env["nnUNet_raw"])
+    with pytest.raises(MAEImageReadError, match="case_001_0000.png.*corrupt"):
+        train_mae(16, tmp_path / "y", tiny_model_config(img_size=32), TrainConfig(steps=1), **QUIET)
+    assert snapshot(nnunet_env["nnUNet_raw"]) == before
+    with pytest.raises(Exception, match="inside the raw data set"):
+        train_mae(16, raw / "mae", **QUIET)
+
+
+def test_learning_rate_schedule():
+    lrs = [learning_rate(s, 100, 1e-3, 0.05) for s in range(100)]
+    assert lrs[0] == pytest.approx(2e-4) and max(lrs) == pytest.approx(1e-3) and lrs[-1] < 1e-5
+
+
+def test_cli_mae_train(nnunet_env, tmp_path, capsys):
+    make_raw_dataset(nnunet_env["nnUNet_raw"], 17, num_cases=3, shape=(32, 32))
+    code = run_command("mae_train", ["mae-train", "-d", "17", "-o", str(tmp_path / "cli"), "--image-size", "32",
+                                     "--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--decoder-dim", "32",
+                                     "--decoder-depth", "1", "--steps", "2", "--batch-size", "2", "--quiet",
+                                     "--num-threads", "1"])
+    assert code == 0 and (tmp_path / "cli" / FINAL).is_file()
+    ckpt = load_checkpoint(tmp_path / "cli" / FINAL)
+    assert ckpt["model_config"]["embed_dim"] == 32 and ckpt["train_config"]["total_steps"] == 2
+    with pytest.raises(MAEOutputExistsError):
+        run_command("mae_train", ["mae-train", "-d", "17", "-o", str(tmp_path / "cli"), "--quiet"])
+
+
+def test_cli_help_documents_every_option():
+    import argparse
+    from nnunetv2_grcsf.commands import mae_train, residuals
+
+    for module in (mae_train, residuals):
+        sub = argparse.ArgumentParser().add_subparsers()
+        parser = module.add_parser(sub)
+        assert parser.description
+        for action in parser._actions:
+            assert action.help, f"{module.__name__}: option {action.option_strings} has no help"
+        assert parser.get_default("func") is module.run
