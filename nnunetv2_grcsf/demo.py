@@ -79,7 +79,7 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
 
 
 def run_demo(output: Path, device: str = "cpu", trainer: str = DEFAULT_TRAINER, seed: int = 0,
-             num_training: int = 40, num_test: int = 10, mae_epochs: int = 30, overwrite: bool = False) -> dict:
+             num_training: int = 40, num_test: int = 10, overwrite: bool = False) -> dict:
     """Run the whole pipeline below ``output``; returns the mean Dice per label of the test predictions."""
     from nnunetv2_grcsf import cli
     from nnunetv2_grcsf.evaluation.overlay import save_overlay_grid
@@ -102,8 +102,7 @@ def run_demo(output: Path, device: str = "cpu", trainer: str = DEFAULT_TRAINER, 
         source = write_synthetic_dataset(folders["nnUNet_raw"], SOURCE_ID, DATASET_NAME, num_training, num_test,
                                          seed=seed)
     with step("training the MAE on the data set's images (nnunetv2_grcsf mae-train)"):
-        _our_command(cli, ["mae-train", "-d", str(SOURCE_ID), "--epochs", str(mae_epochs), "--seed", str(seed),
-                           "--device", device])
+        _our_command(cli, ["mae-train", "-d", str(SOURCE_ID), "--seed", str(seed), "--device", device])
     with step(f"residual maps -> Dataset{RESIDUAL_ID} (image + residual channel), with a quality report"):
         _our_command(cli, ["residuals", "-d", str(SOURCE_ID), "-o", str(RESIDUAL_ID), "--report",
                            "--device", device])
@@ -127,8 +126,9 @@ def run_demo(output: Path, device: str = "cpu", trainer: str = DEFAULT_TRAINER, 
         save_overlay_grid(_overlay_cases(residual_dataset, predictions, limit=4), png)
     print(f"\nDice per label on the {num_test} test images: "
           + ", ".join(f"{name} {value:.3f}" for name, value in dice.items()))
-    print(f"overlays: {png}\nresidual report: {next(iter(folders['nnUNet_raw'].glob('*/residual_report*')), '-')}"
-          f"\nall outputs: {output}  (total {time.perf_counter() - started:.0f} s)")
+    report = next(folders["nnUNet_results"].glob(f"Dataset{RESIDUAL_ID}_*/nnunetv2_grcsf_residual_report"), "-")
+    print(f"overlays: {png}\nresidual-map report (AUROC, PNG panels): {report}\n"
+          f"all outputs: {output}  (total {time.perf_counter() - started:.0f} s)")
     return dice
 
 

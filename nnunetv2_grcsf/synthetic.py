@@ -60,12 +60,12 @@ def make_lesion_case(rng: np.random.Generator, shape: Sequence[int]) -> tuple:
     for _ in range(n_lesions):
         radius = rng.uniform(0.04, 0.14) * min(shape)
         mask = _lesion_mask(rng, shape, radius)
-        contrast = rng.choice([-1.0, 1.0]) * rng.uniform(0.15, 0.35)
+        contrast = rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 0.4)
         texture = 0.08 * _smooth_field(rng, shape, max(radius / 4, 1.0))
         soft = ndimage.gaussian_filter(mask.astype(np.float32), 1.0)
         image = image + soft * (contrast + texture)
         label[mask] = LESION_LABEL
-    speckle = rng.gamma(shape=8.0, scale=1 / 8.0, size=shape)
+    speckle = rng.gamma(shape=12.0, scale=1 / 12.0, size=shape)
     image = np.clip(image * speckle, 0.0, None) * 100.0
     return image.astype(np.float32), label
 

@@ -48,7 +48,7 @@ def test_doctor_names_a_missing_dataset_id_and_the_folder_searched(tmp_path):
                                     nnUNet_results=str(tmp_path))
     result = _run("doctor", "-d", "123", env=env)
     assert result.returncode == 2
-    assert "no data set with id 123" in result.stderr and str(tmp_path) in result.stderr
+    assert "'123' not found" in result.stderr and f"nnUNet_raw={tmp_path}" in result.stderr
 
 
 def test_dataset_without_dataset_json_is_named(tmp_path):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nnunetv2_grcsf.datasets import find_raw_dataset
 from nnunetv2_grcsf.mae import MAEDatasetError, MAEImageReadError, MAEIncompatibleError
 
 PERCENTILES = (0.5, 99.5)
@@ -42,49 +43,10 @@ GLOBAL_FIT_MAX_CASES = 64
 
 
 # ---- data sets and files ------------------------------------------------------------------------------
-def raw_folder() -> Path:
-    """``$nnUNet_raw``; a clear error when it is unset or missing."""
-    value = os.environ.get("nnUNet_raw")
-    if not value:
-        raise MAEDatasetError("nnUNet_raw is not set. Set it to the folder holding your nnU-Net raw data sets, "
-                              "e.g. `export nnUNet_raw=/data/nnUNet_raw` (see nnU-Net's documentation/setting_up_paths.md)")
-    if not os.path.isdir(value):
-        raise MAEDatasetError(f"nnUNet_raw={value} is not a folder. Point nnUNet_raw to your nnU-Net raw data folder.")
-    return Path(value)
-
-
 def resolve_raw_dataset(dataset) -> tuple:
-    """``(name, folder)`` of a raw data set given by id (``500``, ``"500"``) or name (``Dataset500_X``).
-
-    Resolution as in nnU-Net (``maybe_convert_to_dataset_name``); the folder must be in ``$nnUNet_raw``
-    and hold a ``dataset.json``.
-    """
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    raw = raw_folder()
-    text = str(dataset).strip()
-    try:
-        name = str(maybe_convert_to_dataset_name(int(text) if text.isdigit() else text))  # nnU-Net returns np.str_
-    except (RuntimeError, ValueError) as error:
-        first_line = str(error).splitlines()[0]
-        if "More than one" in first_line:
-            raise MAEDatasetError(f"data set id {text} is ambiguous: several DatasetXXX_ names use it across "
-                                  f"nnUNet_raw={raw}, nnUNet_preprocessed and nnUNet_results; give the full name "
-                                  f"(Dataset{int(text):03d}_Name) or remove the stale folder.") from error
-        raise MAEDatasetError(f"data set {text!r} not found: no folder Dataset{int(text):03d}_* in nnUNet_raw={raw} "
-                              f"(nor in nnUNet_preprocessed / nnUNet_results). Check the id with `ls {raw}`. "
-                              f"(nnU-Net: {first_line})" if text.isdigit() else
-                              f"data set {text!r} is neither an id nor a DatasetXXX_Name name (searched nnUNet_raw={raw}). "
-                              f"(nnU-Net: {first_line})") from error
-    folder = raw / name
-    if not folder.is_dir():
-        raise MAEDatasetError(f"data set {text!r} resolves to {name}, but there is no folder {folder} in nnUNet_raw={raw} "
-                              f"(nnU-Net knows the name from nnUNet_preprocessed or nnUNet_results only). The MAE needs "
-                              f"the raw images: put the raw data set there.")
-    if not (folder / "dataset.json").is_file():
-        raise MAEDatasetError(f"{folder} has no dataset.json: it is not an nnU-Net raw data set "
-                              f"(see nnU-Net's documentation/dataset_format.md)")
-    return name, folder
+    """``(name, folder)`` of a raw data set given by id or name (see nnunetv2_grcsf.datasets.find_raw_dataset)."""
+    folder = find_raw_dataset(dataset)
+    return folder.name, folder
 
 
 def load_dataset_json(folder) -> dict:

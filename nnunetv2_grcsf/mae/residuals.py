@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nnunetv2_grcsf.datasets import nnunet_folder
 from nnunetv2_grcsf.mae import (MAEDatasetError, MAEError, MAEIncompatibleError, MAEOutputExistsError)
 from nnunetv2_grcsf.mae import data as mdata
 from nnunetv2_grcsf.mae.model import complementary_masks, masked_reconstruction
@@ -323,7 +324,7 @@ def make_residual_dataset(source, output_id, checkpoint=None, settings: Residual
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-.]*", base_name):
         raise MAEError(f"data set name {base_name!r} may only contain letters, digits, '_', '-' and '.'")
     dst_name = f"Dataset{dst_id:03d}_{base_name}"
-    raw = mdata.raw_folder()
+    raw = nnunet_folder("nnUNet_raw")
     dst_folder = raw / dst_name
 
     existing = _folders_with_id(dst_id)

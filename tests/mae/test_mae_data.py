@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+from nnunetv2_grcsf.datasets import DatasetNotFoundError
+from nnunetv2_grcsf.errors import UserFacingError
 from nnunetv2_grcsf.mae import MAEDatasetError, MAEImageReadError, MAEIncompatibleError
 from nnunetv2_grcsf.mae import data as mdata
 
@@ -86,15 +88,15 @@ def test_resolve_dataset(nnunet_env):
     name, folder = mdata.resolve_raw_dataset("7")
     assert name == "Dataset007_Seven" and type(name) is str and folder == nnunet_env["nnUNet_raw"] / name
     assert mdata.resolve_raw_dataset("Dataset007_Seven")[0] == name
-    with pytest.raises(MAEDatasetError, match=r"'42' not found.*Dataset042_\*.*nnUNet_raw=.*nnUNet_raw"):
+    with pytest.raises(DatasetNotFoundError, match=r"'42' not found.*Dataset042_\*.*nnUNet_raw=.*nnUNet_raw"):
         mdata.resolve_raw_dataset(42)
-    with pytest.raises(MAEDatasetError, match="no folder"):
+    with pytest.raises(DatasetNotFoundError, match="no folder"):
         mdata.resolve_raw_dataset("Dataset008_Missing")
 
 
 def test_resolve_dataset_without_nnunet_raw(monkeypatch):
     monkeypatch.delenv("nnUNet_raw", raising=False)
-    with pytest.raises(MAEDatasetError, match="nnUNet_raw is not set"):
+    with pytest.raises(UserFacingError, match="nnUNet_raw is not set"):
         mdata.resolve_raw_dataset(1)
 
 

@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from nnunetv2_grcsf.datasets import DatasetNotFoundError
 from nnunetv2_grcsf.mae import (MAECheckpointError, MAEDatasetError, MAEError, MAEImageReadError,
                                 MAEIncompatibleError, MAEOutputExistsError)
 from nnunetv2_grcsf.mae.report import PooledAUROC, auroc
@@ -155,7 +156,7 @@ def test_bad_inputs_fail_clearly_and_leave_files_untouched(nnunet_env, blob_free
     make_raw_dataset(raw, 42, "Taken", num_cases=1)
     before = snapshot(raw)
     # unknown source id: names the id and the folder searched
-    with pytest.raises(MAEDatasetError, match=rf"'404' not found.*Dataset404_\*.*nnUNet_raw={raw}"):
+    with pytest.raises(DatasetNotFoundError, match=rf"'404' not found.*Dataset404_\*.*nnUNet_raw={raw}"):
         make_residual_dataset(404, 50, checkpoint=ckpt, **QUIET)
     # no checkpoint given and none trained
     with pytest.raises(MAECheckpointError, match="no MAE checkpoint for Dataset040_One.*mae-train -d"):
