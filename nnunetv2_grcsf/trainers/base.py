@@ -20,6 +20,7 @@ class PluginTrainer(nnUNetTrainer):
     Subclasses set class attributes only:
     - ``network_class_name``: dotted path of a network whose constructor takes the plans' arch_kwargs;
     - ``network_kwargs``: extra constructor arguments (ablation switches);
+      ``configuration_network_kwargs`` may add some derived from the configuration (e.g. its patch size);
     - ``needs_residual_channels``: the network's Region Compensation Unit needs MAE residual channels;
       they are read from the data set's dataset.json at training and recorded in the saved plans;
     - ``schedule``: attributes of nnUNetTrainer to override (``num_epochs``, ``num_iterations_per_epoch``...).
@@ -40,9 +41,14 @@ class PluginTrainer(nnUNetTrainer):
             setattr(self, name, value)
 
     @classmethod
+    def configuration_network_kwargs(cls, configuration_manager) -> dict:
+        """Constructor arguments derived from the configuration (none by default)."""
+        return {}
+
+    @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
-        extra_kwargs = dict(cls.network_kwargs)
+        extra_kwargs = {**cls.network_kwargs, **cls.configuration_network_kwargs(configuration_manager)}
         if cls.needs_residual_channels:
             extra_kwargs["residual_channels"] = residual_channels_of_plans(plans_manager.plans, num_input_channels,
                                                                            cls.__name__)

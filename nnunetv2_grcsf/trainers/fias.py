@@ -11,10 +11,18 @@ class FIASTrainer(PluginTrainer):
     network_class_name = FIAS_NETWORK
     network_kwargs = {"use_rcu": False}
 
+    @classmethod
+    def configuration_network_kwargs(cls, configuration_manager) -> dict:
+        """Dilated attention only where the stage's feature map at the plans' patch size holds its window."""
+        from nnunetv2_grcsf.architectures.fias import stage_attention_for_patch_size
 
-class GRCSF_FIASTrainer(PluginTrainer):
+        arch = configuration_manager.network_arch_init_kwargs
+        return {"stage_attention": stage_attention_for_patch_size(configuration_manager.patch_size, arch["strides"],
+                                                                  arch["kernel_sizes"])}
+
+
+class GRCSF_FIASTrainer(FIASTrainer):
     """FIAS network whose decoder also takes the MAE residual channel(s) through GRCSF's RCU."""
 
-    network_class_name = FIAS_NETWORK
     network_kwargs = {"use_rcu": True}
     needs_residual_channels = True

@@ -1,0 +1,64 @@
+"""Context-aware fusion (blocks/caf.py)."""
+import pytest
+import torch
+from torch import nn
+
+from nnunetv2_grcsf.architectures.blocks.caf import ContextAwareFusion
+
+CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def branches(dim, size, channels=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, channels, *size, generator=generator) for _ in range(2)]
+
+
+@pytest.mark.parametrize("dim, size", [(2, (6, 7)), (3, (4, 5, 6))])
+def test_shapes_and_weights_form_a_convex_combination(dim, size):
+    torch.manual_seed(0)
+    caf = ContextAwareFusion(CONV[dim], channels=8)
+    global_features, local_features = branches(dim, size)
+    fused, weights = caf(global_features, local_features, return_weights=True)
+    assert fused.shape == global_features.shape
+    assert weights.shape == (2, 2, 8, *size)
+    assert torch.allclose(weights.sum(1), torch.ones(()))
+    assert ((weights > 0) & (weights < 1)).all()
+    assert torch.allclose(fused, weights[:, 0] * global_features + weights[:, 1] * local_features, atol=1e-6)
+    assert torch.equal(caf(global_features, local_features), fused)
+    # the weights vary over channels and positions
+    assert weights[:, 0].std(dim=1).mean() > 0 and weights[:, 0].flatten(2).std(dim=2).mean() > 0
+
+
+@pytest.mark.parametrize("changed_branch", [0, 1])
+def test_weights_react_to_either_branch(changed_branch):
+    torch.manual_seed(0)
+    caf = ContextAwareFusion(nn.Conv2d, channels=8)
+    inputs = branches(2, (6, 7))
+    _, weights = caf(*inputs, return_weights=True)
+    inputs[changed_branch] = inputs[changed_branch] * 3 + 1
+    _, changed_weights = caf(*inputs, return_weights=True)
+    assert (weights - changed_weights).abs().max() > 1e-3
+
+
+def test_gradients_reach_both_branches_and_every_parameter():
+    torch.manual_seed(0)
+    caf = ContextAwareFusion(nn.Conv3d, channels=8)
+    global_features, local_features = [t.requires_grad_() for t in branches(3, (4, 5, 6))]
+    caf(global_features, local_features).square().mean().backward()
+    assert global_features.grad.abs().sum() > 0 and local_features.grad.abs().sum() > 0
+    for name, parameter in caf.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_branches_of_different_shapes_are_a_named_error():
+    caf = ContextAwareFusion(nn.Conv2d, channels=8)
+    with pytest.raises(ValueError, match=r"branch shapes differ: global \(1, 8, 4, 4\), local \(1, 8, 4, 5\)"):
+        caf(torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 5))

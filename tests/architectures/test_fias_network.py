@@ -1,0 +1,179 @@
+"""FIASUNet built from real nnU-Net plans (tests/data/plans) as nnU-Net builds it; CPU, small inputs."""
+import numpy as np
+import pytest
+import torch
+from conftest import build_network_from_plans, configuration_manager
+from dynamic_network_architectures.architectures.abstract_arch import test_submodules_loadable as submodules_loadable
+
+from nnunetv2_grcsf.architectures import FIASUNet
+from nnunetv2_grcsf.architectures.blocks import (AttentionBlock, ContextAwareFusion, DepthwiseMultiKernelConv,
+                                                 MixingAttention, RegionCompensationUnit)
+from nnunetv2_grcsf.architectures.fias import default_stage_attention
+from nnunetv2_grcsf.residual_channels import ResidualChannelError
+
+FIAS = "nnunetv2_grcsf.architectures.fias.FIASUNet"
+BUSI, BUSI_RESENC, HIPPOCAMPUS = ("Dataset802_BUSI256_nnUNetPlans", "Dataset802_BUSI256_nnUNetResEncUNetMPlans",
+                                  "Dataset804_Hippocampus_nnUNetPlans")
+# plans, configuration, a cropped input size that is valid: divisible by the product of the strides, and every
+# MSDA stage (default: stages 2 and 3) at least 9 wide (kernel 3 at dilation 4)
+PLANS = [(BUSI, "2d", (96, 96)), (BUSI_RESENC, "2d", (96, 96)), (HIPPOCAMPUS, "3d_fullres", (40, 40, 40))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(plans=HIPPOCAMPUS, configuration="3d_fullres", input_channels=1, num_classes=3, deep_supervision=True,
+          **kwargs):
+    torch.manual_seed(0)
+    return build_network_from_plans(FIAS, plans, configuration, input_channels, num_classes, deep_supervision,
+                                    **kwargs)[0]
+
+
+def expected_deep_supervision_shapes(plans, configuration, input_size, batch, num_classes):
+    """The target shapes nnU-Net's loss uses: its deep supervision scales (nnUNetTrainer) times the patch size."""
+    pool_op_kernel_sizes = configuration_manager(plans, configuration).pool_op_kernel_sizes
+    scales = (1 / np.cumprod(np.vstack(pool_op_kernel_sizes), axis=0))[:-1]
+    return [(batch, num_classes, *[int(round(s * f)) for s, f in zip(input_size, scale)]) for scale in scales]
+
+
+@pytest.fixture(scope="module")
+def plans_networks():
+    return {plans: build(plans, configuration) for plans, configuration, _ in PLANS}
+
+
+@pytest.mark.parametrize("plans, configuration, input_size", PLANS)
+def test_deep_supervision_outputs_have_the_shapes_nnunets_loss_expects(plans_networks, plans, configuration,
+                                                                         input_size):
+    network = plans_networks[plans]
+    assert isinstance(network, FIASUNet)
+    with torch.no_grad():
+        outputs = network(torch.randn(1, 1, *input_size))
+        assert isinstance(outputs, (list, tuple))
+        assert [tuple(o.shape) for o in outputs] == expected_deep_supervision_shapes(plans, configuration,
+                                                                                     input_size, 1, 3)
+        network.decoder.deep_supervision = False  # nnU-Net's set_deep_supervision_enabled does this
+        try:
+            output = network(torch.randn(1, 1, *input_size))
+        finally:
+            network.decoder.deep_supervision = True
+    assert isinstance(output, torch.Tensor) and output.shape == (1, 3, *input_size)
+
+
+def test_default_layout_follows_dilateformer_on_the_plans_stages(plans_networks):
+    assert default_stage_attention(6) == ["conv", "conv", "msda", "msda", "global", "global"]
+    assert default_stage_attention(4) == ["conv", "conv", "msda", "global"]  # the bottleneck is always global
+    network = plans_networks[BUSI]
+    blocks = [m for m in network.encoder.modules() if isinstance(m, AttentionBlock)]
+    assert [b.kind for b in blocks] == ["msda", "msda", "global", "global"]
+    assert sum(isinstance(m, DepthwiseMultiKernelConv) for m in network.modules()) == 4
+    assert sum(isinstance(m, ContextAwareFusion) for m in network.modules()) == 4
+    mixing = [m for m in network.decoder.modules() if isinstance(m, MixingAttention)]
+    assert len(mixing) == 5  # one per decoder stage; token mixing where the encoder stage has attention
+    assert [m.attention is None for m in mixing] == [False, False, False, True, True]
+
+
+@pytest.mark.parametrize("configuration, input_size", [("2d", (24, 24)), ("3d_fullres", (24, 24, 24))])
+def test_gradients_reach_both_encoder_paths_and_the_fusion(configuration, input_size):
+    network = build(HIPPOCAMPUS, configuration, stage_attention=["conv", "msda", "msda", "global"],
+                    msda_dilations=(1, 2))
+    outputs = network(torch.randn(2, 1, *input_size))
+    sum(o.square().mean() for o in outputs).backward()
+    paths = [m for m in network.modules() if isinstance(m, (AttentionBlock, DepthwiseMultiKernelConv,
+                                                             ContextAwareFusion))]
+    assert len(paths) == 3 * 3
+    for module in paths:
+        for name, parameter in module.named_parameters():
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"{type(module).__name__}.{name}"
+
+
+@pytest.mark.parametrize("configuration, input_size", [("2d", (24, 24)), ("3d_fullres", (24, 24, 24))])
+def test_deep_supervision_state_dict_loads_without_deep_supervision(configuration, input_size):
+    trained = build(HIPPOCAMPUS, configuration, deep_supervision=True, msda_dilations=(1, 2))
+    inference = build(HIPPOCAMPUS, configuration, deep_supervision=False, msda_dilations=(1, 2))
+    torch.manual_seed(1)
+    trained.apply(lambda m: [p.data.normal_(0, 0.05) for p in m.parameters(recurse=False)])
+    inference.load_state_dict(trained.state_dict())  # strict
+    x = torch.randn(1, 1, *input_size)
+    with torch.no_grad():
+        assert torch.allclose(inference.eval()(x), trained.eval()(x)[0], atol=1e-5)
+
+
+def test_with_rcu_the_residual_channel_is_split_off_and_changes_the_output():
+    network = build(input_channels=2, residual_channels=[1], use_rcu=True, msda_dilations=(1, 2)).eval()
+    assert network.image_channels == [0] and network.residual_channels == [1]
+    assert network.get_submodule(network.keys_to_in_proj[0]).weight.shape[1] == 1  # encoder sees image channels
+    assert sum(isinstance(m, RegionCompensationUnit) for m in network.modules()) == 1
+    x = torch.randn(1, 2, 24, 24, 24)
+    changed = x.clone()
+    changed[:, 1] = torch.randn_like(changed[:, 1])
+    with torch.no_grad():
+        assert not torch.allclose(network(x)[0], network(changed)[0], atol=1e-6)
+        network.decoder.region_compensation["0"].scale.zero_()  # the residual reaches the output via the RCU only
+        assert torch.allclose(network(x)[0], network(changed)[0])
+
+
+def test_without_rcu_every_channel_is_an_image_channel():
+    network = build(input_channels=2, residual_channels=[1])
+    assert network.image_channels == [0, 1] and network.residual_channels == []
+    assert not any(isinstance(m, RegionCompensationUnit) for m in network.modules())
+
+
+@pytest.mark.parametrize("plans, configuration, input_size", PLANS)
+def test_weight_transfer_keys_and_feature_map_size(plans_networks, plans, configuration, input_size):
+    network = plans_networks[plans]
+    submodules_loadable(network)
+    assert network.get_submodule(network.key_to_encoder) is network.encoder
+    assert network.get_submodule(network.keys_to_in_proj[0]).weight.shape[1] == 1
+    patch_size = configuration_manager(plans, configuration).patch_size
+    size = network.compute_conv_feature_map_size(patch_size)
+    assert isinstance(size, np.integer) and size > 0
+
+
+def test_feature_map_size_counts_what_checkpointing_saves(plans_networks):
+    patch_size = configuration_manager(HIPPOCAMPUS, "3d_fullres").patch_size
+    without_checkpointing = build(activation_checkpointing=False)
+    assert (plans_networks[HIPPOCAMPUS].compute_conv_feature_map_size(patch_size) <
+            without_checkpointing.compute_conv_feature_map_size(patch_size))
+
+
+def test_full_hippocampus_patch_passes_the_size_check(plans_networks):
+    plans_networks[HIPPOCAMPUS].check_input_size(configuration_manager(HIPPOCAMPUS, "3d_fullres").patch_size)
+    plans_networks[BUSI].check_input_size(configuration_manager(BUSI, "2d").patch_size)
+
+
+@pytest.mark.parametrize("input_size, match", [
+    ((40, 44, 40), r"input size \[40, 44, 40\] is not divisible by \[8, 8, 8\].*'strides'"),
+    ((32, 40, 40), r"encoder stage 2 has feature map \[8, 10, 10\].*smaller than its MSDA window \[9, 9, 9\] "
+                   r"\(kernel 3 at dilation 4.*stage_attention 'global' or 'conv' for stage 2"),
+])
+def test_input_the_network_cannot_process_is_a_named_error(plans_networks, input_size, match):
+    with pytest.raises(ValueError, match=match):
+        plans_networks[HIPPOCAMPUS](torch.randn(1, 1, *input_size))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(msda_dilations=(1, 2, 3)), r"encoder stage 2 \(128 features, stage_attention 'msda', num_heads 8\), "
+                                     r"msda_dilations \[1, 2, 3\]: num_heads=8 is not divisible by the number of "
+                                     r"dilations 3"),
+    (dict(num_heads=[1, 1, 6, 8]), r"encoder stage 2 .*channels=128 is not divisible by num_heads=6"),
+    (dict(stage_attention=["msda", "conv", "msda", "global"]), r"encoder stage 0 \(32 features.*num_heads=2 is not "
+                                                               r"divisible by the number of dilations 4"),
+    (dict(stage_attention=["conv", "msda", "global"]), r"stage_attention \['conv', 'msda', 'global'\] must have "
+                                                       r"one entry per stage \(4\)"),
+    (dict(stage_attention=["conv", "conv", "local", "global"]), r"each one of \('conv', 'msda', 'global'\)"),
+    (dict(n_blocks_per_stage=[1, 1, 1, 1]), "exactly one of"),
+    (dict(use_rcu=True, input_channels=2, residual_channels=[1], rcu_stages=(3,)), "rcu_stages"),
+])
+def test_bad_arguments_are_named_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build(**kwargs)
+
+
+def test_rcu_without_residual_channels_names_the_residuals_command():
+    with pytest.raises(ResidualChannelError, match="nnunetv2_grcsf residuals.*use_rcu=False"):
+        build(use_rcu=True)
