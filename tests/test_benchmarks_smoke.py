@@ -1,0 +1,60 @@
+"""The benchmark scripts run end to end on small inputs (they are not timed tests: only that they work)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import accuracy_busi256  # noqa: E402
+import speed  # noqa: E402
+
+
+@pytest.mark.slow
+def test_speed_measures_the_reference_and_a_plugin_network_on_busi_plans(tmp_path):
+    output = tmp_path / "speed_cpu"
+    speed.main(["--device", "cpu", "--dims", "2d", "--networks", "GRCSFTrainer_noRCU", "--patch-size", "64", "64",
+                "--batch-size", "1", "--steps", "1", "--warmup", "0", "--inference-runs", "1", "--image-scale", "1",
+                "--output", str(output), "--work-dir", str(tmp_path / "work")])
+    report = json.loads(output.with_suffix(".json").read_text())
+    rows = {r["name"]: r for r in report["cases"][0]["rows"]}
+    assert list(rows) == ["PlainConvUNet", "GRCSFTrainer_noRCU"]
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert rows["PlainConvUNet"]["network_class"].endswith("PlainConvUNet")
+    assert rows["GRCSFTrainer_noRCU"]["network_class"].endswith("GRCSFUNet")
+    assert rows["PlainConvUNet"]["params_ratio"] == 1.0
+    assert rows["GRCSFTrainer_noRCU"]["train_step_cpu_median_s"] > 0
+    assert rows["GRCSFTrainer_noRCU"]["train_step_ratio"] > 0
+    assert "| GRCSFTrainer_noRCU |" in output.with_suffix(".md").read_text()
+
+
+def test_speed_reports_a_network_that_fails_and_goes_on():
+    rows = [{"name": "PlainConvUNet", "status": "ok", "train_step_cpu_median_s": 2.0, "inference_cpu_median_s": 1.0,
+             "peak_memory_train_mb": 100.0, "peak_memory_inference_mb": 50.0, "params": 10},
+            {"name": "Broken", "status": "error", "stage": "build", "error": "ImportError: no module"}]
+    speed.add_ratios(rows, "_cpu")
+    assert rows[0]["train_step_ratio"] == 1.0 and rows[1]["train_step_ratio"] is None
+    assert rows[1]["params_ratio"] is None
+
+
+def test_accuracy_subset_keeps_every_class_of_cases():
+    cases = [f"busi_{kind}_{i:03d}" for kind in ("benign", "malignant", "normal") for i in range(10)]
+    subset = accuracy_busi256.subset_cases(cases, 6)
+    assert len(subset) == 6 and {c.split("_")[1] for c in subset} == {"benign", "malignant", "normal"}
+    assert accuracy_busi256.subset_cases(cases, None) == cases
+
+
+def test_accuracy_table_and_plot_from_a_report(tmp_path):
+    ok = {"status": "ok", "trained_as": "X_2epochs_4iters", "dataset": "Dataset802_BUSI256", "validation_cases": 5,
+          "validation_case_ids": ["a", "b"], "Dice": 0.5, "HD95": 12.0, "lesion_F1": 0.6,
+          "nnunet_validation_dice": 0.4, "train_time_s": 60.0, "seconds_per_iteration": 3.0}
+    report = {"settings": {"budget": "2epochs_4iters", "schedule": {}, "batch_size": 2, "configuration": "2d_bs2",
+                           "fold": 0, "device": "cpu", "num_cases": 24},
+              "trainers": {"nnUNetTrainer": ok, "GRCSFTrainer": {"status": "error", "trained_as": "G",
+                                                                 "error": "RuntimeError: no residuals"}}}
+    table = accuracy_busi256.format_table(report)
+    assert "| nnUNetTrainer |" in table and "error: RuntimeError" in table
+    png = accuracy_busi256.plot(report, tmp_path / "missing_speed.json", tmp_path / "plot.png")
+    assert png.is_file() and png.stat().st_size > 0
