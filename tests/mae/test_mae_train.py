@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from nnunetv2_grcsf.mae import MAECheckpointError, MAEDatasetError, MAEImageReadError, MAEOutputExistsError
+from nnunetv2_grcsf.datasets import DatasetNotFoundError
+from nnunetv2_grcsf.mae import MAECheckpointError, MAEImageReadError, MAEOutputExistsError
 from nnunetv2_grcsf.mae.train import (FINAL, LATEST, TrainConfig, find_latest_checkpoint, learning_rate,
                                       load_checkpoint, model_from_checkpoint, train_mae)
 
@@ -92,7 +93,7 @@ def test_bad_checkpoints(tmp_path, nnunet_env):
 
 
 def test_bad_dataset_inputs(nnunet_env, tmp_path):
-    with pytest.raises(MAEDatasetError, match=r"'404' not found.*Dataset404_\*.*nnUNet_raw="):
+    with pytest.raises(DatasetNotFoundError, match=r"'404' not found.*Dataset404_\*.*nnUNet_raw="):
         train_mae(404, tmp_path / "x", **QUIET)
     raw = make_raw_dataset(nnunet_env["nnUNet_raw"], 16, num_cases=3, shape=(32, 32))
     (raw / "imagesTr" / "case_001_0000.png").write_bytes(b"not a png at all")
