@@ -61,3 +61,15 @@ def shared_dataset():
         return path
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Runs a test module's torch work on one thread (restored afterwards): on a 2-core machine shared with
+    nnU-Net's worker processes, two threads per test ran 3-4x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

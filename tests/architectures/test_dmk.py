@@ -9,12 +9,7 @@ CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def build(dim, channels=6, kernel_sizes=(3, 5, 7), plans_kernel=None):

@@ -19,12 +19,7 @@ BUSI, BUSI_RESENC, HIPPOCAMPUS = ("Dataset802_BUSI256_nnUNetPlans", "Dataset802_
 PLANS = [(BUSI, "2d", (96, 96)), (BUSI_RESENC, "2d", (96, 96)), (HIPPOCAMPUS, "3d_fullres", (40, 40, 40))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def build(plans=HIPPOCAMPUS, configuration="3d_fullres", input_channels=1, num_classes=3, deep_supervision=True,

@@ -17,13 +17,7 @@ BUSI, BUSI_RESENC, HIPPOCAMPUS = ("Dataset802_BUSI256_nnUNetPlans", "Dataset802_
 PLANS = [(BUSI, "2d", (64, 96)), (BUSI_RESENC, "2d", (64, 64)), (HIPPOCAMPUS, "3d_fullres", (16, 24, 16))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """These inputs are tiny: one intra-op thread avoids thread spin-waiting on a shared CPU (several times faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def build(plans=HIPPOCAMPUS, configuration="3d_fullres", input_channels=2, num_classes=3, deep_supervision=True,

@@ -11,12 +11,7 @@ CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 ADAPTIVE_POOL = {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.mark.parametrize("dim, size", [(2, (7, 5)), (3, (5, 4, 7))])

@@ -11,12 +11,7 @@ from nnunetv2_grcsf.architectures.blocks.msda import (AttentionBlock, GlobalSelf
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def neighbour_mask(size, kernel_size, dilation):
