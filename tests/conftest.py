@@ -1,4 +1,4 @@
-"""Shared test helpers: real nnU-Net plans (tests/data/plans) and the shared real data sets.
+"""Shared test helpers: real nnU-Net plans (tests/data/plans) and a one-thread fixture.
 
 The plans in tests/data/plans were made by `nnUNetv2_plan_and_preprocess` (nnunetv2 2.8.1) on the
 data sets in ../shared/data, so networks are tested on the topologies nnU-Net really plans:
@@ -8,7 +8,6 @@ data sets in ../shared/data, so networks are tested on the topologies nnU-Net re
 - Dataset805_BraTS6_nnUNetPlans.json: 3d_fullres patch 96x160x160, 6 stages (32..320), 2 channels.
 """
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -43,24 +42,6 @@ def build_network_from_plans(network_class_name: str, plans_name: str, configura
                                      cm.network_arch_init_kwargs_req_import, input_channels, num_classes,
                                      allow_init=True, deep_supervision=deep_supervision)
     return network, tuple(cm.patch_size)
-
-
-def shared_data_dir() -> Path:
-    """../shared/data beside the project root, or $GRCSF_SHARED_DATA."""
-    return Path(os.environ.get("GRCSF_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
-
-
-@pytest.fixture
-def shared_dataset():
-    """Returns a function name -> Path of a real data set in ../shared/data; skips the test if absent."""
-
-    def get(name: str) -> Path:
-        path = shared_data_dir() / name
-        if not (path / "dataset.json").is_file():
-            pytest.skip(f"real data set {name} not found at {path} (set GRCSF_SHARED_DATA to its parent folder)")
-        return path
-
-    return get
 
 
 @pytest.fixture(scope="module")
