@@ -10,7 +10,7 @@ def add_parser(subparsers):
         "demo", help="synthetic lesions -> MAE residuals -> nnU-Net plan, train (GRCSF), predict, evaluate",
         description="Runs the whole GRCSF pipeline end to end on a synthetic 2D lesion data set, with the real "
                     "nnU-Net commands, below one output folder (its own nnUNet_raw/_preprocessed/_results). "
-                    "Prints Dice per label and writes overlay PNGs. About 6-9 minutes on a 2-core CPU.")
+                    "Prints Dice per label and writes overlay PNGs. About 7-8 minutes on a 2-core CPU.")
     parser.add_argument("-o", "--output", type=Path, default=Path("nnunetv2_grcsf_demo"),
                         help="output folder (default: ./nnunetv2_grcsf_demo)")
     parser.add_argument("-device", "--device", default="cpu", choices=("cpu", "cuda", "mps"),
