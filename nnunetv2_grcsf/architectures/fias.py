@@ -46,9 +46,7 @@ from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
-from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
-from dynamic_network_architectures.building_blocks.helper import (convert_conv_op_to_dim, get_matching_convtransp,
-                                                                  maybe_convert_scalar_to_list)
+from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp, maybe_convert_scalar_to_list
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD, StackedResidualBlocks
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU, StackedConvBlocks
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
@@ -62,7 +60,7 @@ from nnunetv2_grcsf.architectures.blocks.mixatt import MixingAttention
 from nnunetv2_grcsf.architectures.blocks.msda import AttentionBlock, check_attention_settings, dilated_window_extent
 from nnunetv2_grcsf.architectures.blocks.rcu import RegionCompensationUnit
 from nnunetv2_grcsf.architectures.grcsf import stage_sizes
-from nnunetv2_grcsf.residual_channels import ResidualChannelError, check_residual_channels
+from nnunetv2_grcsf.architectures.residual_routing import ResidualRoutedUNet
 
 STAGE_KINDS = ("conv", "msda", "global")
 DEFAULT_MSDA_DILATIONS = (1, 2, 3, 4)
@@ -329,7 +327,7 @@ class FIASDecoder(nn.Module):
         return output
 
 
-class FIASUNet(AbstractDynamicNetworkArchitectures):
+class FIASUNet(ResidualRoutedUNet):
     """FIAS on nnU-Net's plans; takes the plans' arch_kwargs (PlainConvUNet or ResidualEncoderUNet form).
 
     Backbone arguments are those of PlainConvUNet (``n_conv_per_stage``) or ResidualEncoderUNet
@@ -356,6 +354,8 @@ class FIASUNet(AbstractDynamicNetworkArchitectures):
     Shapes: see the module docstring.
     """
 
+    without_rcu_hint = "FIAS without the RCU (use_rcu=False, e.g. FIASTrainer)"
+
     def __init__(self, input_channels: int, n_stages: int, features_per_stage: Union[int, List[int], Tuple[int, ...]],
                  conv_op: Type[_ConvNd], kernel_sizes, strides, *, num_classes: int, n_conv_per_stage_decoder,
                  n_conv_per_stage=None, n_blocks_per_stage=None, conv_bias: bool = False,
@@ -374,9 +374,7 @@ class FIASUNet(AbstractDynamicNetworkArchitectures):
         if (n_conv_per_stage is None) == (n_blocks_per_stage is None):
             raise ValueError("FIASUNet: give exactly one of n_conv_per_stage (PlainConvUNet plans) and "
                              "n_blocks_per_stage (ResidualEncoderUNet plans).")
-        self.use_rcu = use_rcu
-        self.residual_channels = self._checked_residual_channels(residual_channels, input_channels) if use_rcu else []
-        self.image_channels = [c for c in range(input_channels) if c not in self.residual_channels]
+        self.route_channels(input_channels, residual_channels, use_rcu)
 
         features = _per_stage(features_per_stage, n_stages, "features_per_stage")
         kernel_sizes = [maybe_convert_scalar_to_list(conv_op, k) for k in _per_stage(kernel_sizes, n_stages,
@@ -428,15 +426,6 @@ class FIASUNet(AbstractDynamicNetworkArchitectures):
             check_attention_settings(features[stage], heads[stage], dilations, per_axis_kernel(3, kernel_sizes[stage]),
                                      where + (f", msda_dilations {self.msda_dilations}" if kind == "msda" else ""))
 
-    @staticmethod
-    def _checked_residual_channels(residual_channels: Sequence[int], input_channels: int) -> list:
-        if not residual_channels:
-            raise ResidualChannelError(
-                "FIASUNet with the Region Compensation Unit (use_rcu=True) needs MAE residual map input channels, "
-                "but residual_channels is empty. Train on a data set made by `nnunetv2_grcsf residuals` (its "
-                "dataset.json lists them), or use FIAS without the RCU (use_rcu=False, e.g. FIASTrainer).")
-        return check_residual_channels(residual_channels, input_channels, "FIASUNet residual_channels")
-
     def check_input_size(self, size: Sequence[int]):
         """Raises ValueError, naming the stage and setting, if the network cannot process spatial size ``size``."""
         if len(size) != len(self.size_divisor):
@@ -458,20 +447,6 @@ class FIASUNet(AbstractDynamicNetworkArchitectures):
                     f"smaller than its MSDA window {window} (kernel 3 at dilation {max(self.msda_dilations)}, "
                     f"msda_dilations {self.msda_dilations}). Use smaller msda_dilations, or stage_attention "
                     f"'global' or 'conv' for stage {stage}, or a larger patch size.")
-
-    def forward(self, x: torch.Tensor):
-        self.check_input_size(x.shape[2:])
-        if not self.use_rcu:
-            return self.decoder(self.encoder(x))
-        image, residual_map = x[:, self.image_channels], x[:, self.residual_channels]
-        return self.decoder(self.encoder(image), residual_map)
-
-    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
-        """Approximate number of stored activation elements for one sample (nnU-Net's planners use it)."""
-        assert len(input_size) == convert_conv_op_to_dim(self.encoder.conv_op), \
-            "give the spatial size only: input_size=(x, y(, z)), without batch and channel axes"
-        return self.encoder.compute_conv_feature_map_size(input_size) + \
-            self.decoder.compute_conv_feature_map_size(input_size)
 
     @staticmethod
     def initialize(module: nn.Module):

@@ -35,8 +35,6 @@ from typing import List, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
-from dynamic_network_architectures.architectures.abstract_arch import AbstractDynamicNetworkArchitectures
-from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
@@ -48,7 +46,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from nnunetv2_grcsf.architectures.blocks.gcu import GlobalCompensationUnit
 from nnunetv2_grcsf.architectures.blocks.rcu import RegionCompensationUnit
-from nnunetv2_grcsf.residual_channels import ResidualChannelError, check_residual_channels
+from nnunetv2_grcsf.architectures.residual_routing import ResidualRoutedUNet
 
 
 def stage_sizes(input_size: Sequence[int], strides: Sequence[Sequence[int]]) -> List[List[int]]:
@@ -170,7 +168,7 @@ class GRCSFDecoder(UNetDecoder):
         return output
 
 
-class GRCSFUNet(AbstractDynamicNetworkArchitectures):
+class GRCSFUNet(ResidualRoutedUNet):
     """GRCSF on nnU-Net's U-Net; takes the plans' arch_kwargs (PlainConvUNet or ResidualEncoderUNet form).
 
     Backbone arguments are those of PlainConvUNet (``n_conv_per_stage``) or of ResidualEncoderUNet
@@ -187,6 +185,8 @@ class GRCSFUNet(AbstractDynamicNetworkArchitectures):
     Shapes: see the module docstring.
     """
 
+    without_rcu_hint = "the GCU-only variant (use_rcu=False, e.g. GRCSFTrainer_noRCU)"
+
     def __init__(self, input_channels: int, n_stages: int, features_per_stage: Union[int, List[int], Tuple[int, ...]],
                  conv_op: Type[_ConvNd], kernel_sizes, strides, *, num_classes: int, n_conv_per_stage_decoder,
                  n_conv_per_stage=None, n_blocks_per_stage=None, conv_bias: bool = False,
@@ -202,9 +202,7 @@ class GRCSFUNet(AbstractDynamicNetworkArchitectures):
         if (n_conv_per_stage is None) == (n_blocks_per_stage is None):
             raise ValueError("GRCSFUNet: give exactly one of n_conv_per_stage (PlainConvUNet plans) and "
                              "n_blocks_per_stage (ResidualEncoderUNet plans).")
-        self.use_rcu = use_rcu
-        self.residual_channels = self._checked_residual_channels(residual_channels, input_channels) if use_rcu else []
-        self.image_channels = [c for c in range(input_channels) if c not in self.residual_channels]
+        self.route_channels(input_channels, residual_channels, use_rcu)
 
         common = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
                       dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
@@ -227,15 +225,6 @@ class GRCSFUNet(AbstractDynamicNetworkArchitectures):
                                     rcu_num_heads=rcu_num_heads)
         self.size_divisor = np.prod(self.encoder.strides, axis=0).tolist()
 
-    @staticmethod
-    def _checked_residual_channels(residual_channels: Sequence[int], input_channels: int) -> list:
-        if not residual_channels:
-            raise ResidualChannelError(
-                "GRCSFUNet with the Region Compensation Unit (use_rcu=True) needs MAE residual map input channels, "
-                "but residual_channels is empty. Train on a data set made by `nnunetv2_grcsf residuals` (its "
-                "dataset.json lists them), or use the GCU-only variant (use_rcu=False, e.g. GRCSFTrainer_noRCU).")
-        return check_residual_channels(residual_channels, input_channels, "GRCSFUNet residual_channels")
-
     def check_input_size(self, size: Sequence[int]):
         """Raises if the spatial input size is not divisible by the product of the strides (the RCU patch size)."""
         if any(s % d for s, d in zip(size, self.size_divisor)):
@@ -243,19 +232,6 @@ class GRCSFUNet(AbstractDynamicNetworkArchitectures):
                 f"GRCSFUNet: input size {list(size)} is not divisible by {self.size_divisor}, the product of the plans' "
                 f"'strides' (arch_kwargs) per axis, which is also the RCU patching's patch size (one patch per "
                 f"bottleneck position). The configuration's 'patch_size' must be a multiple of it on every axis.")
-
-    def forward(self, x: torch.Tensor):
-        self.check_input_size(x.shape[2:])
-        if not self.use_rcu:
-            return self.decoder(self.encoder(x))
-        image, residual_map = x[:, self.image_channels], x[:, self.residual_channels]
-        return self.decoder(self.encoder(image), residual_map)
-
-    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
-        assert len(input_size) == convert_conv_op_to_dim(self.encoder.conv_op), \
-            "give the spatial size only: input_size=(x, y(, z)), without batch and channel axes"
-        return self.encoder.compute_conv_feature_map_size(input_size) + \
-            self.decoder.compute_conv_feature_map_size(input_size)
 
     @staticmethod
     def initialize(module):
