@@ -38,8 +38,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class DictRoundTrip:
+    """``to_dict`` / ``from_dict`` for the config dataclasses stored in checkpoints (unknown keys ignored)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
-class MAEConfig:
+class MAEConfig(DictRoundTrip):
     """Architecture of :class:`MaskedAutoencoder` (stored in every checkpoint)."""
 
     in_channels: int = 1
@@ -71,14 +83,6 @@ class MAEConfig:
     @property
     def num_patches(self) -> int:
         return self.grid_size ** 2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MAEConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:

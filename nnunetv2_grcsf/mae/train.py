@@ -27,7 +27,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from nnunetv2_grcsf import __version__
 from nnunetv2_grcsf.mae import (DEFAULT_STEPS, PRESETS, MAECheckpointError, MAEDatasetError, MAEError,
                                 MAEOutputExistsError)
 from nnunetv2_grcsf.mae import data as mdata
-from nnunetv2_grcsf.mae.model import MAEConfig, MaskedAutoencoder, masked_reconstruction, random_mask
+from nnunetv2_grcsf.mae.model import DictRoundTrip, MAEConfig, MaskedAutoencoder, masked_reconstruction, random_mask
 
 CHECKPOINT_FORMAT = "nnunetv2_grcsf.mae"
 CHECKPOINT_VERSION = 1
@@ -49,7 +49,7 @@ CALIBRATION_MAX_SLICES = 64
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictRoundTrip):
     """Optimization settings (stored in the checkpoint). ``steps`` wins over ``epochs``; default 300 steps."""
 
     steps: int = None
@@ -63,14 +63,6 @@ class TrainConfig:
     save_every: int = 100
     flip: bool = True
     max_slices_per_case: int = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def model_config_from_preset(preset: str = "tiny", in_channels: int = 1, **overrides) -> MAEConfig:
