@@ -2,7 +2,10 @@
 
 Checks, in order: versions, the compute device, the torch/torchvision pairing (a mismatch breaks
 every nnU-Net trainer lookup), nnU-Net's three path variables, the start-up hook and
-``nnUNet_extTrainer``, and then looks every trainer up exactly as ``nnUNetv2_train`` does.
+``nnUNet_extTrainer``, and then looks every trainer up exactly as ``nnUNetv2_train`` does. With
+``-d``, also the data set: its residual channels and, for a data set made by ``residuals``, that every
+residual file lies on its image's grid and the images still equal the source's
+(:mod:`nnunetv2_grcsf.mae.geometry`).
 Each failed check prints what to do. Exit code 0 when everything is ready, 1 otherwise.
 """
 
@@ -130,7 +133,7 @@ def _check_trainers(report: Report) -> None:
 
 def _check_dataset(report: Report, dataset: str) -> None:
     print(f"data set {dataset}")
-    from nnunetv2_grcsf.residual_channels import residual_channels_of_dataset
+    from nnunetv2_grcsf.residual_channels import DATASET_JSON_KEY, ResidualChannelError, residual_channels_of_dataset
 
     folder = find_raw_dataset(dataset)
     dataset_json = load_dataset_json(folder)
@@ -138,11 +141,44 @@ def _check_dataset(report: Report, dataset: str) -> None:
     report.info("channels", str(dataset_json.get("channel_names")))
     try:
         channels = residual_channels_of_dataset(dataset_json, folder.name)
-        report.ok("MAE residual channels", f"{channels}: GRCSFTrainer and GRCSF_FIASTrainer can train on it")
-    except UserFacingError:
-        report.info("MAE residual channels", "none: use FIASTrainer or GRCSFTrainer_noRCU, or make a data set "
-                                             f"with them: nnunetv2_grcsf mae-train -d {dataset} && "
-                                             f"nnunetv2_grcsf residuals -d {dataset} -o NEW_ID")
+    except ResidualChannelError as error:
+        if DATASET_JSON_KEY in dataset_json:
+            from nnunetv2_grcsf.mae.geometry import rerun_command
+
+            report.fail(f"MAE residual channels: {error}",
+                        f"recreate the data set from its source: {rerun_command(dataset_json, folder.name)}")
+        else:
+            report.info("MAE residual channels", "none: use FIASTrainer or GRCSFTrainer_noRCU, or make a data set "
+                                                 f"with them: nnunetv2_grcsf mae-train -d {dataset} && "
+                                                 f"nnunetv2_grcsf residuals -d {dataset} -o NEW_ID")
+        return
+    report.ok("MAE residual channels", f"{channels}: GRCSFTrainer and GRCSF_FIASTrainer can train on it")
+    _check_residual_geometry(report, folder, dataset_json)
+
+
+def _check_residual_geometry(report: Report, folder: Path, dataset_json: dict) -> None:
+    """Residual files on their images' grid, images equal to the source's (nnunetv2_grcsf.mae.geometry)."""
+    from nnunetv2_grcsf.mae.geometry import describe_problems, rerun_command, source_folder, verify_residual_dataset
+    from nnunetv2_grcsf.residual_channels import DATASET_JSON_KEY
+
+    source = source_folder(dataset_json)
+    if source is None:
+        recorded = dataset_json[DATASET_JSON_KEY].get("source_dataset")
+        report.info("source data set", f"{recorded} is not in nnUNet_raw: residual channels are compared with "
+                                       f"their own images only")
+    fix = (f"recreate the data set from its source (which may have changed since): "
+           f"{rerun_command(dataset_json, folder.name)}")
+    try:
+        problems = verify_residual_dataset(folder.name)
+    except UserFacingError as error:
+        report.fail(f"residual channel geometry cannot be checked: {error}", fix)
+        return
+    if problems:
+        listed = describe_problems(problems, " " * 9)
+        report.fail(f"residual channel geometry: {len(problems)} problem(s)\n{listed}", fix)
+    else:
+        compared = f"their images and the source {source.name}" if source else "their images"
+        report.ok("residual channel geometry", f"every case's channels match {compared}")
 
 
 def add_parser(subparsers):

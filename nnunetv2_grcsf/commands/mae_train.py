@@ -7,7 +7,8 @@ import argparse
 
 DESCRIPTION = """\
 Train a Masked Autoencoder (He et al. 2022) on the images of an nnU-Net raw data set (imagesTr and
-imagesTs; labels are never read). 3D volumes are cut into slices along their lowest-resolution axis.
+imagesTs; labels are never read). 3D volumes are cut into slices along their lowest-resolution axis;
+the checkpoint records the median in-slice spacing, which `residuals` compares its images with.
 Writes checkpoint_latest.pth (periodically), checkpoint_final.pth and training_log.json to
 $nnUNet_results/DatasetXXX_Name/nnunetv2_grcsf_mae/ (or -o); never into the raw data set.
 Next step: nnunetv2_grcsf residuals -d DATASET -o NEW_ID."""
@@ -34,7 +35,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help="named model size: tiny (CPU, 128 px, patch 8, dim 96, depth 3), small / base (GPU, "
                            "256 px). Default: tiny")
     arch.add_argument("--image-size", type=int, default=None, help="model input size in pixels (square)")
-    arch.add_argument("--patch-size", type=int, default=None, help="patch size in pixels (image size must be a multiple)")
+    arch.add_argument("--patch-size", type=int, default=None,
+                      help="patch size in pixels (image size must be a multiple); every slice of the data set must "
+                           "be at least this many voxels along both axes")
     arch.add_argument("--embed-dim", type=int, default=None, help="encoder width")
     arch.add_argument("--depth", type=int, default=None, help="number of encoder blocks")
     arch.add_argument("--num-heads", type=int, default=None, help="encoder attention heads")

@@ -18,7 +18,12 @@ Add MAE residual map channel(s) (one per mask ratio) to nnU-Net images.
 
 Residual = |image - MAE reconstruction| where every patch is reconstructed only while masked
 (complementary masks), in units of the MAE's normalized intensity, smoothed, stored as 8 bits
-of a fixed per-checkpoint scale. The source data set / input folder is only ever read."""
+of a fixed per-checkpoint scale. The source data set / input folder is only ever read.
+
+Images must match the MAE: same channel count, 2D or 3D like its training images, slices at least
+one patch (patch_size voxels) along both axes. Cases whose in-slice spacing is more than 2x from
+the MAE's training spacing get one warning per run. `nnunetv2_grcsf doctor -d NEW_ID` later checks
+that every residual file still lies on its image's grid and the images still equal the source's."""
 
 EXAMPLES = """\
 examples:

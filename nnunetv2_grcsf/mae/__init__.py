@@ -16,6 +16,8 @@ Modules (imports point down only):
 - :mod:`.residuals`: residual maps with complementary masks; new data sets / folders with residual
   channels (``nnunetv2_grcsf residuals``).
 - :mod:`.report`: pixel-level AUROC of residual maps against lesion masks and PNG panels.
+- :mod:`.geometry`: checks that a data set made by ``residuals`` still fits together (residual
+  channels on their images' grid, images equal to the source's; ``nnunetv2_grcsf doctor -d``).
 
 This ``__init__`` imports nothing heavy: it only defines the errors, so that the command line can
 build its parser without importing torch.
@@ -37,7 +39,8 @@ class MAECheckpointError(MAEError):
 
 
 class MAEIncompatibleError(MAEError, ValueError):
-    """Images whose channel count or dimensionality differ from what the MAE checkpoint was trained on."""
+    """Images whose channel count or dimensionality differ from what the MAE checkpoint was trained on, or
+    whose slices are smaller than one MAE patch."""
 
 
 class MAEOutputExistsError(MAEError, FileExistsError):
@@ -46,6 +49,10 @@ class MAEOutputExistsError(MAEError, FileExistsError):
 
 class MAEImageReadError(MAEError):
     """An image file that nnU-Net's reader cannot read (corrupt, truncated or of another format)."""
+
+
+class MAEGeometryError(MAEDatasetError):
+    """A data set made by ``residuals`` whose channel files no longer share a grid (or no longer match its source)."""
 
 
 #: Named MAE sizes (kept here, torch-free, so the command line can list them without importing torch).
@@ -62,4 +69,4 @@ PRESETS = {
 DEFAULT_STEPS = 300
 
 __all__ = ["PRESETS", "DEFAULT_STEPS", "MAEError", "MAEDatasetError", "MAECheckpointError", "MAEIncompatibleError", "MAEOutputExistsError",
-           "MAEImageReadError"]
+           "MAEImageReadError", "MAEGeometryError"]

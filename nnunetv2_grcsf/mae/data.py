@@ -10,6 +10,8 @@
   in array-axis order (2D images get a dummy 999 spacing on the first axis). The MAE is 2D: every image
   is cut into slices along its **lowest-resolution axis** (largest spacing; the first such axis on
   ties, i.e. axis 0 of isotropic volumes; the dummy axis of 2D images, so a 2D image is one slice).
+  The two other axes are the slice plane: its spacing (:func:`in_slice_spacing`) is what the MAE's
+  training spacing is compared with, and its size must span one MAE patch along both axes.
 - Intensity normalization (ours; stored in the checkpoint, so residuals use exactly the training
   normalization), per channel, chosen like nnU-Net chooses per channel name
   (``map_channel_name_to_normalization``):
@@ -150,14 +152,46 @@ def slice_axis(spacing, shape) -> int:
     return int(np.flatnonzero(spacing >= spacing.max() * (1 - 1e-6))[0])
 
 
-def check_image_compatible(image: np.ndarray, num_channels: int, dim: int, where) -> None:
-    """Channel count and 2D/3D must match what the MAE checkpoint was trained on."""
+def in_slice_spacing(spacing, shape) -> tuple:
+    """``(a, b)``: the spacing of the slice plane of an image of spatial ``shape`` ``[Z, Y, X]``.
+
+    In slice-array order (the two axes that :func:`to_slices` keeps, see :func:`slice_axis`); for
+    nnU-Net's 2D arrays the spacing of the two real axes.
+    """
+    axis = slice_axis(spacing, shape)
+    return tuple(float(s) for i, s in enumerate(spacing) if i != axis)
+
+
+def slice_size(spacing, shape) -> tuple:
+    """``(h, w)``: the size in voxels of the slices of an image of spatial ``shape`` ``[Z, Y, X]``."""
+    axis = slice_axis(spacing, shape)
+    return tuple(int(n) for i, n in enumerate(shape) if i != axis)
+
+
+def check_image_compatible(image: np.ndarray, num_channels: int, dim: int, where, fix: str) -> None:
+    """Channel count and 2D/3D of ``[C, Z, Y, X]`` must match the MAE checkpoint's; ``fix`` ends the message."""
     if image.shape[0] != num_channels:
         raise MAEIncompatibleError(f"{where} has {image.shape[0]} channel(s) but the MAE checkpoint was trained on "
-                                   f"{num_channels}; use an MAE trained on this data set (`nnunetv2_grcsf mae-train`).")
+                                   f"{num_channels}; {fix}")
     if image_dim(image) != dim:
         raise MAEIncompatibleError(f"{where} is a {image_dim(image)}D image but the MAE checkpoint was trained on "
-                                   f"{dim}D images; use an MAE trained on images like these (`nnunetv2_grcsf mae-train`).")
+                                   f"{dim}D images (a 2D image is one slice, a volume is cut into slices along its "
+                                   f"lowest-resolution axis: the MAE has never seen the other kind); {fix}")
+
+
+def check_slices_fit_patch(shape, spacing, patch_size: int, where, setting: str, fix: str) -> None:
+    """The slices of an image of spatial ``shape`` ``[Z, Y, X]`` must span one MAE patch along both axes.
+
+    A smaller slice holds less than one patch of real content along an axis: resizing it to the model
+    input would invent the detail the MAE reconstructs. ``setting`` names where the patch size comes
+    from; ``fix`` ends the message.
+    """
+    h, w = slice_size(spacing, shape)
+    if h < patch_size or w < patch_size:
+        cut = "" if shape[0] == 1 else (f" (volume of {' x '.join(str(n) for n in shape)} voxels cut along axis "
+                                        f"{slice_axis(spacing, shape)}, its lowest-resolution axis)")
+        raise MAEIncompatibleError(f"{where} has slices of {h} x {w} voxels{cut}, smaller than the MAE patch size "
+                                   f"{patch_size} ({setting}); {fix}")
 
 
 def case_seed(case: str, seed: int) -> int:

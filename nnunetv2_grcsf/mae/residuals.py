@@ -36,6 +36,22 @@ reconstruction and the image"):
 The new data set's ``dataset.json`` records the residual channels under the ``nnunetv2_grcsf`` key
 (see :mod:`nnunetv2_grcsf.residual_channels`) plus ``residual_definition`` (the settings above), so a
 prediction folder can be given identical residual channels (``residuals -i ... --from-dataset``).
+
+Checks on the images (:class:`InputChecks`, every case, in data set and folder mode alike):
+
+- errors (:class:`~nnunetv2_grcsf.mae.MAEIncompatibleError`, naming the case and what to run): a
+  channel count or dimensionality other than the checkpoint's (a 2D MAE on volumes or a 3D MAE on 2D
+  images: the two are sliced differently), and slices smaller than the checkpoint's ``patch_size``
+  along either axis;
+- a warning, printed once per run after the last case (the first few cases and a count): cases whose
+  in-slice spacing (:func:`~nnunetv2_grcsf.mae.data.in_slice_spacing`) differs, along either axis of
+  the slice plane, from the median of the MAE's training images (checkpoint ``data.in_slice_spacing``)
+  by more than a factor ``SPACING_WARNING_FACTOR`` (2.0). The MAE then sees anatomy at a scale it was
+  not trained on and marks normal structure as unusual; resample such images to a similar spacing or
+  train an MAE on them. Checkpoints written before the spacing was recorded skip this check.
+
+After writing, ``nnunetv2_grcsf doctor -d NEW_ID`` checks that every residual file still lies on its
+image's grid and that the images still equal the source's (:mod:`.geometry`).
 """
 
 import functools
@@ -62,6 +78,10 @@ from nnunetv2_grcsf.residual_channels import DATASET_JSON_KEY
 
 RESIDUAL_CHANNEL_NAME = "rgb_to_0_1"
 REPORT_SUBFOLDER = "nnunetv2_grcsf_residual_report"
+#: In-slice spacings further than this factor (along either axis) from the MAE's training spacing get a warning.
+SPACING_WARNING_FACTOR = 2.0
+#: Cases named in that warning; the others are counted.
+SPACING_WARNING_MAX_CASES = 5
 
 
 @dataclass
@@ -124,10 +144,10 @@ class ResidualMapper:
         self.num_channels = int(self.ckpt["data"]["num_channels"])
         self.image_dim = int(self.ckpt["data"]["image_dim"])
         self.size = int(self.ckpt["model_config"]["img_size"])
+        self.patch_size = int(self.ckpt["model_config"]["patch_size"])
+        trained = self.ckpt["data"].get("in_slice_spacing")
+        self.trained_in_slice_spacing = None if trained is None else tuple(float(v) for v in trained)
         self.scale = float(self.ckpt.get("residual_scale") or 3.0)
-
-    def check(self, image: np.ndarray, where) -> None:
-        mdata.check_image_compatible(image, self.num_channels, self.image_dim, where)
 
     def encode(self, residual: np.ndarray) -> np.ndarray:
         """Float residual -> uint8 ``round(255 * clip(residual / scale, 0, 1))``."""
@@ -182,6 +202,54 @@ class ResidualMapper:
         return out
 
 
+class InputChecks:
+    """The checks of one run's images against a :class:`ResidualMapper`'s checkpoint (see the module docstring).
+
+    ``train_command``: the ``nnunetv2_grcsf mae-train`` command line the messages suggest. Calling the
+    object raises for an unusable case and notes its in-slice spacing; :meth:`spacing_warning` then
+    sums the spacing mismatches up once.
+    """
+
+    def __init__(self, mapper: ResidualMapper, train_command: str):
+        self.mapper = mapper
+        self.train_command = train_command
+        self.spacing_mismatches = []  # [(case, (a, b))]
+
+    def __call__(self, case: str, first_file, image: np.ndarray, spacing) -> None:
+        """Check one case's ``[C, Z, Y, X]`` image with nnU-Net ``spacing`` (``[Z, Y, X]`` order)."""
+        m = self.mapper
+        where = f"case {case!r} ({first_file})"
+        checkpoint = f" {m.checkpoint_path}" if m.checkpoint_path else ""
+        mdata.check_image_compatible(image, m.num_channels, m.image_dim, where,
+                                     f"train an MAE on images like these (`{self.train_command}`) and use its "
+                                     f"checkpoint (-m).")
+        mdata.check_slices_fit_patch(image.shape[1:], spacing, m.patch_size, where,
+                                     f"model_config.patch_size of the MAE checkpoint{checkpoint}",
+                                     f"remove the case, or train an MAE with a smaller patch on images like these "
+                                     f"(`{self.train_command} --patch-size N`, N a divisor of --image-size) and use "
+                                     f"its checkpoint (-m).")
+        spacing_in_slice = mdata.in_slice_spacing(spacing, image.shape[1:])
+        trained = m.trained_in_slice_spacing
+        if trained is not None and any(max(s / t, t / s) > SPACING_WARNING_FACTOR
+                                       for s, t in zip(spacing_in_slice, trained)):
+            self.spacing_mismatches.append((case, spacing_in_slice))
+
+    def spacing_warning(self):
+        """One warning naming the first few cases whose in-slice spacing is far from the MAE's, or None."""
+        if not self.spacing_mismatches:
+            return None
+        trained = " x ".join(f"{v:g}" for v in self.mapper.trained_in_slice_spacing)
+        named = ", ".join(f"{case!r} ({' x '.join(f'{v:g}' for v in spacing)})"
+                          for case, spacing in self.spacing_mismatches[:SPACING_WARNING_MAX_CASES])
+        more = len(self.spacing_mismatches) - SPACING_WARNING_MAX_CASES
+        return (f"warning: {len(self.spacing_mismatches)} case(s) have an in-slice spacing more than "
+                f"{SPACING_WARNING_FACTOR:g}x away from the {trained} the MAE was trained on (median of its training "
+                f"images): {named}{f' and {more} more' if more > 0 else ''}. The MAE sees them at a scale it was not "
+                f"trained on, so their residual maps mark normal structure as unusual. Resample these images to a "
+                f"spacing near {trained}, or train an MAE on them (`{self.train_command}`) and use its checkpoint "
+                f"(-m).")
+
+
 # ---- helpers for writing ------------------------------------------------------------------------------
 def _sidecar(path: Path, ending: str) -> Path:
     """Tiff3DIO keeps spacing in ``<file without ending>.json`` next to the image."""
@@ -205,12 +273,12 @@ def _write_residual_channels(writer, encoded: np.ndarray, out_folder: Path, case
     return paths
 
 
-def _chunks(cases: dict, reader, mapper: ResidualMapper, labels_folder=None, ending=None):
+def _chunks(cases: dict, reader, mapper: ResidualMapper, checks: InputChecks, labels_folder=None, ending=None):
     """Yield lists of ``(case, files, image, props, label_mask)`` holding about ``batch_size`` slices."""
     chunk, n_slices = [], 0
     for case, files in cases.items():
         image, props = mdata.read_case(reader, files, case)
-        mapper.check(image, f"case {case!r} ({files[0]})")
+        checks(case, files[0], image, props["spacing"])
         mask = None
         if labels_folder is not None:
             label_file = Path(labels_folder) / f"{case}{ending}"
@@ -231,7 +299,7 @@ def _chunks(cases: dict, reader, mapper: ResidualMapper, labels_folder=None, end
         yield chunk
 
 
-def _process_cases(cases: dict, reader, mapper: ResidualMapper, out_images: Path, ending: str,
+def _process_cases(cases: dict, reader, mapper: ResidualMapper, checks: InputChecks, out_images: Path, ending: str,
                    report: ResidualReport = None, labels_folder=None, progress=True, desc="residuals") -> dict:
     """Copy channels + write residual channel(s) for ``cases`` into ``out_images``; returns timing figures."""
     from tqdm import tqdm
@@ -239,7 +307,7 @@ def _process_cases(cases: dict, reader, mapper: ResidualMapper, out_images: Path
     out_images.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(cases), desc=desc, unit="case", disable=not progress)
     t_compute, n_done, t0 = 0.0, 0, time.time()
-    for chunk in _chunks(cases, reader, mapper, labels_folder if report else None, ending):
+    for chunk in _chunks(cases, reader, mapper, checks, labels_folder if report else None, ending):
         want = {c for c, _, _, _, mask in chunk if report is not None and report.wants_panel(mask)}
         t = time.time()
         results = mapper.compute([(c, img, props["spacing"]) for c, _, img, props, _ in chunk], want_recon=want)
@@ -378,6 +446,7 @@ def make_residual_dataset(source, output_id, checkpoint=None, settings: Residual
         rep = ResidualReport(rdir, settings.mask_ratios, mapper.scale, report_cases)
 
     C = len(channel_names)
+    checks = InputChecks(mapper, f"nnunetv2_grcsf mae-train -d {src_name}")
     tmp = raw / f".{dst_name}.incomplete-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -389,13 +458,14 @@ def make_residual_dataset(source, output_id, checkpoint=None, settings: Residual
         figures = {}
         for sub, cases in splits.items():
             labels = src_folder / "labelsTr" if sub == "imagesTr" else None
-            figures[sub] = _process_cases(cases, reader, mapper, tmp / sub, ending, rep, labels, progress,
+            figures[sub] = _process_cases(cases, reader, mapper, checks, tmp / sub, ending, rep, labels, progress,
                                           desc=f"residuals {sub}")
-        if (src_folder / "labelsTr").is_dir():
-            (tmp / "labelsTr").mkdir()
-            for f in sorted((src_folder / "labelsTr").iterdir()):
-                if f.is_file() and (f.name.endswith(ending) or f.suffix == ".json"):
-                    shutil.copyfile(f, tmp / "labelsTr" / f.name)
+        for labels_sub in ("labelsTr", "labelsTs"):  # labelsTs: the test labels many data sets keep beside imagesTs
+            if (src_folder / labels_sub).is_dir():
+                (tmp / labels_sub).mkdir()
+                for f in sorted((src_folder / labels_sub).iterdir()):
+                    if f.is_file() and (f.name.endswith(ending) or f.suffix == ".json"):
+                        shutil.copyfile(f, tmp / labels_sub / f.name)
         dst_json = {k: v for k, v in src_json.items() if k != "modality"}
         dst_json["channel_names"] = {**{str(k): v for k, v in channel_names.items()},
                                      **{str(C + j): RESIDUAL_CHANNEL_NAME for j in range(len(settings.mask_ratios))}}
@@ -418,13 +488,15 @@ def make_residual_dataset(source, output_id, checkpoint=None, settings: Residual
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     result = {"dataset": dst_name, "folder": str(dst_folder), "checkpoint": str(Path(ckpt_path).resolve()),
-              "figures": figures}
+              "figures": figures, "spacing_warning": checks.spacing_warning()}
     if rep is not None:
         result["report"] = rep.write({"source_dataset": src_name, "dataset": dst_name,
                                       "mae_checkpoint": result["checkpoint"],
                                       "residual_definition": residual_definition(mapper)})
         result["report_folder"] = str(rep.folder)
         _log_report(result["report"], rep.folder, log)
+    if result["spacing_warning"]:
+        log(result["spacing_warning"])
     tr = figures["imagesTr"]
     log(f"wrote {dst_folder} ({tr['num_images']} training images, {tr['images_per_second']} images/s). Next: "
         f"nnUNetv2_plan_and_preprocess -d {dst_id}")
@@ -490,22 +562,25 @@ def make_residual_folder(input_folder, output_folder, checkpoint, settings: Resi
             raise MAEDatasetError(f"labels folder {labels_folder} does not exist")
         rdir = Path(report_dir) if report_dir else out.with_name(out.name + "_residual_report")
         rep = ResidualReport(rdir, settings.mask_ratios, mapper.scale, report_cases)
+    checks = InputChecks(mapper, "nnunetv2_grcsf mae-train -d DATASET")
     created = not out.exists()
     log(f"{inp} -> {out}: {len(cases)} cases, residual channel(s) "
         f"{list(range(mapper.num_channels, mapper.num_channels + len(settings.mask_ratios)))} at mask ratio(s) "
         f"{list(settings.mask_ratios)}, device {mapper.device}")
     try:
-        figures = _process_cases(cases, reader, mapper, out, ending, rep, labels_folder, progress)
+        figures = _process_cases(cases, reader, mapper, checks, out, ending, rep, labels_folder, progress)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
     result = {"folder": str(out), "checkpoint": str(mapper.checkpoint_path), "figures": figures,
-              "residual_definition": residual_definition(mapper)}
+              "residual_definition": residual_definition(mapper), "spacing_warning": checks.spacing_warning()}
     if rep is not None:
         result["report"] = rep.write({"input_folder": str(inp), "mae_checkpoint": result["checkpoint"],
                                       "residual_definition": residual_definition(mapper)})
         result["report_folder"] = str(rep.folder)
         _log_report(result["report"], rep.folder, log)
+    if result["spacing_warning"]:
+        log(result["spacing_warning"])
     log(f"wrote {figures['num_images']} cases to {out} ({figures['images_per_second']} images/s)")
     return result

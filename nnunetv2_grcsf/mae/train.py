@@ -5,7 +5,10 @@ needs no labels, and its residual maps are meant for the same data set's images)
 reader, normalized (:class:`~nnunetv2_grcsf.mae.data.IntensityNormalizer`, fitted here and stored in the
 checkpoint), cut into slices along the lowest-resolution axis, resized-and-padded to the model input.
 The slices are kept in memory as float16 (``N * C * img_size^2 * 2`` bytes; use ``max_slices_per_case``
-for large 3D data sets).
+for large 3D data sets). A case whose slices are smaller than one patch (``patch_size`` voxels) along
+either axis is refused. The checkpoint's ``data`` records the median in-slice spacing of the training
+images (``in_slice_spacing``: the two spacings of the slice plane, in slice-array order), against which
+:mod:`.residuals` compares the images it is given.
 
 Optimization (ours, for short budgets; the paper trains 800-1600 epochs): AdamW (betas 0.9/0.95,
 weight decay 0.05 on weight matrices only, as in MAE), learning rate with linear warm-up (5 % of the
@@ -237,9 +240,13 @@ def dataset_images(dataset) -> tuple:
     return name, folder, dataset_json, cases, reader
 
 
-def load_training_slices(cases: dict, reader, normalizer: mdata.IntensityNormalizer, img_size: int,
+def load_training_slices(cases: dict, reader, normalizer: mdata.IntensityNormalizer, img_size: int, patch_size: int,
                          num_channels: int, max_slices_per_case=None, fit: bool = True, progress: bool = True):
-    """Read every case, fit the normalizer's global channels (if ``fit``), return slices and metadata."""
+    """Read every case, fit the normalizer's global channels (if ``fit``), return slices and metadata.
+
+    Returns ``(slices [N, C, img_size, img_size] float16, sizes [(h, w)] per slice, image dim 2 or 3,
+    median in-slice spacing (a, b))``. Refuses cases whose slices are smaller than ``patch_size``.
+    """
     from tqdm import tqdm
 
     images = []
@@ -248,6 +255,10 @@ def load_training_slices(cases: dict, reader, normalizer: mdata.IntensityNormali
         image, props = mdata.read_case(reader, files, case)
         if image.shape[0] != num_channels:
             raise MAEDatasetError(f"case {case} has {image.shape[0]} channels, dataset.json declares {num_channels}")
+        mdata.check_slices_fit_patch(
+            image.shape[1:], props["spacing"], patch_size, f"case {case!r} ({files[0]})",
+            "model_config.patch_size: --patch-size, or the --preset's patch_size",
+            f"remove the case, or train with a smaller --patch-size (it must divide --image-size {img_size})")
         dims.add(mdata.image_dim(image))
         images.append((image, props["spacing"]))
     if len(dims) > 1:
@@ -263,7 +274,8 @@ def load_training_slices(cases: dict, reader, normalizer: mdata.IntensityNormali
     slices = torch.cat(slices)
     if slices.shape[0] == 0:
         raise MAEDatasetError("no image of the data set has any non-constant slice to train on")
-    return slices, sizes, dims.pop()
+    spacing = np.median([mdata.in_slice_spacing(sp, img.shape[1:]) for img, sp in images], axis=0)
+    return slices, sizes, dims.pop(), tuple(float(v) for v in spacing)
 
 
 # ---- calibration --------------------------------------------------------------------------------------
@@ -369,8 +381,10 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
         raise MAEError(f"the MAE architecture has {model_config.in_channels} input channels but {name} has "
                        f"{num_channels}")
 
-    slices, sizes, dim = load_training_slices(cases, reader, normalizer, model_config.img_size, num_channels,
-                                              train_config.max_slices_per_case, fit=ckpt is None, progress=progress)
+    slices, sizes, dim, spacing = load_training_slices(cases, reader, normalizer, model_config.img_size,
+                                                       model_config.patch_size, num_channels,
+                                                       train_config.max_slices_per_case, fit=ckpt is None,
+                                                       progress=progress)
     n = slices.shape[0]
     total = total_steps(train_config, n)
     log(f"MAE on {name}: {len(cases)} images ({dim}D), {n} training slices of {model_config.img_size}^2, "
@@ -393,7 +407,7 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
 
     data_info = {"dataset_name": name, "file_ending": dataset_json["file_ending"], "num_channels": num_channels,
                  "channel_names": mdata.channel_names_of(dataset_json), "image_dim": dim, "num_cases": len(cases),
-                 "num_slices": n, "reader_writer": type(reader).__name__}
+                 "num_slices": n, "reader_writer": type(reader).__name__, "in_slice_spacing": list(spacing)}
 
     def state(complete: bool, residual_scale=None) -> dict:
         return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
