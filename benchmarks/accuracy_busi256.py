@@ -9,8 +9,8 @@ Each trainer is trained by nnU-Net's own ``nnUNetv2_train DATASET 2d_bs<B> FOLD 
   folder's own nnUNet_raw; all nnU-Net folders live below ``--work-dir``.
 - Budget: configuration ``2d_bs<B>`` = nnU-Net's 2d plans with batch size B, added by plans inheritance
   (``{"inherits_from": "2d", "batch_size": B}``) to the work folder's copy of nnUNetPlans.json, and the
-  schedule ``<budget>`` of nnunetv2_grcsf.trainers.schedules (default 12epochs_50iters: 12 epochs of 50
-  iterations, 10 validation iterations). The baseline ``nnUNetTrainer`` gets the same schedule from
+  schedule ``<budget>`` of nnunetv2_grcsf.trainers.schedules (default 10epochs_25iters: 10 epochs of 25
+  iterations, 5 validation iterations). The baseline ``nnUNetTrainer`` gets the same schedule from
   benchmarks/trainers/ (passed to nnU-Net through nnUNet_extTrainer).
 - GRCSF trainers with the Region Compensation Unit need the MAE residual channel: ``nnunetv2_grcsf mae-train
   -d 802`` and ``nnunetv2_grcsf residuals -d 802 -o 803`` make Dataset803 (same cases + residual channel),
@@ -20,7 +20,7 @@ Each trainer is trained by nnU-Net's own ``nnUNetv2_train DATASET 2d_bs<B> FOLD 
   interrupted training continues from nnU-Net's latest checkpoint (``--c``). One trainer at a time, in the
   background: ``nohup python benchmarks/accuracy_busi256.py --trainers FIASTrainer > fias.log 2>&1 &``.
 
-    python benchmarks/accuracy_busi256.py                              # all default trainers (~1 h each here)
+    python benchmarks/accuracy_busi256.py                              # all default trainers (~12 min each here)
     python benchmarks/accuracy_busi256.py --trainers GRCSFTrainer_noRCU  # one of them
     python benchmarks/accuracy_busi256.py --smoke                      # 2epochs_4iters on 24 cases: minutes
 
@@ -28,209 +28,36 @@ Writes <output>.json, <output>.md and <output>.png (Dice vs training-step time; 
 results/speed_cpu.json when present, else from this run's epoch times).
 """
 import argparse
-import contextlib
-import fcntl
 import json
-import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
+from subprocess import CalledProcessError
 from typing import List, Optional, Tuple
 
-BENCHMARKS = Path(__file__).resolve().parent
-PROJECT_ROOT = BENCHMARKS.parent
+from nnunet_workspace import (BENCHMARKS, Workspace, epoch_times, evaluate_lesions, link_dataset, locked,
+                              make_residual_dataset, needs_residuals, plan_and_preprocess, shared_dataset,
+                              subset_cases, train)
+
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME = 802, 803, "BUSI256"
-DEFAULT_TRAINERS = ["nnUNetTrainer", "FIASTrainer", "GRCSFTrainer_noRCU", "GRCSFTrainer"]
+DEFAULT_TRAINERS = ["nnUNetTrainer", "GRCSFTrainer", "FIASTrainer", "GRCSF_FIASTrainer", "GRCSFTrainer_noRCU",
+                    "GRCSFTrainer_noGCU"]
 SMOKE = {"budget": "2epochs_4iters", "num_cases": 24, "batch_size": 2, "mae_steps": 10,
          "work_dir": BENCHMARKS / "work" / "accuracy_smoke", "output": RESULTS / "accuracy_busi256_smoke"}
-
-
-# ------------------------------------------------------------------------------------------ commands
-def console_script(name: str) -> str:
-    """Path of a console script of this Python environment (else the bare name, found on PATH)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.is_file() else name
-
-
-def run_logged(command: List[str], env: dict, log_file: Path) -> None:
-    """Run a command, appending its output to ``log_file`` and echoing nnU-Net's progress lines."""
-    print("  $ " + " ".join(command), flush=True)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "a") as log:
-        log.write(f"\n$ {' '.join(command)}\n")
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in process.stdout:
-            log.write(line)
-            if re.search(r"Epoch \d|Epoch time|Pseudo dice|Mean Validation Dice|Error|error:", line):
-                print("    " + line.rstrip()[:160], flush=True)
-        if process.wait() != 0:
-            raise RuntimeError(f"`{' '.join(command)}` exited {process.returncode}; see {log_file}")
-
-
-def has_subcommand(name: str) -> bool:
-    """Whether the installed ``nnunetv2_grcsf`` command lists the subcommand ``name``."""
-    result = subprocess.run([console_script("nnunetv2_grcsf"), "--help"], capture_output=True, text=True)
-    return re.search(rf"^\s+{re.escape(name)}\s", result.stdout, re.MULTILINE) is not None
-
-
-@contextlib.contextmanager
-def locked(lock_file: Path):
-    """An exclusive lock, so that runs started side by side prepare data and write results one at a time."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-# ------------------------------------------------------------------------------------------ data sets
-class Workspace:
-    """The benchmark's own nnUNet_raw / _preprocessed / _results below ``root``, and its environment."""
-
-    def __init__(self, root: Path, n_proc_da: int):
-        self.root = root.resolve()
-        self.raw, self.preprocessed, self.results = (self.root / n for n in
-                                                     ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
-        self.logs = self.root / "logs"
-        user_dirs = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-        ext = [str(BENCHMARKS / "trainers")] + user_dirs
-        self.env = dict(os.environ, nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.preprocessed),
-                        nnUNet_results=str(self.results), nnUNet_extTrainer=os.pathsep.join(ext))
-        self.train_env = dict(self.env, nnUNet_n_proc_DA=str(n_proc_da))  # planning crashes with 0 (nnU-Net 2.8.1)
-
-    def dataset_folder(self, dataset_id: int) -> Path:
-        return self.raw / f"Dataset{dataset_id:03d}_{DATASET_NAME}"
-
-    def plans_file(self, dataset_id: int) -> Path:
-        return self.preprocessed / f"Dataset{dataset_id:03d}_{DATASET_NAME}" / "nnUNetPlans.json"
-
-
-def shared_dataset(data_dir: Optional[str]) -> Path:
-    """The shared BUSI256 raw data set; exits with a clear message when it is absent."""
-    base = Path(data_dir or os.environ.get("GRCSF_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
-    folder = base / f"Dataset{SOURCE_ID}_{DATASET_NAME}"
-    if not (folder / "dataset.json").is_file():
-        raise SystemExit(f"BUSI256 not found at {folder}: pass --data DIR or set GRCSF_SHARED_DATA")
-    return folder
-
-
-def subset_cases(cases: List[str], num_cases: Optional[int]) -> List[str]:
-    """All cases, or ``num_cases`` spread evenly over the sorted list (so benign, malignant and normal all appear)."""
-    if not num_cases or num_cases >= len(cases):
-        return cases
-    step = len(cases) / num_cases
-    return [cases[int(i * step)] for i in range(num_cases)]
-
-
-def link_source(workspace: Workspace, shared: Path, num_cases: Optional[int]) -> Path:
-    """Dataset802 in the work nnUNet_raw: links to the shared files (of a subset of cases with ``num_cases``)."""
-    target = workspace.dataset_folder(SOURCE_ID)
-    if (target / "dataset.json").is_file():
-        return target
-    dataset_json = json.loads((shared / "dataset.json").read_text())
-    ending = dataset_json["file_ending"]
-    cases = subset_cases(sorted(p.name[: -len(ending)] for p in (shared / "labelsTr").glob(f"*{ending}")), num_cases)
-    for sub in ("imagesTr", "labelsTr"):
-        (target / sub).mkdir(parents=True, exist_ok=True)
-    for case in cases:
-        for image in sorted((shared / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}")):
-            (target / "imagesTr" / image.name).symlink_to(image.resolve())
-        (target / "labelsTr" / f"{case}{ending}").symlink_to((shared / "labelsTr" / f"{case}{ending}").resolve())
-    dataset_json["numTraining"] = len(cases)
-    (target / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-    return target
-
-
-def plan_and_preprocess(workspace: Workspace, dataset_id: int, batch_size: int) -> str:
-    """nnU-Net's planning and 2d preprocessing (once), then the ``2d_bs<B>`` configuration in the plans copy."""
-    plans_file = workspace.plans_file(dataset_id)
-    if not plans_file.is_file():
-        run_logged([console_script("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "2d", "-np", "2",
-                    "--verify_dataset_integrity"], workspace.env, workspace.logs / f"plan_{dataset_id}.log")
-    configuration = f"2d_bs{batch_size}"
-    plans = json.loads(plans_file.read_text())
-    if configuration not in plans["configurations"]:
-        plans["configurations"][configuration] = {"inherits_from": "2d", "batch_size": batch_size}
-        plans_file.write_text(json.dumps(plans, indent=2))
-    return configuration
-
-
-def make_residual_dataset(workspace: Workspace, mae_steps: Optional[int], device: str) -> None:
-    """Dataset803 = BUSI256 + MAE residual channel, by the plugin's commands; same fold split as Dataset802."""
-    if (workspace.dataset_folder(RESIDUAL_ID) / "dataset.json").is_file():
-        return
-    for command in ("mae-train", "residuals"):
-        if not has_subcommand(command):
-            print(f"  note: `nnunetv2_grcsf {command}` is not in this installation yet (it is being written); "
-                  f"calling it anyway", flush=True)
-    mae = ["mae-train", "-d", str(SOURCE_ID), "--device", device, "--quiet"]
-    mae += ["--steps", str(mae_steps)] if mae_steps else []
-    log = workspace.logs / "residuals.log"
-    run_logged([console_script("nnunetv2_grcsf"), *mae], workspace.env, log)
-    run_logged([console_script("nnunetv2_grcsf"), "residuals", "-d", str(SOURCE_ID), "-o", str(RESIDUAL_ID),
-                "--device", device, "--quiet"], workspace.env, log)
+__all__ = ["subset_cases", "format_table", "plot", "main"]
 
 
 # ------------------------------------------------------------------------------------------ train and score
-def needs_residuals(trainer: str) -> bool:
-    """Whether the trainer's network takes the MAE residual channel (then it trains on Dataset803)."""
-    if trainer == "nnUNetTrainer":
-        return False
-    import nnunetv2_grcsf.trainers as trainers
-
-    return getattr(trainers, trainer).needs_residual_channels
-
-
-def fold_folder(workspace: Workspace, dataset_id: int, trainer: str, configuration: str, fold: int) -> Path:
-    return (workspace.results / f"Dataset{dataset_id:03d}_{DATASET_NAME}" / f"{trainer}__nnUNetPlans__{configuration}"
-            / f"fold_{fold}")
-
-
-def train(workspace: Workspace, dataset_id: int, trainer: str, configuration: str, fold: int, device: str) -> Path:
-    """nnUNetv2_train, continued from the latest checkpoint or validation only when a run was interrupted."""
-    folder = fold_folder(workspace, dataset_id, trainer, configuration, fold)
-    if (folder / "validation" / "summary.json").is_file():
-        return folder
-    command = [console_script("nnUNetv2_train"), str(dataset_id), configuration, str(fold), "-tr", trainer,
-               "-device", device]
-    if (folder / "checkpoint_final.pth").is_file():
-        command.append("--val")
-    elif (folder / "checkpoint_latest.pth").is_file():
-        command.append("--c")
-    run_logged(command, workspace.train_env, workspace.logs / f"train_{trainer}.log")
-    return folder
-
-
-def epoch_times(folder: Path) -> List[float]:
-    """Seconds of every epoch, from nnU-Net's training logs in the fold folder."""
-    times = []
-    for log in sorted(folder.glob("training_log_*.txt")):
-        times += [float(t) for t in re.findall(r"Epoch time: ([0-9.]+) s", log.read_text())]
-    return times
-
-
-def evaluate(workspace: Workspace, dataset_id: int, folder: Path, trainer: str) -> dict:
-    """``nnunetv2_grcsf evaluate`` of fold_X/validation against the raw labels; returns its summary JSON."""
-    output = workspace.root / "evaluation" / f"{trainer}.json"
-    subprocess.run([console_script("nnunetv2_grcsf"), "evaluate", "-ref",
-                    str(workspace.dataset_folder(dataset_id) / "labelsTr"), "-pred", str(folder / "validation"),
-                    "-o", str(output), "--chill", "--overwrite", "-q"], env=workspace.env, check=True)
-    return json.loads(output.read_text())
-
-
 def score(workspace: Workspace, dataset_id: int, folder: Path, trainer: str, schedule: dict) -> dict:
     """Dice, HD95, lesion F1 (ours), nnU-Net's validation Dice and the training time of one trained trainer."""
-    summary = evaluate(workspace, dataset_id, folder, trainer)
+    summary = evaluate_lesions(workspace, folder / "validation", workspace.dataset_folder(dataset_id) / "labelsTr",
+                               trainer)
     mean, pooled = summary["mean"]["1"], summary["pooled"]["1"]
     nnunet = json.loads((folder / "validation" / "summary.json").read_text())
     epochs = epoch_times(folder)
     iterations = schedule["num_iterations_per_epoch"] + schedule["num_val_iterations_per_epoch"]
-    return {"dataset": f"Dataset{dataset_id:03d}_{DATASET_NAME}", "fold_folder": str(folder),
+    return {"dataset": workspace.folder_name(dataset_id), "fold_folder": str(folder),
             "validation_cases": mean["n_cases"],
             "validation_case_ids": [c["case"] for c in summary["metric_per_case"]],
             "Dice": mean["Dice"], "HD95": mean["HD95"],
@@ -253,7 +80,7 @@ def run_trainer(workspace: Workspace, args, trainer: str, configurations: dict) 
             raise RuntimeError(f"Dataset{dataset_id} could not be prepared (see {workspace.logs})")
         folder = train(workspace, dataset_id, full_name, configurations[dataset_id], args.fold, args.device)
         result = {"status": "ok", **score(workspace, dataset_id, folder, full_name, SCHEDULES[args.budget])}
-    except (RuntimeError, subprocess.CalledProcessError, OSError) as error:
+    except (RuntimeError, CalledProcessError, OSError) as error:
         result = {"status": "error", "error": f"{type(error).__name__}: {error}"}
     return {"trainer": trainer, "trained_as": full_name, "wall_s": time.perf_counter() - started, **result}
 
@@ -262,12 +89,13 @@ def prepare(workspace: Workspace, args, trainers: List[str]) -> dict:
     """The data sets the trainers need, planned and preprocessed: ``{dataset_id: configuration}``."""
     configurations = {}
     with locked(workspace.root / ".prepare.lock"):
-        link_source(workspace, shared_dataset(args.data), args.num_cases)
-        configurations[SOURCE_ID] = plan_and_preprocess(workspace, SOURCE_ID, args.batch_size)
+        link_dataset(workspace, shared_dataset(f"Dataset{SOURCE_ID}_{DATASET_NAME}", args.data), SOURCE_ID,
+                     args.num_cases)
+        configurations[SOURCE_ID] = plan_and_preprocess(workspace, SOURCE_ID, "2d", args.batch_size)
         if any(needs_residuals(t) for t in trainers):
             try:
-                make_residual_dataset(workspace, args.mae_steps, args.device)
-                configurations[RESIDUAL_ID] = plan_and_preprocess(workspace, RESIDUAL_ID, args.batch_size)
+                make_residual_dataset(workspace, SOURCE_ID, RESIDUAL_ID, args.mae_steps, args.device)
+                configurations[RESIDUAL_ID] = plan_and_preprocess(workspace, RESIDUAL_ID, "2d", args.batch_size)
             except RuntimeError as error:
                 print(f"  the residual data set could not be made: {error}", flush=True)
     return configurations
@@ -347,8 +175,8 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS,
                         help="base trainer names (nnUNetTrainer or one of nnunetv2_grcsf.trainers)")
-    parser.add_argument("--budget", default="12epochs_50iters", help="schedule suffix (trainers/schedules.py)")
-    parser.add_argument("--batch-size", type=int, default=4, help="batch size of the 2d_bs<B> configuration")
+    parser.add_argument("--budget", default="10epochs_25iters", help="schedule suffix (trainers/schedules.py)")
+    parser.add_argument("--batch-size", type=int, default=2, help="batch size of the 2d_bs<B> configuration")
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-cases", type=int, default=None, help="train on a subset of this many cases")
@@ -381,7 +209,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown trainer(s) {unknown}; choose from {', '.join(known)} (the budget's schedule "
                          f"suffix is added)")
-    workspace = Workspace(Path(args.work_dir), args.n_proc_da)
+    workspace = Workspace(Path(args.work_dir), DATASET_NAME, args.n_proc_da)
     output = Path(args.output)
     results_file = output.with_suffix(".json")
     settings = {"budget": args.budget, "schedule": SCHEDULES[args.budget], "batch_size": args.batch_size,

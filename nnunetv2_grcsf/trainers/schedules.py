@@ -16,8 +16,9 @@ SCHEDULES = {
     "500epochs": {"num_epochs": 500},
     # CPU budgets: tests and CI (seconds), the demo (minutes), short benchmarks.
     "2epochs_4iters": {"num_epochs": 2, "num_iterations_per_epoch": 4, "num_val_iterations_per_epoch": 2},
+    "5epochs_20iters": {"num_epochs": 5, "num_iterations_per_epoch": 20, "num_val_iterations_per_epoch": 5},
     "20epochs_25iters": {"num_epochs": 20, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 5},
-    "12epochs_50iters": {"num_epochs": 12, "num_iterations_per_epoch": 50, "num_val_iterations_per_epoch": 10},
+    "10epochs_25iters": {"num_epochs": 10, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 5},
 }
 
 
