@@ -36,7 +36,7 @@ from subprocess import CalledProcessError
 from typing import List, Optional, Tuple
 
 from nnunet_workspace import (BENCHMARKS, Workspace, epoch_times, evaluate_lesions, link_dataset, locked,
-                              make_residual_dataset, needs_residuals, plan_and_preprocess, shared_dataset,
+                              make_residual_dataset, needs_residuals, plan_and_preprocess, record_result, shared_dataset,
                               subset_cases, train)
 
 RESULTS = BENCHMARKS / "results"
@@ -227,12 +227,7 @@ def main(argv=None) -> int:
         print(f"[{trainer}] " + (f"Dice {result['Dice']:.4f}, HD95 {result['HD95']:.1f}, lesion F1 "
                                  f"{result['lesion_F1']:.3f}" if result["status"] == "ok" else result["error"]),
               flush=True)
-        with locked(workspace.root / ".results.lock"):
-            report = json.loads(results_file.read_text()) if results_file.is_file() else {"trainers": {}}
-            report["settings"] = settings
-            report["trainers"][trainer] = result
-            output.parent.mkdir(parents=True, exist_ok=True)
-            results_file.write_text(json.dumps(report, indent=1))
+        record_result(workspace, results_file, settings, trainer, result)
     if not results_file.is_file():
         return 1
     report = json.loads(results_file.read_text())

@@ -35,7 +35,7 @@ from subprocess import CalledProcessError
 
 from nnunet_workspace import (BENCHMARKS, Workspace, epoch_times, evaluate_lesions, evaluate_nnunet, link_dataset,
                               locked, make_residual_dataset, needs_residuals, plan_and_preprocess, predict,
-                              shared_dataset, train)
+                              record_result, shared_dataset, train)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME = 804, 807, "Hippocampus"
@@ -158,12 +158,7 @@ def main(argv=None) -> int:
         result = run_trainer(workspace, args, trainer, configurations)
         print(f"[{trainer}] " + (f"test Dice {result['test_dice']}" if result["status"] == "ok" else result["error"]),
               flush=True)
-        with locked(workspace.root / ".results.lock"):
-            report = json.loads(results_file.read_text()) if results_file.is_file() else {"trainers": {}}
-            report["settings"] = settings
-            report["trainers"][trainer] = result
-            output.parent.mkdir(parents=True, exist_ok=True)
-            results_file.write_text(json.dumps(report, indent=1))
+        record_result(workspace, results_file, settings, trainer, result)
     if not results_file.is_file():
         return 1
     table = format_table(json.loads(results_file.read_text()))

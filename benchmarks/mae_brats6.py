@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_workspace import shared_dataset
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / "work" / "mae_brats6"
@@ -60,18 +62,11 @@ BRAIN_MASK_DEFINITION = ("voxels where any image channel is above its own volume
                          "constant per volume and channel, equal to its minimum; it is not zero)")
 
 
-def shared_dataset() -> Path:
-    """The shared Dataset805_BraTS6 folder; exits with a message if it is absent."""
-    base = Path(os.environ.get("GRCSF_SHARED_DATA", ROOT.parent / "shared" / "data"))
-    path = base / DATASET
-    if not (path / "dataset.json").is_file():
-        sys.exit(f"{DATASET} not found at {path}; set GRCSF_SHARED_DATA to the folder holding it")
-    return path
 
 
 def setup_env() -> None:
     """A fresh work folder with its own nnU-Net folders; the shared data set linked into nnUNet_raw."""
-    src = shared_dataset()
+    src = shared_dataset(DATASET, None)
     if WORK.exists():
         shutil.rmtree(WORK)
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):

@@ -23,9 +23,10 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
+
+from nnunet_workspace import shared_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -33,12 +34,6 @@ WORK = ROOT / "benchmarks" / "work" / "mae_busi256"
 DATASET = "Dataset802_BUSI256"
 
 
-def shared_dataset() -> Path:
-    base = Path(os.environ.get("GRCSF_SHARED_DATA", ROOT.parent / "shared" / "data"))
-    path = base / DATASET
-    if not (path / "dataset.json").is_file():
-        sys.exit(f"{DATASET} not found at {path}; set GRCSF_SHARED_DATA to the folder holding it")
-    return path
 
 
 def setup_env(quick: bool) -> None:
@@ -47,7 +42,7 @@ def setup_env(quick: bool) -> None:
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (WORK / var).mkdir(parents=True)
         os.environ[var] = str(WORK / var)
-    src = shared_dataset()
+    src = shared_dataset(DATASET, None)
     if quick:  # a small copy: 24 images
         dst = WORK / "nnUNet_raw" / DATASET
         for sub in ("imagesTr", "labelsTr"):

@@ -237,3 +237,13 @@ def evaluate_lesions(workspace: Workspace, predictions: Path, labels: Path, name
     subprocess.run([console_script("nnunetv2_grcsf"), "evaluate", "-ref", str(labels), "-pred", str(predictions),
                     "-o", str(output), "--chill", "--overwrite", "-q", *overlays], env=workspace.env, check=True)
     return json.loads(output.read_text())
+
+
+def record_result(workspace: Workspace, results_file: Path, settings: dict, trainer: str, result: dict) -> None:
+    """Merge one trainer's result (and the run's settings) into the results JSON, under the workspace's lock."""
+    with locked(workspace.root / ".results.lock"):
+        report = json.loads(results_file.read_text()) if results_file.is_file() else {"trainers": {}}
+        report["settings"] = settings
+        report["trainers"][trainer] = result
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(report, indent=1))
