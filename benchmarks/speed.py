@@ -148,8 +148,9 @@ def add_ratios(rows: List[dict], clock: str) -> None:
             paired = row.get(f"{key}{clock}_paired_ratio")
             median = f"{key}{clock}_median_s"
             row[f"{key}_ratio"] = paired if paired is not None else row[median] / reference[median] if ok else None
-        for key in ("peak_memory_train_mb", "peak_memory_inference_mb", "params"):
-            row[f"{key}_ratio"] = row[key] / reference[key] if ok and reference.get(key) else None
+        for key in ("peak_memory_train_mb", "peak_memory_inference_mb", "peak_tensors_train_mb",
+                    "peak_tensors_inference_mb", "params"):
+            row[f"{key}_ratio"] = row[key] / reference[key] if ok and row.get(key) and reference.get(key) else None
 
 
 def measure_case(case: Case, rows: List[Network], args, scratch: Path, results: List[dict], on_row) -> None:
@@ -196,7 +197,12 @@ def describe_settings(report: dict) -> str:
                "follows the other processes' load)" if cpu else "")
             + ("; with the range of per-pair ratios, each timed step right after a PlainConvUNet step in the same "
                "process" if settings["paired"] else "")
-            + f". Memory: {'peak RSS above the built model' if cpu else 'torch.cuda.max_memory_allocated'} (MB). "
+            + ". Memory: " + ("RSS: peak resident set size above the built model" if cpu
+                              else "torch.cuda.max_memory_allocated") + " (MB)"
+            + ("; tensors: peak bytes of live tensors (torch profiler memory events, one more prediction and "
+               "training step), weights, gradients, optimizer state and batch included: the CPU counterpart of "
+               "CUDA's figure, independent of how glibc's heap places and keeps freed memory, which the RSS "
+               "includes" if cpu else "") + ". "
             f"torch {report['torch']}, nnunetv2 {report['nnunetv2']}, {report['date']}; load average "
             f"{report['loadavg_start']:.1f} at the start, {report['loadavg_end']:.1f} at the end.")
 
@@ -210,6 +216,9 @@ def table_row(r: dict, cpu: bool) -> str:
              _cell(r[f"inference{clock}_median_s"], r["inference_ratio"], ".2f", r["inference_pair_ratios"]),
              *wall, str(r["inference_tiles"]), _cell(r["peak_memory_train_mb"], r["peak_memory_train_mb_ratio"], ".0f"),
              _cell(r["peak_memory_inference_mb"], r["peak_memory_inference_mb_ratio"], ".0f")]
+    if cpu:
+        cells += [_cell(r.get("peak_tensors_train_mb"), r.get("peak_tensors_train_mb_ratio"), ".0f"),
+                  _cell(r.get("peak_tensors_inference_mb"), r.get("peak_tensors_inference_mb_ratio"), ".0f")]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -218,7 +227,9 @@ def format_table(report: dict) -> str:
     cpu = report["settings"]["device"] == "cpu"
     header = ["network", "trainer", "in ch", "params (M)",
               *(["train step, CPU s", "inference, CPU s", "train step, wall s", "inference, wall s"] if cpu
-                else ["train step (s)", "inference (s)"]), "tiles", "memory train (MB)", "memory inference (MB)"]
+                else ["train step (s)", "inference (s)"]), "tiles",
+              *(["RSS train (MB)", "RSS inference (MB)"] if cpu else ["memory train (MB)", "memory inference (MB)"]),
+              *(["tensors train (MB)", "tensors inference (MB)"] if cpu else [])]
     lines = [f"# Speed: every network side by side ({report['settings']['device']}: {report['device_name']})", "",
              describe_settings(report), ""]
     for case in report["cases"]:

@@ -27,7 +27,14 @@ Order. 1) Memory: build; one sliding-window prediction; ``warmup`` training step
 resident set size of this process (``ru_maxrss``) minus its value once the imports are done and the network,
 optimizer and loss are built; inference comes first, so the training figure is the peak of both (training
 needs more in practice). CUDA: ``torch.cuda.max_memory_allocated`` of each phase (peak statistics reset
-before it), absolute, weights included. 2) Timing: wall-clock and
+before it), absolute, weights included. 1b) CPU only, tensor memory (the CPU counterpart of CUDA's figure):
+one more prediction and one more training step, each under torch's profiler with ``profile_memory``; the peak
+of the bytes of live tensors over the call (allocations minus frees, in the order the profiler recorded them),
+plus the bytes of the tensors held when it starts (parameters; for training also their gradients, the
+optimizer's state and the batch). Unlike the RSS it does not depend on how glibc's allocator places and
+returns memory (its heap keeps freed blocks and grows when they do not fit: the RSS of one network can differ
+by tens of MB from run to run, and by far more between networks whose temporaries differ in size and order).
+2) Timing: wall-clock and
 process CPU time (all threads) of each prediction / training step; ``threads`` > 0 sets torch's CPU threads.
 With a ``reference`` (PlainConvUNet), the reference network is built in this process too, and each timed
 step of the subject comes right after one of the reference (per-pair ratios, for wall-clock ratios on a
@@ -131,6 +138,49 @@ class PeakMemory:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / MB
         return self._max_rss_mb() - self.baseline_mb
+
+
+def tensors_in(*objects) -> list:
+    """Every tensor in (nested) tensors, lists, tuples and dicts (e.g. an optimizer's state) and modules."""
+    found, stack = [], list(objects)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+            if item.grad is not None:
+                found.append(item.grad)
+        elif isinstance(item, torch.nn.Module):
+            stack.extend(item.parameters())
+            stack.extend(item.buffers())
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return found
+
+
+def held_tensor_mb(*objects) -> float:
+    """MB of the distinct storages of the tensors in ``objects`` (see ``tensors_in``)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_in(*objects)}
+    return sum(storages.values()) / MB
+
+
+def peak_tensor_mb(function, held_mb: float) -> Optional[float]:
+    """``held_mb`` plus the peak, over one call of ``function``, of the bytes of tensors allocated and not yet freed
+    (torch profiler memory events, CPU). None if this torch's profiler does not expose its memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        function()
+    results = getattr(profiler.profiler, "kineto_results", None)
+    if results is None:
+        return None
+    changes = sorted((e.start_ns(), e.nbytes()) for e in results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return held_mb + peak / MB
 
 
 def first_tile(image: torch.Tensor, patch) -> torch.Tensor:
@@ -246,6 +296,13 @@ def measure(spec: dict) -> dict:
         memory.start_phase()
         subject.training_mode(spec["batch_size"], max(spec["warmup"], 1))
         result["peak_memory_train_mb"] = memory.phase_peak_mb()
+        if device.type == "cpu":
+            stage = "tensor memory"
+            subject.inference_mode(0)
+            result["peak_tensors_inference_mb"] = peak_tensor_mb(subject.predict, held_tensor_mb(trainer.network))
+            subject.training_mode(spec["batch_size"], 0)
+            result["peak_tensors_train_mb"] = peak_tensor_mb(subject.train_step, held_tensor_mb(
+                trainer.network, trainer.optimizer.state, subject.batch))
         stage = "reference"
         reference = None
         if spec.get("reference"):

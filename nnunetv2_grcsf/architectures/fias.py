@@ -33,10 +33,22 @@ ResidualEncoderUNet form; ``conv_op`` alone decides 2D or 3D):
   by GRCSF's RegionCompensationUnit (blocks/rcu.py), exactly as GRCSFUNet does. Without ``use_rcu`` every
   input channel is an image channel.
 
-Cost (measured on CPU, torch 2.15, batch 2, one training step, defaults, against PlainConvUNet of the same
-plans): BUSI256 2d plans 26.0M parameters (PlainConvUNet 20.6M), 1.4x the CPU time, 1.4x the peak tensor memory;
-Hippocampus 3d_fullres plans 4.9M parameters (5.6M), 1.15x the CPU time, 1.15x the peak tensor memory.
-Activation checkpointing of the MSDA stages is what keeps the 2d memory there (1.75x without it).
+Memory and speed (what is ours, none of it changes the function): every encoder dual-path unit is
+activation-checkpointed, the decoder's token mixing at 'msda' levels too, and each decoder stage's output is
+recomputed by its consumers instead of stored (``activation_checkpointing``, on by default); the MSDA neighbourhood
+attention works on slice views of one unpadded q/k/v tensor for all dilations (blocks/msda.py); depthwise convs
+get a faster backward (blocks/dmk.py); MixAtt's channel-and-spatial scaling keeps only its inputs.
+
+Cost (measured on CPU, torch 2.15, one thread, batch 2, nnU-Net's training step and sliding-window inference,
+defaults, as ratios to PlainConvUNet of the same plans; benchmarks/speed.py, results/speed_cpu*.md), as training
+step time / inference time / peak tensor memory of training:
+- BUSI256 2d plans, 26.0M parameters (20.6M): 1.40x / 1.32x / 1.12x; peak RSS 1.35x (1.62x before whole
+  dual-path units and decoder outputs were recomputed);
+- Hippocampus 3d_fullres plans, 4.9M parameters (5.6M): 1.13x / 0.98x / 0.98x;
+- generated 32x64x64 volumes: 1.31x / 1.13x / 0.99x;
+- with the RCU (GRCSF_FIAS): 1.41x / 1.45x / 1.20x, 1.31x / 1.17x / 1.14x and 1.41x / 1.27x / 1.14x.
+The peak RSS of a CPU process is higher than the tensor figure (glibc keeps freed heap blocks): see
+benchmarks/README.md.
 
 Shapes: input (B, C_in, *S), S divisible by prod(strides) per axis -> logits (B, num_classes, *S), or with
 ``decoder.deep_supervision`` a list of n_stages - 1 logits, full resolution first, then each coarser decoder
@@ -55,9 +67,10 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 
 from nnunetv2_grcsf.architectures.blocks.caf import ContextAwareFusion
-from nnunetv2_grcsf.architectures.blocks.dmk import DepthwiseMultiKernelConv, per_axis_kernel
-from nnunetv2_grcsf.architectures.blocks.mixatt import MixingAttention
-from nnunetv2_grcsf.architectures.blocks.msda import AttentionBlock, check_attention_settings, dilated_window_extent
+from nnunetv2_grcsf.architectures.blocks.dmk import DepthwiseMultiKernelConv, feature_map_estimate, per_axis_kernel
+from nnunetv2_grcsf.architectures.blocks.mixatt import MixingAttention, scale_channels_and_positions
+from nnunetv2_grcsf.architectures.blocks.msda import (AttentionBlock, check_attention_settings, dilated_window_extent,
+                                                      maybe_checkpoint)
 from nnunetv2_grcsf.architectures.blocks.rcu import RegionCompensationUnit
 from nnunetv2_grcsf.architectures.grcsf import stage_sizes
 from nnunetv2_grcsf.architectures.residual_routing import ResidualRoutedUNet
@@ -110,19 +123,29 @@ def _per_stage(value, n: int, name: str) -> list:
 class DualPathUnit(nn.Module):
     """Global path (attention block) and local path (DMK) on the same input, fused by CAF.
 
+    With ``checkpointing`` (and gradients on) the whole unit is recomputed in the backward pass and only its
+    input is kept (stored anyway as the previous layer's output); its attention block should then not
+    checkpoint itself.
     Shapes: (B, C, *S) -> (B, C, *S).
     """
 
-    def __init__(self, global_path: AttentionBlock, local_path: DepthwiseMultiKernelConv, fusion: ContextAwareFusion):
+    def __init__(self, global_path: AttentionBlock, local_path: DepthwiseMultiKernelConv, fusion: ContextAwareFusion,
+                 checkpointing: bool = False):
         super().__init__()
         self.global_path = global_path
         self.local_path = local_path
         self.fusion = fusion
+        self.checkpointing = checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return maybe_checkpoint(self._forward, x, self.checkpointing)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fusion(self.global_path(x), self.local_path(x))
 
     def compute_conv_feature_map_size(self, size: Sequence[int]) -> np.int64:
+        if self.checkpointing:  # its output (its input is stored by the layer before)
+            return feature_map_estimate(size, self.fusion.channels)
         return (self.global_path.compute_conv_feature_map_size(size) +
                 self.local_path.compute_conv_feature_map_size(size) + self.fusion.compute_conv_feature_map_size(size))
 
@@ -130,6 +153,7 @@ class DualPathUnit(nn.Module):
 class DualPathStage(nn.Module):
     """FIAS encoder stage: strided conv (ConvDropoutNormReLU), then ``n_units`` DualPathUnits.
 
+    ``checkpointing``: each DualPathUnit is recomputed in the backward pass (see DualPathUnit).
     Shapes: (B, C_in, *S) -> (B, C, *(S / stride)).
     """
 
@@ -143,10 +167,9 @@ class DualPathStage(nn.Module):
                         for key in ("conv_bias", "norm_op", "norm_op_kwargs", "nonlin", "nonlin_kwargs")}
         self.units = nn.Sequential(*[
             DualPathUnit(AttentionBlock(conv_op, channels, attention, num_heads, dilations,
-                                        per_axis_kernel(3, kernel_size), mlp_ratio,
-                                        checkpointing and attention == "msda"),
+                                        per_axis_kernel(3, kernel_size), mlp_ratio),
                          DepthwiseMultiKernelConv(conv_op, channels, dmk_kernel_sizes, kernel_size, **local_kwargs),
-                         ContextAwareFusion(conv_op, channels))
+                         ContextAwareFusion(conv_op, channels), checkpointing)
             for _ in range(n_units)])
         self.stride = stride
 
@@ -246,12 +269,43 @@ class FIASDecoderStage(nn.Module):
         self.channels = channels
 
     def forward(self, below: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.mixing(self.convs(torch.cat((self.transpconv(below), skip), 1)))
+        return scale_channels_and_positions(*self.gates(self.transpconv(below), skip))
+
+    def gates(self, up: torch.Tensor, skip: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stage from the transposed conv's output ``up`` (B, C, *S) on: MixingAttention.gates of the convs'
+        output (the stage's output is their product)."""
+        return self.mixing.gates(self.convs(torch.cat((up, skip), 1)))
 
     def compute_conv_feature_map_size(self, size: Sequence[int]) -> np.int64:
         transposed = np.prod([self.channels, *size], dtype=np.int64)
         return (transposed + self.convs.compute_conv_feature_map_size(size) +
                 self.mixing.compute_conv_feature_map_size(size))
+
+
+class DeferredOutput:
+    """A decoder stage's output ``function(*inputs)``, recomputed where it is used instead of stored.
+
+    ``apply(consumer)`` returns ``consumer(output)``. With ``checkpointing`` and gradients on, it runs
+    ``consumer(function(*inputs))`` under activation checkpointing: the inputs are kept (the stage's last conv
+    output, stored anyway, and small weight maps), and the output, a full feature map that the consumers (the
+    next transposed conv, the segmentation head) would each store for their backward pass, is recomputed
+    there (an elementwise product: cheap). Otherwise the output is computed once and shared.
+    """
+
+    def __init__(self, function, inputs: Tuple[torch.Tensor, ...], checkpointing: bool):
+        self.function, self.inputs = function, inputs
+        self.checkpointing = checkpointing and torch.is_grad_enabled()
+        self._output = None
+
+    def output(self) -> torch.Tensor:
+        if self._output is None:
+            self._output = self.function(*self.inputs)
+        return self._output
+
+    def apply(self, consumer) -> torch.Tensor:
+        if self.checkpointing:
+            return maybe_checkpoint(lambda *inputs: consumer(self.function(*inputs)), self.inputs, True)
+        return consumer(self.output())
 
 
 class FIASDecoder(nn.Module):
@@ -287,6 +341,7 @@ class FIASDecoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.seg_layers = nn.ModuleList(seg_layers)
         self.strides = encoder.strides
+        self.checkpointing = checkpointing
 
         bad_stages = [s for s in rcu_stages if not 0 <= s < n_levels - 1]
         if residual_map_channels > 0 and bad_stages:
@@ -301,15 +356,19 @@ class FIASDecoder(nn.Module):
 
     def forward(self, skips: List[torch.Tensor], residual_map: torch.Tensor = None):
         bottleneck = skips[-1]
-        x = bottleneck
+        below = DeferredOutput(lambda x: x, (bottleneck,), False)
         seg_outputs = []
         for s, stage in enumerate(self.stages):
             level = len(self.stages) - 1 - s
-            x = stage(x, skips[level])
-            if str(level) in self.region_compensation:
-                x = self.region_compensation[str(level)](x, residual_map, bottleneck)
+            gates = stage.gates(below.apply(stage.transpconv), skips[level])
+            if str(level) not in self.region_compensation:
+                below = DeferredOutput(scale_channels_and_positions, gates, self.checkpointing)
+            else:  # not recomputed: the RCU's forward costs far more than the memory it would free at the peak
+                compensated = self.region_compensation[str(level)](scale_channels_and_positions(*gates),
+                                                                   residual_map, bottleneck)
+                below = DeferredOutput(lambda x: x, (compensated,), False)
             if self.deep_supervision or level == 0:
-                seg_outputs.append(self.seg_layers[s](x))
+                seg_outputs.append(below.apply(self.seg_layers[s]))
         seg_outputs = seg_outputs[::-1]  # full resolution first
         return seg_outputs if self.deep_supervision else seg_outputs[0]
 
@@ -322,6 +381,8 @@ class FIASDecoder(nn.Module):
             output += stage.compute_conv_feature_map_size(sizes[level])
             if str(level) in self.region_compensation:
                 output += self.region_compensation[str(level)].compute_conv_feature_map_size(sizes[level])
+            elif self.checkpointing:  # the stage's output is recomputed by its consumers, not stored
+                output -= feature_map_estimate(sizes[level], stage.channels)
             if self.deep_supervision or level == 0:
                 output += np.prod([self.num_classes, *sizes[level]], dtype=np.int64)
         return output
@@ -342,10 +403,13 @@ class FIASUNet(ResidualRoutedUNet):
     - dmk_kernel_sizes: the DMK's depthwise kernels.
     - mlp_ratio: transformer MLP width relative to the features.
     - mc_pool_sizes, mc_shuffle_positions: Monte Carlo attention grid sizes and position shuffling.
-    - activation_checkpointing: at 'msda' stages, recompute the attention blocks (encoder) and the token mixing
-      (decoder) in the backward pass instead of storing their activations (about 20 and 8 feature maps fewer
-      per stage, for one more forward pass of them). 'global' stages are low resolution: their activations are
-      small and recomputing their large matmuls is not worth it.
+    - activation_checkpointing: recompute in the backward pass, instead of storing their activations,
+      (1) every encoder dual-path unit (attention block, DMK and CAF; about 30 feature maps of the stage fewer
+      per unit, for one more forward pass of it), (2) the decoder's token mixing at 'msda' levels (about 8
+      maps), (3) each decoder stage's output (the product of MixingAttention's gates), which its consumers (the
+      next transposed conv, the segmentation head) would each store: they get it recomputed from what is stored
+      anyway (DeferredOutput). Decoder outputs that pass through an RCU are stored (recomputing the RCU costs
+      more time than the memory it frees at the peak). The same function and gradients either way.
     - residual_channels, use_rcu, rcu_stages, rcu_embed_channels, rcu_num_heads: as GRCSFUNet's (MAE residual
       channels fused by the RegionCompensationUnit; residual_channels is ignored without use_rcu).
 

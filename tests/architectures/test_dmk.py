@@ -1,9 +1,10 @@
 """Depthwise multi-kernel convolution (blocks/dmk.py)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_grcsf.architectures.blocks.dmk import DepthwiseMultiKernelConv
+from nnunetv2_grcsf.architectures.blocks.dmk import DepthwiseMultiKernelConv, depthwise_conv
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
@@ -55,3 +56,22 @@ def test_plans_kernel_one_keeps_that_axis_flat():
 def test_even_or_missing_kernels_are_named_errors(kernel_sizes):
     with pytest.raises(ValueError, match="kernel_sizes .* must be odd positive ints"):
         build(2, kernel_sizes=kernel_sizes)
+
+
+@pytest.mark.parametrize("shape, kernel, bias", [((2, 3, 5, 6, 7), (3, 5, 3), True), ((2, 4, 7, 6), (5, 3), False),
+                                                 ((1, 3, 4, 6, 5), (1, 7, 3), True)])
+def test_depthwise_conv_is_the_conv_with_hand_written_gradients(shape, kernel, bias):
+    """Same function as F.conv (groups = C, 'same' padding); gradients checked numerically (input by flipped conv)."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(shape[1], 1, *kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(shape[1], dtype=torch.float64, requires_grad=True) if bias else None
+    conv = F.conv3d if len(kernel) == 3 else F.conv2d
+    expected = conv(x, weight, b, padding=[(k - 1) // 2 for k in kernel], groups=shape[1])
+    assert torch.allclose(depthwise_conv(x, weight, b), expected)
+    assert torch.autograd.gradcheck(depthwise_conv, (x, weight, b))
+
+
+def test_depthwise_conv_with_an_even_kernel_is_a_named_error():
+    with pytest.raises(ValueError, match=r"kernel \[3, 4\] must be odd"):
+        depthwise_conv(torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 4), None)

@@ -136,6 +136,50 @@ def test_feature_map_size_counts_what_checkpointing_saves(plans_networks):
             without_checkpointing.compute_conv_feature_map_size(patch_size))
 
 
+def saved_for_backward_bytes(network, x) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward pass of one training forward (parameters
+    excluded; activation checkpointing keeps only the inputs of what it recomputes)."""
+    parameters = {p.untyped_storage().data_ptr() for p in network.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outputs = network(x)
+    return sum(saved.values()), outputs
+
+
+@pytest.mark.parametrize("configuration, input_size, extra", [
+    ("2d", (24, 24), {}),
+    ("3d_fullres", (24, 24, 24), {}),
+    ("3d_fullres", (24, 24, 24), dict(input_channels=2, residual_channels=[1], use_rcu=True)),
+])
+def test_activation_checkpointing_changes_memory_not_the_network(configuration, input_size, extra):
+    """Checkpointed dual-path units, decoder token mixing and decoder outputs recomputed by their consumers: the
+    same outputs and gradients as without checkpointing, and less kept for the backward pass."""
+    kwargs = dict(stage_attention=["conv", "msda", "msda", "global"], msda_dilations=(1, 2), **extra)
+    networks = [build(HIPPOCAMPUS, configuration, activation_checkpointing=flag, **kwargs).train()
+                for flag in (False, True)]
+    networks[1].load_state_dict(networks[0].state_dict())
+    x = torch.randn(2, extra.get("input_channels", 1), *input_size)
+    saved, outputs = [], []
+    for network in networks:
+        torch.manual_seed(1)  # the same Monte Carlo draws
+        nbytes, out = saved_for_backward_bytes(network, x)
+        saved.append(nbytes)
+        outputs.append(out)
+        sum(o.square().mean() for o in out).backward()
+    for a, b in zip(*outputs):
+        assert torch.allclose(a, b, atol=1e-6)
+    for (name, a), b in zip(networks[0].named_parameters(), networks[1].parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4), name
+    assert saved[1] < 0.75 * saved[0]
+
+
 def test_full_hippocampus_patch_passes_the_size_check(plans_networks):
     plans_networks[HIPPOCAMPUS].check_input_size(configuration_manager(HIPPOCAMPUS, "3d_fullres").patch_size)
     plans_networks[BUSI].check_input_size(configuration_manager(BUSI, "2d").patch_size)

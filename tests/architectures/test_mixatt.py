@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2_grcsf.architectures.blocks.mixatt import (MixingAttention, MonteCarloChannelAttention,
-                                                        _ChannelAndSpatialScaling)
+                                                        _ChannelAndSpatialScaling, scale_channels_and_positions)
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 ADAPTIVE_POOL = {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
@@ -88,6 +88,20 @@ def test_mixing_attention_checkpointing_gives_the_same_output_and_gradients():
         out.square().sum().backward()
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+@pytest.mark.parametrize("attention", ["msda", None])
+def test_gates_applied_by_the_scaling_are_the_forward(attention):
+    """gates(x) is what the FIAS decoder keeps (the product is recomputed where it is used): same output."""
+    torch.manual_seed(0)
+    mixing = MixingAttention(nn.Conv3d, channels=8, attention=attention, num_heads=2, dilations=(1, 2)).train()
+    x = torch.randn(2, 8, 5, 6, 5)
+    torch.manual_seed(1)
+    expected = mixing(x)
+    torch.manual_seed(1)  # the same Monte Carlo draw
+    mixed, channel_weights, spatial_weights = mixing.gates(x)
+    assert channel_weights.shape == (2, 8, 1, 1, 1) and spatial_weights.shape == (2, 1, 5, 6, 5)
+    assert torch.equal(scale_channels_and_positions(mixed, channel_weights, spatial_weights), expected)
 
 
 def test_bad_pool_sizes_are_a_named_error():

@@ -89,6 +89,28 @@ def test_msda_equals_masked_full_attention_per_dilation_group(dim, size, kernel_
         assert torch.allclose(msda(x), reference_attention(msda, x, masks), atol=1e-5)
 
 
+@pytest.mark.parametrize("dim, size, kernel_size, dilations", [
+    (2, (5, 7), 3, (1, 2)),
+    (3, (5, 5, 6), 3, (1, 2)),
+    (3, (7, 4, 7), (3, 1, 3), (2, 3)),
+])
+def test_msda_gradients_equal_those_of_masked_full_attention(dim, size, kernel_size, dilations):
+    """The whole module (projections in the channel-first layout, all groups in one autograd node, regions instead
+    of padding) against autograd through the hand-computed reference: input and every parameter."""
+    torch.manual_seed(0)
+    msda = MultiScaleDilatedAttention(CONV[dim], channels=16, num_heads=4, dilations=dilations,
+                                      kernel_size=kernel_size).double()
+    kernel = [kernel_size] * dim if isinstance(kernel_size, int) else list(kernel_size)
+    masks = [neighbour_mask(size, kernel, d) for d in dilations]
+    x = torch.randn(2, 16, *size, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 16, *size, dtype=torch.float64)
+    inputs = [x, *msda.parameters()]
+    ours = torch.autograd.grad(msda(x), inputs, grad)
+    reference = torch.autograd.grad(reference_attention(msda, x, masks), inputs, grad)
+    for name, a, b in zip(["input"] + [n for n, _ in msda.named_parameters()], ours, reference):
+        assert torch.allclose(a, b, atol=1e-10), name
+
+
 def test_hand_written_backward_matches_autograd_of_the_reference():
     torch.manual_seed(0)
     q, k, v = [torch.randn(1, 2, 3, 4, 5, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]

@@ -33,8 +33,11 @@ from nnunetv2_grcsf.architectures.blocks.dmk import feature_map_estimate
 class ChannelProjection(nn.Module):
     """Per-position linear map of the channels to one value: (B, C, *S) -> (B, 1, *S).
 
-    The same function as a 1x1 conv with one output channel, computed as a weighted channel sum: on CPU a conv
-    with one output costs as much as one with C, and einsum/matmul store a transposed copy of the input.
+    The same function as a 1x1 conv with one output channel, computed as a batched matrix product
+    (1, C) @ (C, prod(S)) per sample: on CPU a conv with one output costs as much as one with C, and the
+    weighted channel sum ``(x * w).sum(1)`` makes a full-size temporary in the forward pass and two in the
+    backward pass (6x slower than the product at 2 x 32 x 224 x 256). The input is read in place when it is
+    contiguous (NC...), as the FIAS blocks give it.
     """
 
     def __init__(self, channels: int):
@@ -42,8 +45,10 @@ class ChannelProjection(nn.Module):
         self.linear = nn.Linear(channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.linear.weight.view(1, -1, *[1] * (x.dim() - 2))
-        return (x * weight).sum(1, keepdim=True) + self.linear.bias
+        batch, channels = x.shape[:2]
+        out = torch.baddbmm(self.linear.bias.view(1, 1, 1), self.linear.weight.expand(batch, 1, channels),
+                            x.reshape(batch, channels, -1))
+        return out.view(batch, 1, *x.shape[2:])
 
 
 class ChannelContext(nn.Module):

@@ -9,14 +9,17 @@ then the plans' norm and nonlinearity, a pointwise (1x1) conv that mixes channel
 The sum of the parallel depthwise convs is computed as one depthwise conv with the summed kernels.
 Kernels follow the plans per axis: an axis whose plans kernel is 1 (anisotropic data) keeps kernel 1.
 The depthwise convs run in channels-last memory format: with torch 2.15 on CPU the backward of a depthwise
-conv in the default layout is up to 10x (2D, kernel 5-7) and 25x (3D) slower.
+conv in the default layout is up to 10x (2D, kernel 5-7) and 25x (3D) slower. Even so, PyTorch's CPU backward
+of a 3D depthwise conv is slow (7x7x7 kernel, 128 channels, 2x8x16x16: forward 5 ms, gradient of the input
+75 ms, of the weight 62 ms): :func:`depthwise_conv` computes the gradient of the input as the forward conv of the
+gradient with the flipped kernel (4 ms, the same function) and only the weight's through PyTorch.
 """
-from typing import Sequence, Type, Union
+from typing import Optional, Sequence, Type, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, maybe_convert_scalar_to_list
+from dynamic_network_architectures.building_blocks.helper import maybe_convert_scalar_to_list
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -43,6 +46,59 @@ def depthwise_layout(x: torch.Tensor) -> torch.Tensor:
     """2D/3D ``x`` (B, C, *S) in channels-last memory format, in which PyTorch's depthwise convs are fast on CPU."""
     memory_format = CHANNELS_LAST.get(x.dim())
     return x if memory_format is None else x.contiguous(memory_format=memory_format)
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """Stride-1 depthwise conv with odd kernels and 'same' padding; backward of the input by a forward conv.
+
+    For stride 1 and padding (k - 1) / 2, the gradient of the input is the correlation of the output gradient
+    with the kernel flipped on every spatial axis: one more depthwise forward conv, which PyTorch's CPU kernels
+    do far faster than its depthwise convolution_backward. The weight's gradient is PyTorch's own. Under autocast
+    the conv runs in the autocast dtype (as F.conv would) and the gradients are returned in the inputs' dtypes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):
+        dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        x = depthwise_layout(x)
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.dtypes, ctx.has_bias = list(padding), dtypes, bias is not None
+        with torch.autocast(x.device.type, enabled=False):
+            return CONV_FUNCTIONS[x.dim() - 2](x, weight, bias, padding=ctx.padding, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = depthwise_layout(grad.to(x.dtype))
+        axes = list(range(2, x.dim()))
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = CONV_FUNCTIONS[x.dim() - 2](grad, weight.flip(axes), None, padding=ctx.padding,
+                                                 groups=x.shape[1]).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            ones = [1] * len(axes)
+            grad_weight = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, ones, ctx.padding, ones, False, [0] * len(axes), x.shape[1],
+                [False, True, False])[1].to(ctx.dtypes[1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum([0, *axes]).to(ctx.dtypes[2])
+        return grad_x, grad_weight, grad_bias, None
+
+
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Depthwise conv, stride 1, 'same' padding, odd kernel per axis, in channels-last layout; 2D and 3D.
+
+    x (B, C, *S), weight (C, 1, *k), bias (C,) or None -> (B, C, *S) in channels-last memory format.
+    The same function and gradients as ``F.conv{2,3}d(x, weight, bias, padding=(k - 1) // 2, groups=C)``,
+    with a faster backward on CPU (see :class:`_DepthwiseConv`).
+    """
+    if any(k % 2 == 0 for k in weight.shape[2:]):
+        raise ValueError(f"depthwise_conv: kernel {list(weight.shape[2:])} must be odd on every axis.")
+    return _DepthwiseConv.apply(x, weight, bias, [(k - 1) // 2 for k in weight.shape[2:]])
 
 
 class DepthwiseMultiKernelConv(nn.Module):
@@ -81,7 +137,6 @@ class DepthwiseMultiKernelConv(nn.Module):
         self.nonlin = nn.Identity() if nonlin is None else nonlin(**(nonlin_kwargs or {}))
         self.pointwise = conv_op(channels, channels, 1, bias=conv_bias)
         self.channels = channels
-        self.conv_function = CONV_FUNCTIONS[convert_conv_op_to_dim(conv_op)]
 
     def merged_weight_and_bias(self):
         """The single depthwise kernel (C, 1, *k_max) and bias equal to the sum of the parallel convs."""
@@ -97,9 +152,7 @@ class DepthwiseMultiKernelConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.merged_weight_and_bias()
-        padding = [(k - 1) // 2 for k in self.merged_kernel]
-        mixed = self.conv_function(depthwise_layout(x), weight, bias, padding=padding, groups=self.channels)
-        return x + self.pointwise(self.nonlin(self.norm(mixed.contiguous())))
+        return x + self.pointwise(self.nonlin(self.norm(depthwise_conv(x, weight, bias).contiguous())))
 
     def compute_conv_feature_map_size(self, size: Sequence[int]) -> np.int64:
         """Activation estimate at spatial size ``size`` (see ``feature_map_estimate``)."""

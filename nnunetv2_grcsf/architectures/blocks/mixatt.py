@@ -23,9 +23,13 @@ Our choices:
   (x * w_channel * w_position, as concurrent spatial and channel squeeze-excitation, scSE). The spatial gate is
   the sigmoid of a linear map of the channels at each position (as Attention U-Net's gates; a CBAM-like conv
   over channel-mean/max maps costs, on CPU, as much time as a full conv of the stage). The product is one
-  autograd function that stores only its inputs. No MLP: the decoder's convs already mix channels.
+  autograd function that stores only its inputs (its backward makes two full-size maps, the weights'
+  gradients are batched matrix-vector products). ``MixingAttention.gates`` returns the mixed tokens and both
+  weights before the product, so that a caller can recompute the product where it is consumed instead of
+  storing it (the FIAS decoder does, with activation checkpointing). No MLP: the decoder's convs already mix
+  channels.
 """
-from typing import Optional, Sequence, Type, Union
+from typing import Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -101,22 +105,38 @@ class SpatialGate(nn.Module):
 
 
 class _ChannelAndSpatialScaling(torch.autograd.Function):
-    """x * channel_weights * spatial_weights; saves only its inputs (no full-size intermediate product)."""
+    """x * channel_weights * spatial_weights; saves only its inputs (no full-size intermediate product).
+
+    Shapes: x (B, C, *S), channel_weights (B, C, 1, ..), spatial_weights (B, 1, *S) -> (B, C, *S). The backward
+    allocates two full-size maps (the input's gradient and grad * x); the weights' gradients are batched
+    matrix-vector products of grad * x with the other weights (no further full-size temporaries).
+    """
 
     @staticmethod
     def forward(ctx, x, channel_weights, spatial_weights):
         ctx.save_for_backward(x, channel_weights, spatial_weights)
-        return x * channel_weights * spatial_weights
+        return torch.mul(x, channel_weights).mul_(spatial_weights)
 
     @staticmethod
     def backward(ctx, grad):
         x, channel_weights, spatial_weights = ctx.saved_tensors
-        grad_spatially_scaled = grad * spatial_weights
-        grad_x = grad_spatially_scaled * channel_weights
-        grad_channel = (grad_spatially_scaled * x).sum(tuple(range(2, x.dim())), keepdim=True)
-        grad_spatial = (grad * x * channel_weights).sum(1, keepdim=True)
-        return (grad_x.to(x.dtype), grad_channel.to(channel_weights.dtype),
-                grad_spatial.to(spatial_weights.dtype))
+        batch, channels = x.shape[:2]
+        grad_x = torch.mul(grad, spatial_weights).mul_(channel_weights)
+        grad_times_x = torch.mul(grad, x).view(batch, channels, -1)  # (B, C, N)
+        # d/d channel_weights[b, c] = sum_n grad x sw;  d/d spatial_weights[b, n] = sum_c grad x cw
+        grad_channel = torch.bmm(grad_times_x, spatial_weights.reshape(batch, -1, 1).to(grad_times_x.dtype))
+        grad_spatial = torch.bmm(channel_weights.reshape(batch, 1, channels).to(grad_times_x.dtype), grad_times_x)
+        return (grad_x.to(x.dtype), grad_channel.view(channel_weights.shape).to(channel_weights.dtype),
+                grad_spatial.view(spatial_weights.shape).to(spatial_weights.dtype))
+
+
+def scale_channels_and_positions(x: torch.Tensor, channel_weights: torch.Tensor,
+                                 spatial_weights: torch.Tensor) -> torch.Tensor:
+    """x * channel_weights * spatial_weights, storing nothing but the inputs for the backward pass.
+
+    Shapes: x (B, C, *S), channel_weights (B, C, 1, ..), spatial_weights (B, 1, *S) -> (B, C, *S).
+    """
+    return _ChannelAndSpatialScaling.apply(x, channel_weights, spatial_weights)
 
 
 class MixingAttention(nn.Module):
@@ -160,10 +180,19 @@ class MixingAttention(nn.Module):
         tokens = x.movedim(1, -1)
         return (tokens + self.attention.forward_tokens(self.norm(tokens))).movedim(-1, 1).contiguous()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gates(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mixed tokens and both weights, not yet applied: ``forward(x) ==
+        scale_channels_and_positions(*gates(x))``. A caller that recomputes the (cheap) product where it is
+        used, instead of storing it (FIASDecoder with activation checkpointing), takes these.
+
+        Shapes: (B, C, *S) -> mixed (B, C, *S), channel weights (B, C, 1, ..), spatial weights (B, 1, *S).
+        """
         if self.attention is not None:
             x = maybe_checkpoint(self.mix_tokens, x, self.checkpointing)
-        return _ChannelAndSpatialScaling.apply(x, self.channel_attention.weights(x), self.spatial_gate(x))
+        return x, self.channel_attention.weights(x), self.spatial_gate(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return scale_channels_and_positions(*self.gates(x))
 
     def compute_conv_feature_map_size(self, size: Sequence[int]) -> np.int64:
         """Activation estimate at spatial size ``size`` (see ``dmk.feature_map_estimate``)."""
