@@ -20,7 +20,7 @@ Each trainer is trained by nnU-Net's own ``nnUNetv2_train DATASET 2d_bs<B> FOLD 
   interrupted training continues from nnU-Net's latest checkpoint (``--c``). One trainer at a time, in the
   background: ``nohup python benchmarks/accuracy_busi256.py --trainers FIASTrainer > fias.log 2>&1 &``.
 
-    python benchmarks/accuracy_busi256.py                              # all default trainers (~12 min each here)
+    python benchmarks/accuracy_busi256.py                              # all default trainers (~10 min each here)
     python benchmarks/accuracy_busi256.py --trainers GRCSFTrainer_noRCU  # one of them
     python benchmarks/accuracy_busi256.py --smoke                      # 2epochs_4iters on 24 cases: minutes
 
@@ -42,7 +42,7 @@ from nnunet_workspace import (BENCHMARKS, Workspace, epoch_times, evaluate_lesio
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME = 802, 803, "BUSI256"
 DEFAULT_TRAINERS = ["nnUNetTrainer", "GRCSFTrainer", "FIASTrainer", "GRCSF_FIASTrainer", "GRCSFTrainer_noRCU",
-                    "GRCSFTrainer_noGCU"]
+                    "GRCSFTrainer_noGCU", "FIASTrainerAdamW", "GRCSF_FIASTrainerAdamW"]
 SMOKE = {"budget": "2epochs_4iters", "num_cases": 24, "batch_size": 2, "mae_steps": 10,
          "work_dir": BENCHMARKS / "work" / "accuracy_smoke", "output": RESULTS / "accuracy_busi256_smoke"}
 __all__ = ["subset_cases", "format_table", "plot", "main"]
@@ -102,6 +102,15 @@ def prepare(workspace: Workspace, args, trainers: List[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ report
+def speed_row_name(trainer: str) -> str:
+    """The speed.py row that measures a trainer's network: its own, an optimizer variant's network trainer
+    (FIASTrainerAdamW: FIASTrainer), nnUNetTrainer's PlainConvUNet row (keyed nnUNetTrainer here)."""
+    import nnunetv2_grcsf.trainers as trainers
+
+    cls = getattr(trainers, trainer, None)
+    return next((c.__name__ for c in cls.__mro__ if c in trainers.BASE_TRAINERS), trainer) if cls else trainer
+
+
 def speed_step_times(speed_file: Path) -> Tuple[dict, str]:
     """``({trainer: train-step seconds}, "CPU" or "wall")`` of the 2d BUSI256 case of a speed.py results file
     (CPU time for a CPU run, as its ratios); nnUNetTrainer is its PlainConvUNet row."""
@@ -153,10 +162,10 @@ def plot(report: dict, speed_file: Path, png: Path) -> Optional[Path]:
     if not scored:
         return None
     speed, clock = speed_step_times(speed_file)
-    from_speed = all(n in speed for n in scored)
+    from_speed = all(speed_row_name(n) in speed for n in scored)
     figure, axes = plt.subplots(figsize=(6, 4))
     for name, r in scored.items():
-        x = speed[name] if from_speed else r["seconds_per_iteration"]
+        x = speed[speed_row_name(name)] if from_speed else r["seconds_per_iteration"]
         axes.scatter(x, r["Dice"])
         axes.annotate(name, (x, r["Dice"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axes.set_xlabel(f"training step time, {clock} s ({speed_file.name}, 2d BUSI256)" if from_speed
@@ -204,7 +213,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.budget not in SCHEDULES:
         raise SystemExit(f"unknown budget {args.budget}; choose from {sorted(SCHEDULES)}")
-    known = ["nnUNetTrainer"] + [t.__name__ for t in trainers.BASE_TRAINERS]
+    known = ["nnUNetTrainer"] + [t.__name__ for t in trainers.BASE_TRAINERS + trainers.OPTIMIZER_VARIANTS]
     unknown = [t for t in args.trainers if t not in known]
     if unknown:
         raise SystemExit(f"unknown trainer(s) {unknown}; choose from {', '.join(known)} (the budget's schedule "

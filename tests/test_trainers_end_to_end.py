@@ -7,6 +7,7 @@ worker processes (nnUNet_n_proc_DA=0, nnUNet_def_n_proc=1), which saves about a 
 """
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,12 +29,16 @@ def tiny_dataset(tmp_path_factory):
 
 
 @pytest.mark.parametrize("trainer", ["GRCSFTrainer", "GRCSFTrainer_noRCU", "GRCSFTrainer_noGCU", "FIASTrainer",
-                                     "GRCSF_FIASTrainer"])
+                                     "GRCSF_FIASTrainer", "FIASTrainerAdamW"])
 def test_train_and_predict_through_nnunet_commands(tiny_dataset, tmp_path, trainer):
     env, dataset = tiny_dataset
     env = env if trainer == FRESH_SHELL_TRAINER else {**env, **FEW_WORKERS}
     short = f"{trainer}_2epochs_4iters"
     run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", short, "-device", "cpu"], env)
+    if trainer.endswith("AdamW"):  # the recipe's optimizer, not nnUNetTrainer's SGD, is what trained
+        logs = list(Path(env["nnUNet_results"]).glob(f"Dataset{DATASET_ID}_*/{short}__nnUNetPlans__2d/fold_0/"
+                                                        "training_log_*.txt"))
+        assert "AdamW lr 0.0003, weight decay 0.05, linear warm-up over 1 of 2 epochs" in logs[-1].read_text()
     output = tmp_path / "predictions"
     run(["nnUNetv2_predict", "-i", str(dataset / "imagesTs"), "-o", str(output), "-d", str(DATASET_ID), "-c", "2d",
          "-f", "0", "-tr", short, "-device", "cpu", "--disable_progress_bar"], env)

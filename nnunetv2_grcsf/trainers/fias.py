@@ -1,6 +1,8 @@
-"""FIAS trainers: the FIAS network alone, and FIAS with GRCSF's Region Compensation Unit."""
+"""FIAS trainers: the FIAS network alone, and FIAS with GRCSF's Region Compensation Unit; each with nnU-Net's
+SGD recipe or with AdamW and warm-up (``...AdamW``, trainers/recipes.py), as transformers are usually trained."""
 
 from nnunetv2_grcsf.trainers.base import PluginTrainer
+from nnunetv2_grcsf.trainers.recipes import AdamWWarmupRecipe
 
 FIAS_NETWORK = "nnunetv2_grcsf.architectures.fias.FIASUNet"
 
@@ -26,3 +28,15 @@ class GRCSF_FIASTrainer(FIASTrainer):
 
     network_kwargs = {"use_rcu": True}
     needs_residual_channels = True
+
+
+class FIASTrainerAdamW(AdamWWarmupRecipe, FIASTrainer):
+    """FIASTrainer with AdamW, lr 3e-4 and a linear warm-up (nnU-Net's Primus recipe) instead of SGD."""
+
+    schedule = {**FIASTrainer.schedule, **AdamWWarmupRecipe.schedule}
+
+
+class GRCSF_FIASTrainerAdamW(AdamWWarmupRecipe, GRCSF_FIASTrainer):
+    """GRCSF_FIASTrainer with AdamW, lr 3e-4 and a linear warm-up (nnU-Net's Primus recipe) instead of SGD."""
+
+    schedule = {**GRCSF_FIASTrainer.schedule, **AdamWWarmupRecipe.schedule}
