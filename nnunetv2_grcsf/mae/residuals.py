@@ -71,7 +71,7 @@ from nnunetv2_grcsf.datasets import nnunet_folder
 from nnunetv2_grcsf.mae import (MAEDatasetError, MAEError, MAEIncompatibleError, MAEOutputExistsError)
 from nnunetv2_grcsf.mae import data as mdata
 from nnunetv2_grcsf.mae.model import complementary_masks, masked_reconstruction
-from nnunetv2_grcsf.mae.report import ResidualReport
+from nnunetv2_grcsf.mae.report import ResidualReport, foreground_mask
 from nnunetv2_grcsf.mae.train import (autocast_context, find_latest_checkpoint, load_checkpoint, model_from_checkpoint,
                                       resolve_device, torch_threads)
 from nnunetv2_grcsf.residual_channels import DATASET_JSON_KEY
@@ -318,7 +318,8 @@ def _process_cases(cases: dict, reader, mapper: ResidualMapper, checks: InputChe
             _write_residual_channels(reader, mapper.encode(res["residuals"]), out_images, case, image.shape[0],
                                      ending, props)
             if report is not None:
-                report.add_case(case, res["residuals"], mask, res.get("normalized"), res.get("recon"), res["axis"])
+                report.add_case(case, res["residuals"], mask, res.get("normalized"), res.get("recon"), res["axis"],
+                                foreground=foreground_mask(image))
             n_done += 1
             bar.update(1)
     bar.close()
@@ -504,10 +505,13 @@ def make_residual_dataset(source, output_id, checkpoint=None, settings: Residual
 
 
 def _log_report(summary: dict, folder: Path, log) -> None:
+    def value(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
     for ratio, o in summary["overall"].items():
-        pooled = "n/a" if o["pooled_auroc"] is None else f"{o['pooled_auroc']:.3f}"
-        mean = "n/a" if o["mean_case_auroc"] is None else f"{o['mean_case_auroc']:.3f}"
-        log(f"residual AUROC for lesion pixels at mask ratio {ratio}: pooled {pooled}, mean per case {mean} "
+        log(f"residual AUROC for lesion pixels at mask ratio {ratio}: pooled {value(o['pooled_auroc'])}, mean per "
+            f"case {value(o['mean_case_auroc'])}; foreground only (any channel above its case minimum): pooled "
+            f"{value(o['pooled_auroc_foreground'])}, mean per case {value(o['mean_case_auroc_foreground'])} "
             f"({o['cases_with_lesion']} cases with lesion)")
     log(f"report: {folder / 'report.json'} and {len(summary['panels'])} PNG panel(s)")
 

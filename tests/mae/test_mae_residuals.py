@@ -10,7 +10,7 @@ import torch
 from nnunetv2_grcsf.datasets import DatasetNotFoundError
 from nnunetv2_grcsf.mae import (MAECheckpointError, MAEDatasetError, MAEError, MAEImageReadError,
                                 MAEIncompatibleError, MAEOutputExistsError)
-from nnunetv2_grcsf.mae.report import PooledAUROC, auroc
+from nnunetv2_grcsf.mae.report import PooledAUROC, ResidualReport, auroc, foreground_mask
 from nnunetv2_grcsf.mae.residuals import (RESIDUAL_CHANNEL_NAME, ResidualMapper, ResidualSettings, gaussian_smooth,
                                           make_residual_dataset, make_residual_folder)
 from nnunetv2_grcsf.mae.train import TrainConfig, load_checkpoint, train_mae
@@ -72,6 +72,28 @@ def test_auroc():
     assert pooled.value() == pytest.approx(auroc(s, lab), abs=1e-3)
 
 
+def test_foreground_auroc_leaves_out_the_constant_background(tmp_path):
+    """A volume whose constant background (every channel at its minimum) has residual 0: counted, it lifts the
+    AUROC; the foreground figure is the AUROC inside the body only."""
+    image = np.zeros((2, 4, 6, 6), dtype=np.float32)  # [C, Z, Y, X]
+    image[0, :, 1:5, 1:5] = 5.0  # the body in channel 0 only
+    image[1, 1, 2, 2] = 3.0
+    lesion = np.zeros((4, 6, 6), dtype=bool)
+    lesion[1:3, 2:4, 2:4] = True
+    residual = np.zeros((1, 4, 6, 6), dtype=np.float32)
+    residual[0][image[0] > 0] = np.linspace(0.0, 1.0, int((image[0] > 0).sum()))  # uninformative inside the body
+    foreground = foreground_mask(image)
+    assert foreground.sum() == 64 and not foreground[:, 0].any()
+    report = ResidualReport(tmp_path, [0.5], scale=1.0)
+    report.add_case("case", residual, lesion, foreground=foreground)
+    entry, overall = report.cases["case"], report.summary()["overall"]["0.5"]
+    assert entry["auroc@0.5"] > 0.7  # the background's zeros rank below every lesion voxel
+    assert entry["auroc_foreground@0.5"] == pytest.approx(auroc(residual[0][foreground], lesion[foreground]))
+    assert entry["auroc_foreground@0.5"] < entry["auroc@0.5"] - 0.2
+    assert overall["pooled_auroc_foreground"] == pytest.approx(entry["auroc_foreground@0.5"], abs=1e-3)
+    assert entry["foreground_pixels"] == 64
+
+
 def _install_checkpoint(nnunet_env, dataset_name, checkpoint):
     folder = nnunet_env["nnUNet_results"] / dataset_name / "nnunetv2_grcsf_mae"
     folder.mkdir(parents=True)
@@ -112,6 +134,7 @@ def test_new_dataset_layout_dataset_json_and_report(nnunet_env, blob_free_mae):
     assert rep["overall"]["0.75"]["pooled_auroc"] > 0.8 and rep["overall"]["0.75"]["cases_with_lesion"] == 3
     assert rep["num_labelled_cases"] == 6 and rep["num_cases_without_label"] == 2
     assert rep["cases"]["case_000"]["auroc@0.5"] > 0.8 and rep["cases"]["case_001"]["auroc@0.5"] is None
+    assert rep["overall"]["0.75"]["pooled_auroc_foreground"] is not None
     pngs = sorted(report_dir.glob("panel_*.png"))
     assert len(pngs) == 2 and all(p.stat().st_size > 1000 for p in pngs)
     assert result["figures"]["imagesTr"]["images_per_second"] > 0
