@@ -135,8 +135,9 @@ def format_table(report: dict) -> str:
                  f"{'all' if not s['num_cases'] else s['num_cases']} training cases. Dice, HD95 (pixels): mean "
                  "over validation cases, `nnunetv2_grcsf evaluate` conventions (a normal case with empty reference "
                  "and empty prediction scores Dice 1); lesion F1 pooled over all lesions; nnU-Net Dice: nnU-Net's "
-                 "own validation summary (empty cases left out).", "",
-             "| trainer | trained as | data set | cases | Dice | HD95 | lesion F1 | nnU-Net Dice | train time (min) |",
+                 "own validation summary (empty cases left out). Training time: wall time of each run as it happened, on a "
+                 "machine that other jobs may have shared; compare costs with `speed.py`'s figures.", "",
+             "| trainer | trained as | data set | cases | Dice | HD95 | lesion F1 | nnU-Net Dice | train wall time (min) |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in report["trainers"].items():
         if r["status"] != "ok":
@@ -163,11 +164,12 @@ def plot(report: dict, speed_file: Path, png: Path) -> Optional[Path]:
         return None
     speed, clock = speed_step_times(speed_file)
     from_speed = all(speed_row_name(n) in speed for n in scored)
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for name, r in scored.items():
+    figure, axes = plt.subplots(figsize=(8, 5))
+    markers = "osD^vP*X"
+    for i, (name, r) in enumerate(scored.items()):  # a legend, not labels: close points stay readable
         x = speed[speed_row_name(name)] if from_speed else r["seconds_per_iteration"]
-        axes.scatter(x, r["Dice"])
-        axes.annotate(name, (x, r["Dice"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axes.scatter(x, r["Dice"], marker=markers[i % len(markers)], s=50, label=name)
+    axes.legend(fontsize=8, loc="best")
     axes.set_xlabel(f"training step time, {clock} s ({speed_file.name}, 2d BUSI256)" if from_speed
                     else "training time per iteration in this run, wall s")
     axes.set_ylabel(f"Dice, fold {report['settings']['fold']} validation")

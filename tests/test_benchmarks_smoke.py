@@ -9,6 +9,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import accuracy_busi256  # noqa: E402
+import compare  # noqa: E402
 import speed  # noqa: E402
 
 
@@ -58,3 +59,29 @@ def test_accuracy_table_and_plot_from_a_report(tmp_path):
     assert "| nnUNetTrainer |" in table and "error: RuntimeError" in table
     png = accuracy_busi256.plot(report, tmp_path / "missing_speed.json", tmp_path / "plot.png")
     assert png.is_file() and png.stat().st_size > 0
+
+
+def test_comparison_joins_scores_with_the_cost_of_each_trainers_network():
+    """An optimizer variant gets its network's cost row, nnUNetTrainer PlainConvUNet's; a missing row stays empty."""
+    def row(name, step, plans="default"):
+        return {"name": name, "status": "ok", "plans": plans, "params": 2e7, "train_step_ratio": step,
+                "inference_ratio": 1.0, "peak_tensors_train_mb_ratio": 1.5, "peak_memory_train_mb_ratio": 2.0}
+
+    speed_report = {"settings": {"device": "cpu"}, "date": "today", "cases": [
+        {"case": {"name": "busi256"}, "rows": [row("PlainConvUNet", 1.0), row("ResEncUNet-M", 2.0, "resenc"),
+                                               row("FIASTrainer", 1.4)]},
+        {"case": {"name": "volume"}, "rows": [row("PlainConvUNet", 1.0)]}]}
+    scores = {"status": "ok", "Dice": 0.5, "HD95": 10.0, "lesion_F1": 0.6, "lesion_precision": 0.5,
+              "lesion_recall": 0.75}
+    accuracy = {"settings": {"fold": 0, "budget": "b", "configuration": "2d_bs2"},
+                "trainers": {"nnUNetTrainer": scores, "FIASTrainerAdamW": scores,
+                             "GRCSFTrainer": {"status": "error", "error": "x"}}}
+    report = compare.join(speed_report, accuracy)
+    assert report["trainers"]["FIASTrainerAdamW"]["speed_row"] == "FIASTrainer"
+    assert report["trainers"]["FIASTrainerAdamW"]["cost"]["busi256"]["train_step_ratio"] == 1.4
+    assert report["trainers"]["FIASTrainerAdamW"]["cost"]["volume"] is None
+    assert report["trainers"]["nnUNetTrainer"]["cost"]["volume"]["train_step_ratio"] == 1.0
+    assert report["trainers"]["GRCSFTrainer"]["scores"] is None
+    table = compare.format_table(report)
+    assert "| FIASTrainerAdamW | 0.500 | 10 | 0.60 | 20.0 | 1.40x | 1.00x | 1.50x |  |  |  |" in table
+    assert "| GRCSFTrainer | not scored |" in table
