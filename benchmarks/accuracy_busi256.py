@@ -35,9 +35,9 @@ from pathlib import Path
 from subprocess import CalledProcessError
 from typing import List, Optional, Tuple
 
-from nnunet_workspace import (BENCHMARKS, Workspace, epoch_times, evaluate_lesions, link_dataset, locked,
-                              make_residual_dataset, needs_residuals, plan_and_preprocess, record_result, shared_dataset,
-                              subset_cases, train)
+from nnunet_workspace import (BENCHMARKS, Workspace, epoch_times, evaluate_lesions, finished_trainers, link_dataset,
+                              locked, make_residual_dataset, needs_residuals, plan_and_preprocess, record_result,
+                              shared_dataset, subset_cases, train)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME = 802, 803, "BUSI256"
@@ -226,8 +226,7 @@ def main(argv=None) -> int:
     settings = {"budget": args.budget, "schedule": SCHEDULES[args.budget], "batch_size": args.batch_size,
                 "configuration": f"2d_bs{args.batch_size}", "fold": args.fold, "device": args.device,
                 "num_cases": args.num_cases, "work_dir": str(workspace.root)}
-    with locked(workspace.root / ".results.lock"):
-        done = json.loads(results_file.read_text())["trainers"] if results_file.is_file() else {}
+    done = finished_trainers(workspace, results_file, settings)
     todo = [t for t in args.trainers if args.overwrite or done.get(t, {}).get("status") != "ok"]
     print(f"trainers to run: {todo or 'none'} (skipped, results exist: "
           f"{[t for t in args.trainers if t not in todo] or 'none'})", flush=True)

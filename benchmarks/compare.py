@@ -19,7 +19,6 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from accuracy_busi256 import speed_row_name
 from nnunet_workspace import BENCHMARKS

@@ -9,19 +9,20 @@ For each trainer, at one equal short CPU budget:
   anterior, 2 = posterior), linked (never modified) into the work folder's own nnUNet_raw. By default an
   evenly spread subset of 60 cases (``--num-cases``; 0 for all): 10 held out as imagesTs/labelsTs
   (``--num-test``), 50 as nnU-Net's training cases (5 folds: fold 0 trains on 40, validates on 10). The
-  subset keeps what the budget does not use off the clock: 100 steps of batch 2 see 200 patches, and
+  subset keeps what the budget does not use off the clock: 250 steps of batch 2 see 500 patches, and
   nnU-Net's end-of-training validation (mirroring on) of 42 cases would cost more than the training.
 - Residual channel: ``nnunetv2_grcsf mae-train -d 804`` and ``residuals -d 804 -o 807`` make
-  Dataset807_Hippocampus (same cases, training and test, + the MAE residual channel), which GRCSFTrainer and
-  GRCSF_FIASTrainer train on and predict from; nnUNetTrainer and FIASTrainer use Dataset804. Both are planned
+  Dataset807_Hippocampus (same cases, training and test, + the MAE residual channel), which the trainers with the
+  RCU (GRCSF...) train on and predict from; the others use Dataset804. Both are planned
   by nnU-Net (patch 40 x 56 x 40); the fold split is seeded on the shared case names, so all trainers
   validate and test on the same cases.
 - Budget: configuration ``3d_fullres_bs<B>`` (the planned batch 7 is far too slow for this CPU; added by
-  nnU-Net's plans inheritance) and schedule ``<budget>`` (default 5epochs_20iters: 100 training steps).
+  nnU-Net's plans inheritance) and schedule ``<budget>`` (default 10epochs_25iters: 250 training steps; at
+  5epochs_20iters, 100 steps, nnU-Net's own network still predicted nothing: Dice 0 on both labels).
   This is a functional run of the real 3D path, far from nnU-Net's 1000 epochs x 250 steps: its Dice is the
-  Dice of 100 steps, not of the method.
+  Dice of 250 steps, not of the method.
 
-    python benchmarks/hippocampus_3d.py                         # all four trainers (~10 min each here)
+    python benchmarks/hippocampus_3d.py                         # all six trainers (~10 min each here)
     python benchmarks/hippocampus_3d.py --trainers FIASTrainer  # one of them (results are merged)
 
 Writes results/hippocampus_3d.json and .md; resumable like accuracy_busi256.py.
@@ -33,13 +34,14 @@ import time
 from pathlib import Path
 from subprocess import CalledProcessError
 
-from nnunet_workspace import (BENCHMARKS, Workspace, epoch_times, evaluate_lesions, evaluate_nnunet, link_dataset,
-                              locked, make_residual_dataset, needs_residuals, plan_and_preprocess, predict,
-                              record_result, shared_dataset, train)
+from nnunet_workspace import (BENCHMARKS, Workspace, epoch_times, evaluate_lesions, evaluate_nnunet, finished_trainers,
+                              link_dataset, locked, make_residual_dataset, needs_residuals, plan_and_preprocess,
+                              predict, record_result, shared_dataset, train)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME = 804, 807, "Hippocampus"
-DEFAULT_TRAINERS = ["nnUNetTrainer", "GRCSFTrainer", "FIASTrainer", "GRCSF_FIASTrainer"]
+DEFAULT_TRAINERS = ["nnUNetTrainer", "GRCSFTrainer", "FIASTrainerAdamW", "GRCSF_FIASTrainerAdamW", "FIASTrainer",
+                    "GRCSF_FIASTrainer"]
 LABELS = {"1": "anterior", "2": "posterior"}
 
 
@@ -117,7 +119,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS)
-    parser.add_argument("--budget", default="5epochs_20iters", help="schedule suffix (trainers/schedules.py)")
+    parser.add_argument("--budget", default="10epochs_25iters", help="schedule suffix (trainers/schedules.py)")
     parser.add_argument("--batch-size", type=int, default=2, help="batch size of the 3d_fullres_bs<B> configuration")
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -141,8 +143,8 @@ def main(argv=None) -> int:
     workspace = Workspace(Path(args.work_dir), DATASET_NAME, args.n_proc_da)
     output = Path(args.output)
     results_file = output.with_suffix(".json")
-    with locked(workspace.root / ".results.lock"):
-        done = json.loads(results_file.read_text())["trainers"] if results_file.is_file() else {}
+    done = finished_trainers(workspace, results_file, {"budget": args.budget, "batch_size": args.batch_size,
+                                                       "fold": args.fold, "device": args.device})
     todo = [t for t in args.trainers if args.overwrite or done.get(t, {}).get("status") != "ok"]
     print(f"trainers to run: {todo or 'none'}", flush=True)
     configurations = prepare(workspace, args, todo) if todo else {}

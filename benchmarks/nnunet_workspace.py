@@ -239,6 +239,20 @@ def evaluate_lesions(workspace: Workspace, predictions: Path, labels: Path, name
     return json.loads(output.read_text())
 
 
+def finished_trainers(workspace: Workspace, results_file: Path, run_settings: dict) -> dict:
+    """``{trainer: result}`` already in the results JSON. Results made under other settings (budget, batch, fold,
+    ...: the keys of ``run_settings``) are never mixed into one table: that is an error naming both."""
+    with locked(workspace.root / ".results.lock"):
+        report = json.loads(results_file.read_text()) if results_file.is_file() else {"trainers": {}}
+    recorded = report.get("settings", {})
+    differing = {k: (recorded[k], v) for k, v in run_settings.items() if k in recorded and recorded[k] != v}
+    if differing:
+        raise SystemExit(f"{results_file} holds results made with other settings ("
+                         + ", ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in differing.items())
+                         + "). Pass --output NEW_PATH for this run, or move that file away to start over.")
+    return report["trainers"]
+
+
 def record_result(workspace: Workspace, results_file: Path, settings: dict, trainer: str, result: dict) -> None:
     """Merge one trainer's result (and the run's settings) into the results JSON, under the workspace's lock."""
     with locked(workspace.root / ".results.lock"):

@@ -85,3 +85,16 @@ def test_comparison_joins_scores_with_the_cost_of_each_trainers_network():
     table = compare.format_table(report)
     assert "| FIASTrainerAdamW | 0.500 | 10 | 0.60 | 20.0 | 1.40x | 1.00x | 1.50x |  |  |  |" in table
     assert "| GRCSFTrainer | not scored |" in table
+
+
+def test_results_of_another_budget_are_not_mixed_into_one_table(tmp_path):
+    import nnunet_workspace
+
+    workspace = nnunet_workspace.Workspace(tmp_path / "work", "Demo", 0)
+    results = tmp_path / "results.json"
+    nnunet_workspace.record_result(workspace, results, {"budget": "5epochs_20iters", "fold": 0}, "A", {"status": "ok"})
+    assert nnunet_workspace.finished_trainers(workspace, results, {"budget": "5epochs_20iters", "fold": 0}) == {
+        "A": {"status": "ok"}}
+    with pytest.raises(SystemExit, match="budget: '5epochs_20iters' there, '10epochs_25iters' now"):
+        nnunet_workspace.finished_trainers(workspace, results, {"budget": "10epochs_25iters", "fold": 0})
+    assert nnunet_workspace.finished_trainers(workspace, tmp_path / "none.json", {"budget": "x"}) == {}

@@ -29,6 +29,7 @@ Our choices:
   storing it (the FIAS decoder does, with activation checkpointing). No MLP: the decoder's convs already mix
   channels.
 """
+import math
 from typing import Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
@@ -80,8 +81,8 @@ class MonteCarloChannelAttention(nn.Module):
         cell = [adaptive_pool_cell(s, grid, int(torch.randint(grid, ()))) for s in x.shape[2:]]
         if not self.shuffle_positions:
             return x[(slice(None), slice(None), *cell)].mean(axes, keepdim=True)
-        cell_positions = int(np.prod([c.stop - c.start for c in cell]))
-        chosen = torch.randperm(int(np.prod(x.shape[2:])), device=x.device)[:cell_positions]
+        cell_positions = math.prod(c.stop - c.start for c in cell)
+        chosen = torch.randperm(math.prod(x.shape[2:]), device=x.device)[:cell_positions]
         pooled = x.flatten(2)[:, :, chosen].mean(-1)
         return pooled.view(*pooled.shape, *[1] * len(axes))
 

@@ -43,6 +43,7 @@ Our choices:
   depthwise convs is slow, see dmk.py); its parameters are those of the ``nn.Conv`` module it is stored in.
 """
 import itertools
+import math
 from typing import List, Sequence, Tuple, Type, Union
 
 import numpy as np
@@ -107,7 +108,7 @@ class _MultiDilationNeighborhoodAttention(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, qkv, kernel_size, dilations, scale):
         size = qkv.shape[5:]
-        neighbours = int(np.prod(kernel_size))
+        neighbours = math.prod(kernel_size)
         probabilities = qkv.new_empty((qkv.shape[1], qkv.shape[2], neighbours, *qkv.shape[4:]))
         out = qkv.new_zeros(qkv.shape[1:])
         scratch = qkv.new_empty(qkv[0, 0].numel())  # q * k_j of one group, reused for every neighbour

@@ -40,6 +40,7 @@ Interface (stable; reused by the FIAS-based networks)::
 
 2D and 3D share one code path: ``conv_op`` (nn.Conv2d or nn.Conv3d) decides.
 """
+import math
 from typing import Sequence, Type, Union
 
 import numpy as np
@@ -62,7 +63,7 @@ def split_into_patches(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tens
     dims = len(size)
     grid_axes = [2 + 2 * i for i in range(dims)]
     within_patch_axes = [3 + 2 * i for i in range(dims)]
-    return x.permute(0, *grid_axes, 1, *within_patch_axes).reshape(batch, int(np.prod(grid)), -1)
+    return x.permute(0, *grid_axes, 1, *within_patch_axes).reshape(batch, math.prod(grid), -1)
 
 
 class RegionTokenizer(nn.Module):
