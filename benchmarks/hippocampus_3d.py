@@ -100,9 +100,10 @@ def format_table(report: dict) -> str:
              f"{s['training_cases']} training cases (fold {s['fold']} trains on 4/5 of them), {s['test_cases']} "
              f"held-out test cases predicted by `nnUNetv2_predict` and scored by `nnUNetv2_evaluate_folder` "
              f"(Dice) and `nnunetv2_grcsf evaluate` (HD95, mm). A functional run: nnU-Net's published result on "
-             f"the full task (1000 epochs) is about 0.90 Dice.", "",
+             f"the full task (1000 epochs) is about 0.90 Dice. Training time: wall time as it happened, on a machine "
+             f"that other jobs may have shared (compare costs with `speed.py`).", "",
              "| trainer | data set | test Dice anterior | test Dice posterior | test Dice mean | HD95 mm (ant/post) "
-             "| fold-0 val Dice | train time (min) | predict (s) |",
+             "| fold-0 val Dice | train wall time (min) | predict (s) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in report["trainers"].items():
         if r["status"] != "ok":
