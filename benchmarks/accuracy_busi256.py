@@ -35,9 +35,9 @@ from pathlib import Path
 from subprocess import CalledProcessError
 from typing import List, Optional, Tuple
 
-from nnunet_workspace import (BENCHMARKS, Workspace, epoch_times, evaluate_lesions, finished_trainers, link_dataset,
-                              locked, make_residual_dataset, needs_residuals, plan_and_preprocess, record_result,
-                              shared_dataset, subset_cases, train)
+from nnunet_workspace import (BENCHMARKS, Workspace, epoch_times, error_row, evaluate_lesions, finished_trainers,
+                              link_dataset, locked, make_residual_dataset, needs_residuals, plan_and_preprocess,
+                              record_result, shared_dataset, subset_cases, train)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME = 802, 803, "BUSI256"
@@ -111,6 +111,16 @@ def speed_row_name(trainer: str) -> str:
     return next((c.__name__ for c in cls.__mro__ if c in trainers.BASE_TRAINERS), trainer) if cls else trainer
 
 
+def speed_rows(speed: dict, case_name: str) -> dict:
+    """``{row key: row}`` of one case of a speed.py report: the measured rows of the default plans (not
+    ResEncUNet-M's), keyed by their trainer (nnUNetTrainer for PlainConvUNet)."""
+    for case in speed["cases"]:
+        if case["case"]["name"] == case_name:
+            return {("nnUNetTrainer" if r["name"] == "PlainConvUNet" else r["name"]): r for r in case["rows"]
+                    if r["status"] == "ok" and r["plans"] == "default"}
+    return {}
+
+
 def speed_step_times(speed_file: Path) -> Tuple[dict, str]:
     """``({trainer: train-step seconds}, "CPU" or "wall")`` of the 2d BUSI256 case of a speed.py results file
     (CPU time for a CPU run, as its ratios); nnUNetTrainer is its PlainConvUNet row."""
@@ -118,12 +128,8 @@ def speed_step_times(speed_file: Path) -> Tuple[dict, str]:
         return {}, ""
     report = json.loads(speed_file.read_text())
     clock = "_cpu" if report["settings"]["device"] == "cpu" else ""
-    for case in report["cases"]:
-        if case["case"]["name"] == "busi256":
-            return ({("nnUNetTrainer" if r["name"] == "PlainConvUNet" else r["name"]): r[f"train_step{clock}_median_s"]
-                     for r in case["rows"] if r["status"] == "ok" and r["plans"] == "default"},
-                    "CPU" if clock else "wall")
-    return {}, ""
+    rows = speed_rows(report, "busi256")
+    return {name: r[f"train_step{clock}_median_s"] for name, r in rows.items()}, "CPU" if clock else "wall"
 
 
 def format_table(report: dict) -> str:
@@ -135,13 +141,14 @@ def format_table(report: dict) -> str:
                  f"{'all' if not s['num_cases'] else s['num_cases']} training cases. Dice, HD95 (pixels): mean "
                  "over validation cases, `nnunetv2_grcsf evaluate` conventions (a normal case with empty reference "
                  "and empty prediction scores Dice 1); lesion F1 pooled over all lesions; nnU-Net Dice: nnU-Net's "
-                 "own validation summary (empty cases left out). Training time: wall time of each run as it happened, on a "
-                 "machine that other jobs may have shared; compare costs with `speed.py`'s figures.", "",
-             "| trainer | trained as | data set | cases | Dice | HD95 | lesion F1 | nnU-Net Dice | train wall time (min) |",
+                 "own validation summary (empty cases left out). Training time: wall time of each run as it happened, "
+                 "on a machine that other jobs may have shared; compare costs with `speed.py`'s figures.", "",
+             "| trainer | trained as | data set | cases | Dice | HD95 | lesion F1 | nnU-Net Dice "
+             "| train wall time (min) |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in report["trainers"].items():
         if r["status"] != "ok":
-            lines.append(f"| {name} | {r['trained_as']} | | | error: {r['error'][:150].replace('|', '/')} | | | | |")
+            lines.append(error_row([name, r["trained_as"], "", ""], r["error"], 9))
             continue
         lines.append(f"| {name} | {r['trained_as']} | {r['dataset']} | {r['validation_cases']} | {r['Dice']:.4f} "
                      f"| {r['HD95']:.1f} | {r['lesion_F1']:.3f} | {r['nnunet_validation_dice']:.4f} "

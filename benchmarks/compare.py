@@ -20,22 +20,12 @@ import json
 import subprocess
 import sys
 
-from accuracy_busi256 import speed_row_name
+from accuracy_busi256 import speed_row_name, speed_rows
 from nnunet_workspace import BENCHMARKS
 
 RESULTS = BENCHMARKS / "results"
 COST_KEYS = ("params", "train_step_ratio", "inference_ratio", "peak_tensors_train_mb_ratio",
              "peak_memory_train_mb_ratio")
-
-
-def speed_rows(speed: dict, case_name: str) -> dict:
-    """``{row key: row}`` of one case of a speed.py results file (nnUNetTrainer for PlainConvUNet); rows of the
-    default plans only (speed.py also measures ResEncUNet-M, which has no trainer of ours)."""
-    for case in speed["cases"]:
-        if case["case"]["name"] == case_name:
-            return {("nnUNetTrainer" if r["name"] == "PlainConvUNet" else r["name"]): r for r in case["rows"]
-                    if r["status"] == "ok" and r["plans"] == "default"}
-    return {}
 
 
 def join(speed: dict, accuracy: dict) -> dict:

@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 from subprocess import CalledProcessError
 
-from nnunet_workspace import (BENCHMARKS, Workspace, epoch_times, evaluate_lesions, evaluate_nnunet, finished_trainers,
-                              link_dataset, locked, make_residual_dataset, needs_residuals, plan_and_preprocess,
-                              predict, record_result, shared_dataset, train)
+from nnunet_workspace import (BENCHMARKS, Workspace, epoch_times, error_row, evaluate_lesions, evaluate_nnunet,
+                              finished_trainers, link_dataset, locked, make_residual_dataset, needs_residuals,
+                              plan_and_preprocess, predict, record_result, shared_dataset, train)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME = 804, 807, "Hippocampus"
@@ -107,7 +107,7 @@ def format_table(report: dict) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in report["trainers"].items():
         if r["status"] != "ok":
-            lines.append(f"| {name} | {r['dataset']} | error: {r['error'][:150].replace('|', '/')} | | | | | | |")
+            lines.append(error_row([name, r["dataset"]], r["error"], 9))
             continue
         d, h = r["test_dice"], r["test_hd95_mm"]
         lines.append(f"| {name} | {r['dataset']} | {d['anterior']:.3f} | {d['posterior']:.3f} | "

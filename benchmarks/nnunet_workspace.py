@@ -239,6 +239,13 @@ def evaluate_lesions(workspace: Workspace, predictions: Path, labels: Path, name
     return json.loads(output.read_text())
 
 
+def error_row(cells: list, error: str, columns: int) -> str:
+    """A Markdown table row for a trainer that failed: its leading ``cells``, the error (shortened, without the
+    table's ``|``), then empty cells up to ``columns``."""
+    cells = [*cells, "error: " + error[:150].replace("|", "/")]
+    return "| " + " | ".join(cells + [""] * (columns - len(cells))) + " |"
+
+
 def finished_trainers(workspace: Workspace, results_file: Path, run_settings: dict) -> dict:
     """``{trainer: result}`` already in the results JSON. Results made under other settings (budget, batch, fold,
     ...: the keys of ``run_settings``) are never mixed into one table: that is an error naming both."""

@@ -11,7 +11,8 @@ import torch
 from conftest import build_network_from_plans
 
 PLAIN_CONV_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-NETWORKS = {"GRCSF": "nnunetv2_grcsf.architectures.grcsf.GRCSFUNet", "FIAS": "nnunetv2_grcsf.architectures.fias.FIASUNet"}
+NETWORKS = {"GRCSF": "nnunetv2_grcsf.architectures.grcsf.GRCSFUNet",
+            "FIAS": "nnunetv2_grcsf.architectures.fias.FIASUNet"}
 # small real plans crops: 2d BUSI256 (MSDA stages 2-3 hold their windows at 96 x 96), 3d Hippocampus
 CASES = [("Dataset802_BUSI256_nnUNetPlans", "2d", (64, 64)),
          ("Dataset804_Hippocampus_nnUNetPlans", "3d_fullres", (24, 24, 24))]
