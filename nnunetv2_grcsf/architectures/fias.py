@@ -21,34 +21,31 @@ ResidualEncoderUNet form; ``conv_op`` alone decides 2D or 3D):
   to 1/4 resolution, then has two MSDA stages (1/4, 1/8) and global attention deeper, so the default is
   ('conv', 'conv', 'msda', 'msda', 'global', ...) with the bottleneck always 'global'. Attention at the two
   finest resolutions is by far the most expensive (memory ~ C x prod(S)); it can be switched on per stage.
-- MSDA dilations (1, 2, 3, 4) by default: DilateFormer's (1, 2, 3) need the channels split into three equal
-  groups, which nnU-Net's channel counts (32 * 2^k, 320) never allow; a fourth group keeps 1-3 and widens the
-  window. Heads: C / ``attention_head_dim`` (16) unless ``num_heads`` is given.
+- MSDA dilations (1, 2, 3) with one head group per dilation, as DilateFormer. The attention width is decoupled
+  from the stage's channels (blocks/msda.py): heads of ``attention_head_dim`` (16) channels, by default as many
+  as fit C (a multiple of the number of dilations at 'msda' stages, at least one per group; default_num_heads),
+  unless ``num_heads`` is given.
 - Decoder (MixAtt): per stage, as nnU-Net's UNetDecoder, a transposed conv (the stage's stride), concat with
-  the skip, ``n_conv_per_stage_decoder`` convs, then MixingAttention whose token mixing is the attention of that
-  resolution's encoder stage (none at 'conv' stages), and a 1x1 segmentation head. Heads exist at every stage
+  the skip, ``n_conv_per_stage_decoder`` convs, then MixingAttention (x + self-attention + x * Monte Carlo channel
+  attention) whose token mixing is the attention of that resolution's encoder stage (none at 'conv' stages), and
+  a 1x1 segmentation head. Heads exist at every stage
   (deep supervision, always built so weights load either way); ``decoder.deep_supervision`` chooses the output.
 - Beyond the paper: with ``use_rcu``, the MAE residual channels listed in ``residual_channels`` are split off
-  the input and fused into the decoder output of the resolution stages ``rcu_stages`` (default full resolution)
-  by GRCSF's RegionCompensationUnit (blocks/rcu.py), exactly as GRCSFUNet does. Without ``use_rcu`` every
-  input channel is an image channel.
+  the input and fused into the decoder's skip connections of the resolution stages ``rcu_stages`` (default the
+  two finest) by GRCSF's RegionCompensationUnit (blocks/rcu.py), before the stage's convolutions, exactly as
+  GRCSFUNet does (input_routing.py). Without ``use_rcu`` every input channel is an image channel.
 
 Memory and speed (what is ours, none of it changes the function): every encoder dual-path unit is
-activation-checkpointed, the decoder's token mixing at 'msda' levels too, and each decoder stage's output is
-recomputed by its consumers instead of stored (``activation_checkpointing``, on by default); the MSDA neighbourhood
-attention works on slice views of one unpadded q/k/v tensor for all dilations (blocks/msda.py); depthwise convs
-get a faster backward (blocks/dmk.py); MixAtt's channel-and-spatial scaling keeps only its inputs.
+activation-checkpointed, and the decoder's token mixing at 'msda' levels too (``activation_checkpointing``, on by
+default). On CUDA the MSDA runs as one fused flex_attention kernel with a block-sparse mask, everything else as
+plain PyTorch ops (cuDNN); on the CPU the MSDA and the depthwise convs use custom autograd functions with faster
+backward passes (blocks/msda.py, helpers.depthwise_conv). Measured cost: README and benchmarks/results.
 
-Cost (measured on CPU, torch 2.15, one thread, batch 2, nnU-Net's training step and sliding-window inference,
-defaults, as ratios to PlainConvUNet of the same plans; benchmarks/speed.py, results/speed_cpu*.md), as training
-step time / inference time / peak tensor memory of training:
-- BUSI256 2d plans, 26.0M parameters (20.6M): 1.40x / 1.32x / 1.12x; peak RSS 1.35x (1.62x before whole
-  dual-path units and decoder outputs were recomputed);
-- Hippocampus 3d_fullres plans, 4.9M parameters (5.6M): 1.13x / 0.98x / 0.98x;
-- generated 32x64x64 volumes: 1.31x / 1.13x / 0.99x;
-- with the RCU (GRCSF_FIAS): 1.41x / 1.45x / 1.20x, 1.31x / 1.17x / 1.14x and 1.41x / 1.27x / 1.14x.
-The peak RSS of a CPU process is higher than the tensor figure (glibc keeps freed heap blocks): see
-benchmarks/README.md.
+torch.compile: TorchDynamo captures the whole network in one graph, 2D and 3D, with and without the RCU; no graph
+break is needed, the fused attention included (flex_attention is traced as a higher-order op, its block mask is
+built from tensor ops, Monte Carlo draws are tensors, and the CPU-only custom autograd functions step aside under
+compilation for their plain versions). Mixed precision: the MSDA's and the CPU global attention's logits and
+softmax run in float32 (see blocks/msda.py).
 
 Shapes: input (B, C_in, *S), S divisible by prod(strides) per axis -> logits (B, num_classes, *S), or with
 ``decoder.deep_supervision`` a list of n_stages - 1 logits, full resolution first, then each coarser decoder
@@ -67,16 +64,15 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 
 from nnunetv2_grcsf.architectures.blocks.caf import ContextAwareFusion
-from nnunetv2_grcsf.architectures.blocks.dmk import DepthwiseMultiKernelConv, feature_map_estimate, per_axis_kernel
-from nnunetv2_grcsf.architectures.blocks.mixatt import MixingAttention, scale_channels_and_positions
-from nnunetv2_grcsf.architectures.blocks.msda import (AttentionBlock, check_attention_settings, dilated_window_extent,
-                                                      maybe_checkpoint)
-from nnunetv2_grcsf.architectures.blocks.rcu import RegionCompensationUnit
-from nnunetv2_grcsf.architectures.grcsf import stage_sizes
-from nnunetv2_grcsf.architectures.residual_routing import ResidualRoutedUNet
+from nnunetv2_grcsf.architectures.blocks.dmk import DepthwiseMultiKernelConv
+from nnunetv2_grcsf.architectures.blocks.mixatt import MixingAttention
+from nnunetv2_grcsf.architectures.blocks.msda import AttentionBlock, check_attention_settings, dilated_window_extent
+from nnunetv2_grcsf.architectures.helpers import feature_map_estimate, maybe_checkpoint, per_axis_kernel, stage_sizes
+from nnunetv2_grcsf.architectures.input_routing import (DEFAULT_RCU_STAGES, ResidualMapRoutingUNet,
+                                                        region_compensation_units)
 
 STAGE_KINDS = ("conv", "msda", "global")
-DEFAULT_MSDA_DILATIONS = (1, 2, 3, 4)
+DEFAULT_MSDA_DILATIONS = (1, 2, 3)
 
 
 def default_stage_attention(n_stages: int) -> List[str]:
@@ -108,6 +104,14 @@ def stage_attention_for_patch_size(patch_size: Sequence[int], strides: Sequence[
                                                                                      msda_dilations))):
             kinds[stage] = "global"
     return kinds
+
+
+def default_num_heads(features: int, kind: str, dilations: Sequence[int], head_dim: int) -> int:
+    """As many heads of ``head_dim`` channels as fit ``features`` (attention width <= features, so never costlier
+    than width = features), a multiple of the number of dilations at 'msda' stages (one head group per dilation),
+    at least one head per group."""
+    groups = len(dilations) if kind == "msda" else 1
+    return groups * max(1, features // (head_dim * groups))
 
 
 def _per_stage(value, n: int, name: str) -> list:
@@ -159,7 +163,7 @@ class DualPathStage(nn.Module):
 
     def __init__(self, n_units: int, conv_op: Type[_ConvNd], input_channels: int, channels: int, kernel_size,
                  stride, attention: str, num_heads: int, dilations: Sequence[int], dmk_kernel_sizes: Sequence[int],
-                 mlp_ratio: float, conv_kwargs: dict, nonlin_first: bool, checkpointing: bool):
+                 mlp_ratio: float, conv_kwargs: dict, nonlin_first: bool, checkpointing: bool, head_dim: int = None):
         super().__init__()
         self.down = ConvDropoutNormReLU(conv_op, input_channels, channels, kernel_size, stride,
                                         nonlin_first=nonlin_first, **conv_kwargs)
@@ -167,7 +171,7 @@ class DualPathStage(nn.Module):
                         for key in ("conv_bias", "norm_op", "norm_op_kwargs", "nonlin", "nonlin_kwargs")}
         self.units = nn.Sequential(*[
             DualPathUnit(AttentionBlock(conv_op, channels, attention, num_heads, dilations,
-                                        per_axis_kernel(3, kernel_size), mlp_ratio),
+                                        per_axis_kernel(3, kernel_size), mlp_ratio, head_dim=head_dim),
                          DepthwiseMultiKernelConv(conv_op, channels, dmk_kernel_sizes, kernel_size, **local_kwargs),
                          ContextAwareFusion(conv_op, channels), checkpointing)
             for _ in range(n_units)])
@@ -195,7 +199,7 @@ class FIASEncoder(nn.Module):
                  kernel_sizes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]], depths: Sequence[int],
                  stage_attention: Sequence[str], num_heads: Sequence[int], dilations: Sequence[int],
                  dmk_kernel_sizes: Sequence[int], mlp_ratio: float, conv_kwargs: dict, nonlin_first: bool = False,
-                 residual_blocks: Optional[dict] = None, checkpointing: bool = False):
+                 residual_blocks: Optional[dict] = None, checkpointing: bool = False, head_dim: int = None):
         super().__init__()
         if residual_blocks is None:
             self.stem = None
@@ -210,7 +214,7 @@ class FIASEncoder(nn.Module):
             if kind != "conv":
                 stage = DualPathStage(max(1, depths[s] - 1), conv_op, stage_input, features_per_stage[s],
                                       kernel_sizes[s], strides[s], kind, num_heads[s], dilations, dmk_kernel_sizes,
-                                      mlp_ratio, conv_kwargs, nonlin_first, checkpointing)
+                                      mlp_ratio, conv_kwargs, nonlin_first, checkpointing, head_dim)
             elif residual_blocks is None:
                 stage = StackedConvBlocks(depths[s], conv_op, stage_input, features_per_stage[s], kernel_sizes[s],
                                           strides[s], nonlin_first=nonlin_first, **conv_kwargs)
@@ -226,6 +230,7 @@ class FIASEncoder(nn.Module):
         self.strides = [list(s) for s in strides]
         self.kernel_sizes = [list(k) for k in kernel_sizes]
         self.stage_attention = list(stage_attention)
+        self.head_dim = head_dim
         self.conv_op = conv_op
         self.conv_bias = conv_kwargs["conv_bias"]
         self.norm_op, self.norm_op_kwargs = conv_kwargs["norm_op"], conv_kwargs["norm_op_kwargs"]
@@ -269,12 +274,7 @@ class FIASDecoderStage(nn.Module):
         self.channels = channels
 
     def forward(self, below: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return scale_channels_and_positions(*self.gates(self.transpconv(below), skip))
-
-    def gates(self, up: torch.Tensor, skip: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The stage from the transposed conv's output ``up`` (B, C, *S) on: MixingAttention.gates of the convs'
-        output (the stage's output is their product)."""
-        return self.mixing.gates(self.convs(torch.cat((up, skip), 1)))
+        return self.mixing(self.convs(torch.cat((self.transpconv(below), skip), 1)))
 
     def compute_conv_feature_map_size(self, size: Sequence[int]) -> np.int64:
         transposed = np.prod([self.channels, *size], dtype=np.int64)
@@ -282,38 +282,12 @@ class FIASDecoderStage(nn.Module):
                 self.mixing.compute_conv_feature_map_size(size))
 
 
-class DeferredOutput:
-    """A decoder stage's output ``function(*inputs)``, recomputed where it is used instead of stored.
-
-    ``apply(consumer)`` returns ``consumer(output)``. With ``checkpointing`` and gradients on, it runs
-    ``consumer(function(*inputs))`` under activation checkpointing: the inputs are kept (the stage's last conv
-    output, stored anyway, and small weight maps), and the output, a full feature map that the consumers (the
-    next transposed conv, the segmentation head) would each store for their backward pass, is recomputed
-    there (an elementwise product: cheap). Otherwise the output is computed once and shared.
-    """
-
-    def __init__(self, function, inputs: Tuple[torch.Tensor, ...], checkpointing: bool):
-        self.function, self.inputs = function, inputs
-        self.checkpointing = checkpointing and torch.is_grad_enabled()
-        self._output = None
-
-    def output(self) -> torch.Tensor:
-        if self._output is None:
-            self._output = self.function(*self.inputs)
-        return self._output
-
-    def apply(self, consumer) -> torch.Tensor:
-        if self.checkpointing:
-            return maybe_checkpoint(lambda *inputs: consumer(self.function(*inputs)), self.inputs, True)
-        return consumer(self.output())
-
-
 class FIASDecoder(nn.Module):
     """MixAtt decoder with UNetDecoder's contract: ``forward(skips)`` and ``deep_supervision``.
 
-    Stages are ordered as computed (lowest resolution first). With ``residual_map_channels`` > 0, the decoder
-    outputs at the resolution stages ``rcu_stages`` (0 = full resolution) pass through a RegionCompensationUnit
-    (patch size = product of all strides, global features = the bottleneck).
+    Stages are ordered as computed (lowest resolution first). With ``residual_map_channels`` > 0, the skip
+    connections at the resolution stages ``rcu_stages`` (0 = full resolution) pass through a
+    RegionCompensationUnit before the stage's convolutions (input_routing.region_compensation_units).
     Shapes: skips as FIASEncoder returns them (+ residual_map (B, K, *S) with RCUs) -> logits, see the module
     docstring.
     """
@@ -321,8 +295,9 @@ class FIASDecoder(nn.Module):
     def __init__(self, encoder: FIASEncoder, num_classes: int, n_conv_per_stage: Sequence[int],
                  deep_supervision: bool, num_heads: Sequence[int], dilations: Sequence[int],
                  mc_pool_sizes: Sequence[int] = (1, 2, 3), mc_shuffle_positions: bool = True,
-                 nonlin_first: bool = False, residual_map_channels: int = 0, rcu_stages: Sequence[int] = (0,),
-                 rcu_embed_channels: int = None, rcu_num_heads: int = 2, checkpointing: bool = False):
+                 nonlin_first: bool = False, residual_map_channels: int = 0,
+                 rcu_stages: Sequence[int] = DEFAULT_RCU_STAGES, rcu_patch_size=None, rcu_num_heads: int = 2,
+                 checkpointing: bool = False, rcu_window: int = 3):
         super().__init__()
         self.deep_supervision = deep_supervision
         self.num_classes = num_classes
@@ -334,41 +309,30 @@ class FIASDecoder(nn.Module):
                                      None if kind == "conv" else kind, num_heads[level], dilations,
                                      encoder.kernel_sizes[level], pool_sizes=mc_pool_sizes,
                                      shuffle_positions=mc_shuffle_positions,
-                                     checkpointing=checkpointing and kind == "msda")
+                                     checkpointing=checkpointing and kind == "msda", head_dim=encoder.head_dim)
             stages.append(FIASDecoderStage(encoder, level, n_conv_per_stage[n_levels - 2 - level], mixing,
                                            nonlin_first))
             seg_layers.append(encoder.conv_op(encoder.output_channels[level], num_classes, 1, 1, 0, bias=True))
         self.stages = nn.ModuleList(stages)
         self.seg_layers = nn.ModuleList(seg_layers)
         self.strides = encoder.strides
-        self.checkpointing = checkpointing
 
-        bad_stages = [s for s in rcu_stages if not 0 <= s < n_levels - 1]
-        if residual_map_channels > 0 and bad_stages:
-            raise ValueError(f"FIASUNet: rcu_stages {bad_stages} out of range; decoder resolution stages are "
-                             f"0..{n_levels - 2} (0 = full resolution).")
-        patch_size = np.prod(encoder.strides, axis=0).tolist()
-        self.region_compensation = nn.ModuleDict({
-            str(level): RegionCompensationUnit(encoder.conv_op, encoder.output_channels[level], residual_map_channels,
-                                               encoder.output_channels[-1], patch_size, rcu_embed_channels,
-                                               rcu_num_heads)
-            for level in sorted(set(rcu_stages)) if residual_map_channels > 0})
+        self.region_compensation = region_compensation_units(
+            "FIASUNet", encoder.conv_op, encoder.output_channels, encoder.strides, residual_map_channels, rcu_stages,
+            rcu_patch_size, rcu_num_heads, rcu_window)
 
     def forward(self, skips: List[torch.Tensor], residual_map: torch.Tensor = None):
         bottleneck = skips[-1]
-        below = DeferredOutput(lambda x: x, (bottleneck,), False)
+        below = bottleneck
         seg_outputs = []
         for s, stage in enumerate(self.stages):
             level = len(self.stages) - 1 - s
-            gates = stage.gates(below.apply(stage.transpconv), skips[level])
-            if str(level) not in self.region_compensation:
-                below = DeferredOutput(scale_channels_and_positions, gates, self.checkpointing)
-            else:  # not recomputed: the RCU's forward costs far more than the memory it would free at the peak
-                compensated = self.region_compensation[str(level)](scale_channels_and_positions(*gates),
-                                                                   residual_map, bottleneck)
-                below = DeferredOutput(lambda x: x, (compensated,), False)
+            skip = skips[level]
+            if str(level) in self.region_compensation:
+                skip = self.region_compensation[str(level)](skip, residual_map, bottleneck)
+            below = stage(below, skip)
             if self.deep_supervision or level == 0:
-                seg_outputs.append(below.apply(self.seg_layers[s]))
+                seg_outputs.append(self.seg_layers[s](below))
         seg_outputs = seg_outputs[::-1]  # full resolution first
         return seg_outputs if self.deep_supervision else seg_outputs[0]
 
@@ -381,14 +345,12 @@ class FIASDecoder(nn.Module):
             output += stage.compute_conv_feature_map_size(sizes[level])
             if str(level) in self.region_compensation:
                 output += self.region_compensation[str(level)].compute_conv_feature_map_size(sizes[level])
-            elif self.checkpointing:  # the stage's output is recomputed by its consumers, not stored
-                output -= feature_map_estimate(sizes[level], stage.channels)
             if self.deep_supervision or level == 0:
                 output += np.prod([self.num_classes, *sizes[level]], dtype=np.int64)
         return output
 
 
-class FIASUNet(ResidualRoutedUNet):
+class FIASUNet(ResidualMapRoutingUNet):
     """FIAS on nnU-Net's plans; takes the plans' arch_kwargs (PlainConvUNet or ResidualEncoderUNet form).
 
     Backbone arguments are those of PlainConvUNet (``n_conv_per_stage``) or ResidualEncoderUNet
@@ -397,21 +359,20 @@ class FIASUNet(ResidualRoutedUNet):
 
     - stage_attention: per stage 'conv', 'msda' or 'global' (see the module docstring); default
       ('conv', 'conv', 'msda', 'msda', 'global', ...), the last stage 'global'.
-    - num_heads: attention heads, one int or one per stage; None -> features / attention_head_dim.
-    - attention_head_dim: see num_heads.
-    - msda_dilations: one MSDA head group per dilation (heads must be divisible by their number).
+    - num_heads: attention heads, one int or one per stage; None -> as many heads of attention_head_dim channels
+      as fit the stage's features (a multiple of the number of dilations at 'msda' stages; default_num_heads).
+    - attention_head_dim: channels per head; the attention width is num_heads * attention_head_dim.
+    - msda_dilations: one MSDA head group per dilation (heads must be divisible by their number); DilateFormer's
+      (1, 2, 3) by default.
     - dmk_kernel_sizes: the DMK's depthwise kernels.
     - mlp_ratio: transformer MLP width relative to the features.
     - mc_pool_sizes, mc_shuffle_positions: Monte Carlo attention grid sizes and position shuffling.
     - activation_checkpointing: recompute in the backward pass, instead of storing their activations,
       (1) every encoder dual-path unit (attention block, DMK and CAF; about 30 feature maps of the stage fewer
-      per unit, for one more forward pass of it), (2) the decoder's token mixing at 'msda' levels (about 8
-      maps), (3) each decoder stage's output (the product of MixingAttention's gates), which its consumers (the
-      next transposed conv, the segmentation head) would each store: they get it recomputed from what is stored
-      anyway (DeferredOutput). Decoder outputs that pass through an RCU are stored (recomputing the RCU costs
-      more time than the memory it frees at the peak). The same function and gradients either way.
-    - residual_channels, use_rcu, rcu_stages, rcu_embed_channels, rcu_num_heads: as GRCSFUNet's (MAE residual
-      channels fused by the RegionCompensationUnit; residual_channels is ignored without use_rcu).
+      per unit, for one more forward pass of it), (2) the decoder's token mixing at 'msda' levels. The same
+      function and gradients either way.
+    - residual_channels, use_rcu, rcu_stages, rcu_patch_size, rcu_num_heads, rcu_window: as GRCSFUNet's (MAE
+      residual channels fused by the RegionCompensationUnit; residual_channels is ignored without use_rcu).
 
     The input's spatial size is checked in ``forward`` (``check_input_size``): divisible by the product of the
     strides, and every MSDA stage at least as large as its widest dilated window.
@@ -433,7 +394,8 @@ class FIASUNet(ResidualRoutedUNet):
                  msda_dilations: Sequence[int] = DEFAULT_MSDA_DILATIONS, dmk_kernel_sizes: Sequence[int] = (3, 5, 7),
                  mlp_ratio: float = 4.0, mc_pool_sizes: Sequence[int] = (1, 2, 3), mc_shuffle_positions: bool = True,
                  activation_checkpointing: bool = True, residual_channels: Sequence[int] = (), use_rcu: bool = False,
-                 rcu_stages: Sequence[int] = (0,), rcu_embed_channels: int = None, rcu_num_heads: int = 2):
+                 rcu_stages: Sequence[int] = DEFAULT_RCU_STAGES, rcu_patch_size=None, rcu_num_heads: int = 2,
+                 rcu_window: int = 3):
         super().__init__()
         if (n_conv_per_stage is None) == (n_blocks_per_stage is None):
             raise ValueError("FIASUNet: give exactly one of n_conv_per_stage (PlainConvUNet plans) and "
@@ -449,8 +411,10 @@ class FIASUNet(ResidualRoutedUNet):
         decoder_depths = _per_stage(n_conv_per_stage_decoder, n_stages - 1, "n_conv_per_stage_decoder")
         stage_attention = default_stage_attention(n_stages) if stage_attention is None else list(stage_attention)
         heads = _per_stage(num_heads, n_stages, "num_heads")
-        heads = [f // attention_head_dim if h is None else h for f, h in zip(features, heads)]
         self.msda_dilations = [int(d) for d in msda_dilations]
+        heads = [default_num_heads(f, kind, self.msda_dilations, attention_head_dim) if h is None else h
+                 for f, h, kind in zip(features, heads, stage_attention)]
+        self.attention_head_dim = attention_head_dim
         self._check_stage_settings(stage_attention, features, heads, kernel_sizes, n_stages)
 
         conv_kwargs = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
@@ -460,11 +424,12 @@ class FIASUNet(ResidualRoutedUNet):
             stem_channels=stem_channels)
         self.encoder = FIASEncoder(len(self.image_channels), features, conv_op, kernel_sizes, strides, depths,
                                    stage_attention, heads, self.msda_dilations, dmk_kernel_sizes, mlp_ratio,
-                                   conv_kwargs, nonlin_first, residual_blocks, activation_checkpointing)
+                                   conv_kwargs, nonlin_first, residual_blocks, activation_checkpointing,
+                                   attention_head_dim)
         self.decoder = FIASDecoder(self.encoder, num_classes, decoder_depths, deep_supervision, heads,
                                    self.msda_dilations, mc_pool_sizes, mc_shuffle_positions, nonlin_first,
-                                   len(self.residual_channels), rcu_stages, rcu_embed_channels, rcu_num_heads,
-                                   activation_checkpointing)
+                                   len(self.residual_channels), rcu_stages, rcu_patch_size, rcu_num_heads,
+                                   activation_checkpointing, rcu_window)
 
         self.key_to_encoder = "encoder"  # stem (ResEnc form) and stages
         if residual_blocks is None:
@@ -487,7 +452,8 @@ class FIASUNet(ResidualRoutedUNet):
             where = (f"FIASUNet encoder stage {stage} ({features[stage]} features, stage_attention '{kind}', "
                      f"num_heads {heads[stage]})")
             dilations = self.msda_dilations if kind == "msda" else [1]
-            check_attention_settings(features[stage], heads[stage], dilations, per_axis_kernel(3, kernel_sizes[stage]),
+            check_attention_settings(features[stage], heads[stage], self.attention_head_dim, dilations,
+                                     per_axis_kernel(3, kernel_sizes[stage]),
                                      where + (f", msda_dilations {self.msda_dilations}" if kind == "msda" else ""))
 
     def check_input_size(self, size: Sequence[int]):

@@ -14,18 +14,17 @@ Our design (see blocks/gcu.py and blocks/rcu.py for the units):
   (``encoder.stages.*``, ``encoder.stem.*``, ``decoder.*``), so the weights of a PlainConvUNet /
   ResidualEncoderUNet of the same plans and encoder input channels load into GRCSFUNet with ``strict=False``
   (only the GCU/RCU weights are then missing).
-- GCU: one after every encoder stage whose stride product is > 1 (keys ``encoder.global_compensation.<stage>``).
-- Input routing: with the RCU on, the input channels listed in ``residual_channels`` (MAE residual maps,
-  see nnunetv2_grcsf.residual_channels) are split off: only the image channels go through the encoder,
-  the residual map (B, K, *S) goes to the RCU(s). With the RCU off every input channel is an image channel.
-- RCU: patch size = product of all encoder strides per axis, so the patch grid is the bottleneck grid and
-  each regional token aligns with one bottleneck position, whose features (the backbone's global spatial
-  features) give that patch's importance score. Inputs must therefore be divisible by that product (nnU-Net's
-  patch sizes are). By default it acts at resolution stage 0 only, on the full-resolution decoder features
-  just before the final segmentation layer: the paper fuses *pixel-level* features, the residual map is
-  itself full resolution (a lesion's anomaly is located there without interpolation), and small lesions
-  are lost at coarser decoder stages. ``rcu_stages`` adds RCUs at coarser decoder stages (stage index as
-  in the plans, 0 = full resolution); those then also feed the deep-supervision outputs of their scale.
+- GCU: one after every encoder stage whose stride product is > 1 (keys ``encoder.global_compensation.<stage>``);
+  each is exactly the identity at initialization (zero-initialized output scale).
+- Input routing (input_routing.py): with the RCU on, the input channels listed in ``residual_channels`` (MAE
+  residual maps, see nnunetv2_grcsf.residual_channels) are split off: only the image channels go through the
+  encoder, the residual map (B, K, *S) goes to the RCUs. With the RCU off every input channel is an image channel.
+- RCU: at the resolution stages ``rcu_stages`` (default the two finest, (0, 1)), the decoder's skip connection is
+  fused with the residual map before the stage's convolutions (concat with the upsampled features, then the
+  plans' convs), so the convolutions process the fused features and the result reaches the segmentation (and
+  deep-supervision) outputs. Fusing on the skip keeps the decoder's convs and their weights those of the plans.
+  Token patches of ``rcu_patch_size`` pixels (default 8 per axis, the MAE's patch edge, capped to a divisor of
+  the strides' product; see blocks/rcu.py); the importance score comes from the bottleneck features.
 
 Shapes: input (B, C_in, *S), S divisible by prod(strides) per axis -> logits (B, num_classes, *S), or with
 ``decoder.deep_supervision`` a list of n_stages - 1 logits, full resolution first, then each coarser decoder
@@ -45,17 +44,9 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 
 from nnunetv2_grcsf.architectures.blocks.gcu import GlobalCompensationUnit
-from nnunetv2_grcsf.architectures.blocks.rcu import RegionCompensationUnit
-from nnunetv2_grcsf.architectures.residual_routing import ResidualRoutedUNet
-
-
-def stage_sizes(input_size: Sequence[int], strides: Sequence[Sequence[int]]) -> List[List[int]]:
-    """Spatial size after each encoder stage: [S / strides[0], S / (strides[0] * strides[1]), ...]."""
-    sizes, size = [], list(input_size)
-    for stride in strides:
-        size = [s // t for s, t in zip(size, stride)]
-        sizes.append(size)
-    return sizes
+from nnunetv2_grcsf.architectures.helpers import stage_sizes
+from nnunetv2_grcsf.architectures.input_routing import (DEFAULT_RCU_STAGES, ResidualMapRoutingUNet,
+                                                        region_compensation_units)
 
 
 class GRCSFEncoder(nn.Module):
@@ -121,28 +112,22 @@ class GRCSFResidualEncoder(GRCSFEncoder, ResidualEncoder):
 
 
 class GRCSFDecoder(UNetDecoder):
-    """UNetDecoder whose outputs at the stages in ``rcu_stages`` pass through a Region Compensation Unit.
+    """UNetDecoder whose skip connections at the stages in ``rcu_stages`` are fused with the residual map by a
+    Region Compensation Unit before the stage's convolutions.
 
-    ``rcu_stages`` counts resolution stages as the plans do (0 = full resolution). Each RCU gets the residual
-    map (B, K, *S) and the bottleneck features (B, features_per_stage[-1], *(S / prod(strides))) as global
-    features; its patch size is the product of all strides, so its patch grid is the bottleneck grid.
+    ``rcu_stages`` counts resolution stages as the plans do (0 = full resolution); the RCUs' layout is
+    :func:`~nnunetv2_grcsf.architectures.input_routing.region_compensation_units` (global features: the bottleneck).
     Shapes: skips as GRCSFEncoder returns them, residual_map (B, K, *S) or None -> logits as UNetDecoder.
     """
 
     def __init__(self, encoder: GRCSFEncoder, num_classes: int, n_conv_per_stage, deep_supervision: bool,
-                 nonlin_first: bool = False, residual_map_channels: int = 0, rcu_stages: Sequence[int] = (0,),
-                 rcu_embed_channels: int = None, rcu_num_heads: int = 2):
+                 nonlin_first: bool = False, residual_map_channels: int = 0,
+                 rcu_stages: Sequence[int] = DEFAULT_RCU_STAGES, rcu_patch_size=None, rcu_num_heads: int = 2,
+                 rcu_window: int = 3):
         super().__init__(encoder, num_classes, n_conv_per_stage, deep_supervision, nonlin_first=nonlin_first)
-        patch_size = np.prod(encoder.strides, axis=0).tolist()
-        bad_stages = [s for s in rcu_stages if not 0 <= s < len(self.stages)]
-        if bad_stages:
-            raise ValueError(f"GRCSFDecoder: rcu_stages {bad_stages} out of range; decoder stages are "
-                             f"0..{len(self.stages) - 1} (0 = full resolution).")
-        self.region_compensation = nn.ModuleDict({
-            str(stage): RegionCompensationUnit(encoder.conv_op, encoder.output_channels[stage], residual_map_channels,
-                                               encoder.output_channels[-1], patch_size, rcu_embed_channels,
-                                               rcu_num_heads)
-            for stage in sorted(set(rcu_stages)) if residual_map_channels > 0})
+        self.region_compensation = region_compensation_units(
+            "GRCSFUNet", encoder.conv_op, encoder.output_channels, encoder.strides, residual_map_channels,
+            rcu_stages, rcu_patch_size, rcu_num_heads, rcu_window)
 
     def forward(self, skips: List[torch.Tensor], residual_map: torch.Tensor = None):
         bottleneck = skips[-1]
@@ -150,10 +135,11 @@ class GRCSFDecoder(UNetDecoder):
         seg_outputs = []
         for s in range(len(self.stages)):
             x = self.transpconvs[s](lower_resolution)
-            x = self.stages[s](torch.cat((x, skips[-(s + 2)]), 1))
             resolution_stage = len(self.stages) - 1 - s
+            skip = skips[-(s + 2)]
             if str(resolution_stage) in self.region_compensation:
-                x = self.region_compensation[str(resolution_stage)](x, residual_map, bottleneck)
+                skip = self.region_compensation[str(resolution_stage)](skip, residual_map, bottleneck)
+            x = self.stages[s](torch.cat((x, skip), 1))
             if self.deep_supervision or resolution_stage == 0:
                 seg_outputs.append(self.seg_layers[s](x))
             lower_resolution = x
@@ -168,7 +154,7 @@ class GRCSFDecoder(UNetDecoder):
         return output
 
 
-class GRCSFUNet(ResidualRoutedUNet):
+class GRCSFUNet(ResidualMapRoutingUNet):
     """GRCSF on nnU-Net's U-Net; takes the plans' arch_kwargs (PlainConvUNet or ResidualEncoderUNet form).
 
     Backbone arguments are those of PlainConvUNet (``n_conv_per_stage``) or of ResidualEncoderUNet
@@ -178,9 +164,12 @@ class GRCSFUNet(ResidualRoutedUNet):
     - residual_channels: input channel indices that are MAE residual maps (the rest are image channels);
       required (non-empty) when ``use_rcu``; ignored otherwise (then all channels are image channels).
     - use_gcu / use_rcu: the ablation switches (no GCU modules / no RCU modules and no channel split).
-    - rcu_stages: resolution stages (0 = full resolution) whose decoder output gets an RCU; default (0,).
-    - rcu_embed_channels: RCU token/attention width; None -> the features of that stage.
-    - rcu_num_heads: RCU attention heads.
+    - rcu_stages: resolution stages (0 = full resolution) whose skip connection an RCU fuses with the residual
+      map; default (0, 1).
+    - rcu_patch_size: RCU token patch size in pixels (int or per axis); None -> 8 per axis, capped to a divisor
+      of the strides' product (blocks/rcu.py, default_token_patch_size).
+    - rcu_num_heads: RCU attention heads (head h has distance scale 0.5 * 2^h patches).
+    - rcu_window: patches per axis each pixel attends to (odd).
 
     Shapes: see the module docstring.
     """
@@ -196,8 +185,8 @@ class GRCSFUNet(ResidualRoutedUNet):
                  deep_supervision: bool = False, nonlin_first: bool = False,
                  block: Union[Type[BasicBlockD], Type[BottleneckD]] = BasicBlockD, bottleneck_channels=None,
                  stem_channels: int = None, residual_channels: Sequence[int] = (), use_gcu: bool = True,
-                 use_rcu: bool = True, rcu_stages: Sequence[int] = (0,), rcu_embed_channels: int = None,
-                 rcu_num_heads: int = 2):
+                 use_rcu: bool = True, rcu_stages: Sequence[int] = DEFAULT_RCU_STAGES, rcu_patch_size=None,
+                 rcu_num_heads: int = 2, rcu_window: int = 3):
         super().__init__()
         if (n_conv_per_stage is None) == (n_blocks_per_stage is None):
             raise ValueError("GRCSFUNet: give exactly one of n_conv_per_stage (PlainConvUNet plans) and "
@@ -221,17 +210,18 @@ class GRCSFUNet(ResidualRoutedUNet):
         self.key_to_encoder = "encoder"  # stem, stages and GCUs
         self.decoder = GRCSFDecoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision,
                                     nonlin_first=nonlin_first, residual_map_channels=len(self.residual_channels),
-                                    rcu_stages=rcu_stages, rcu_embed_channels=rcu_embed_channels,
-                                    rcu_num_heads=rcu_num_heads)
+                                    rcu_stages=rcu_stages, rcu_patch_size=rcu_patch_size,
+                                    rcu_num_heads=rcu_num_heads, rcu_window=rcu_window)
         self.size_divisor = np.prod(self.encoder.strides, axis=0).tolist()
 
     def check_input_size(self, size: Sequence[int]):
-        """Raises if the spatial input size is not divisible by the product of the strides (the RCU patch size)."""
+        """Raises if the spatial input size is not divisible by the product of the strides (which the RCU's token
+        patch size divides)."""
         if any(s % d for s, d in zip(size, self.size_divisor)):
             raise ValueError(
-                f"GRCSFUNet: input size {list(size)} is not divisible by {self.size_divisor}, the product of the plans' "
-                f"'strides' (arch_kwargs) per axis, which is also the RCU patching's patch size (one patch per "
-                f"bottleneck position). The configuration's 'patch_size' must be a multiple of it on every axis.")
+                f"GRCSFUNet: input size {list(size)} is not divisible by {self.size_divisor}, the product of the "
+                f"plans' 'strides' (arch_kwargs) per axis. The configuration's 'patch_size' must be a multiple of it "
+                f"on every axis.")
 
     @staticmethod
     def initialize(module):

@@ -11,9 +11,10 @@ KERNELS_2D = [[3, 3]] * 5
 
 def test_small_patch_turns_too_small_msda_stages_global():
     assert default_stage_attention(5) == ["conv", "conv", "msda", "msda", "global"]
-    # at 64x64, stage 3 is 8x8: smaller than the 9x9 window of kernel 3 at dilation 4
-    assert stage_attention_for_patch_size([64, 64], STRIDES_2D, KERNELS_2D) == ["conv", "conv", "msda", "global",
+    # at 48x48, stage 3 is 6x6: smaller than the 7x7 window of kernel 3 at dilation 3 (DilateFormer's largest)
+    assert stage_attention_for_patch_size([48, 48], STRIDES_2D, KERNELS_2D) == ["conv", "conv", "msda", "global",
                                                                                "global"]
+    assert stage_attention_for_patch_size([56, 56], STRIDES_2D, KERNELS_2D) == default_stage_attention(5)
     assert stage_attention_for_patch_size([128, 128], STRIDES_2D, KERNELS_2D) == default_stage_attention(5)
 
 
@@ -29,7 +30,7 @@ def test_the_trainer_builds_a_fias_that_runs_on_the_small_patch():
     from conftest import load_plans
 
     plans = load_plans("Dataset802_BUSI256_nnUNetPlans")
-    plans["configurations"]["2d_small"] = {"inherits_from": "2d", "patch_size": [64, 64], "batch_size": 2}
+    plans["configurations"]["2d_small"] = {"inherits_from": "2d", "patch_size": [48, 48], "batch_size": 2}
     arch = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
     plans["configurations"]["2d_small"]["architecture"] = {
         **plans["configurations"]["2d"]["architecture"],
@@ -39,7 +40,7 @@ def test_the_trainer_builds_a_fias_that_runs_on_the_small_patch():
     manager = PlansManager(plans)
     network = FIASTrainer.build_network_architecture(manager, manager.get_configuration("2d_small"), 1, 2, False)
     with torch.no_grad():
-        assert network(torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)
+        assert network(torch.randn(1, 1, 48, 48)).shape == (1, 2, 48, 48)
     with pytest.raises(ValueError, match="stage 3 has feature map"):
         network.encoder.stage_attention[3] = "msda"
-        network.check_input_size([64, 64])
+        network.check_input_size([48, 48])

@@ -1,6 +1,8 @@
-"""GlobalCompensationUnit: shapes in 2D/3D (anisotropic strides included), gradients, losslessness, errors."""
+"""GlobalCompensationUnit: identity at initialization, gradients within two steps, the detail path as
+space-to-depth + 1x1 projection, the global context, shapes in 2D/3D (anisotropic strides included), errors."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2_grcsf.architectures.blocks.gcu import GlobalCompensationUnit
@@ -12,6 +14,13 @@ def stage_output_for(stage_input: torch.Tensor, out_channels: int, stride) -> to
     return conv_op(stage_input.shape[1], out_channels, 3, stride, 1)(stage_input)
 
 
+def trained_a_little(gcu: GlobalCompensationUnit) -> GlobalCompensationUnit:
+    """Moves the zero-initialized scale away from 0, as the first optimizer steps do."""
+    with torch.no_grad():
+        gcu.scale.normal_(0, 0.5)
+    return gcu
+
+
 @pytest.mark.parametrize("conv_op, input_size, stride, output_size", [
     (nn.Conv2d, (16, 24), (2, 2), (8, 12)),
     (nn.Conv2d, (16, 24), (2, 1), (8, 24)),
@@ -19,40 +28,65 @@ def stage_output_for(stage_input: torch.Tensor, out_channels: int, stride) -> to
     (nn.Conv3d, (8, 16, 12), (2, 2, 2), (4, 8, 6)),
     (nn.Conv3d, (8, 16, 12), (1, 2, 2), (8, 8, 6)),
 ])
-def test_output_has_the_stage_output_shape(conv_op, input_size, stride, output_size):
+def test_identity_at_initialization_and_the_stage_output_shape(conv_op, input_size, stride, output_size):
     torch.manual_seed(0)
     gcu = GlobalCompensationUnit(conv_op, 4, 6, stride)
     stage_input = torch.randn(2, 4, *input_size)
     stage_output = stage_output_for(stage_input, 6, stride)
     out = gcu(stage_input, stage_output)
     assert out.shape == (2, 6, *output_size)
-    assert not torch.allclose(out, stage_output), "the compensation must change the stage output from the start"
+    assert torch.equal(out, stage_output), "a new GCU must leave the backbone exactly as it is"
+    assert not torch.allclose(trained_a_little(gcu)(stage_input, stage_output), stage_output)
 
 
 @pytest.mark.parametrize("conv_op, stride", [(nn.Conv2d, (2, 2)), (nn.Conv3d, (1, 2, 2))])
-def test_every_parameter_gets_a_gradient(conv_op, stride):
+def test_every_parameter_gets_a_gradient_within_two_sgd_steps(conv_op, stride):
+    """At initialization only the scale gets a gradient (the rest is multiplied by it); after one step every
+    parameter does."""
     torch.manual_seed(0)
     gcu = GlobalCompensationUnit(conv_op, 3, 5, stride)
     dims = 3 if conv_op is nn.Conv3d else 2
     stage_input = torch.randn(2, 3, *[8] * dims)
-    gcu(stage_input, stage_output_for(stage_input, 5, stride)).square().sum().backward()
-    for name, parameter in gcu.named_parameters():
-        assert parameter.grad is not None, name
-        assert parameter.grad.abs().sum() > 0, name
+    stage_output = stage_output_for(stage_input, 5, stride).detach()
+    target = torch.randn_like(stage_output)
+    optimizer = torch.optim.SGD(gcu.parameters(), lr=0.1)
+    for step in range(2):
+        optimizer.zero_grad()
+        (gcu(stage_input, stage_output) - target).square().mean().backward()
+        with_gradient = {name for name, p in gcu.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        if step == 0:
+            assert with_gradient == {"scale"}
+        optimizer.step()
+    assert with_gradient == {name for name, _ in gcu.named_parameters()}
 
 
-@pytest.mark.parametrize("conv_op, size, stride", [(nn.Conv2d, (8, 8), (2, 2)), (nn.Conv3d, (4, 8, 8), (1, 2, 2))])
-def test_every_input_position_reaches_the_compensation(conv_op, size, stride):
-    """Lossless downsampling: unlike a strided 1x1 subsampling, no input position is skipped."""
+@pytest.mark.parametrize("in_channels, out_channels", [(2, 4), (4, 4)])
+def test_detail_path_is_a_space_to_depth_rearrangement_then_a_1x1_projection(in_channels, out_channels):
+    """The stride block of every output cell, rearranged to C_in * prod(stride) channels (pixel-unshuffle),
+    then projected by a 1x1 conv: it sees every input value once (the rearrangement is lossless; the
+    projection keeps C_out of C_in * prod(stride) dimensions)."""
     torch.manual_seed(0)
-    gcu = GlobalCompensationUnit(conv_op, 2, 4, stride).eval()
-    stage_input = torch.randn(1, 2, *size)
-    stage_output = torch.zeros(1, 4, *[s // t for s, t in zip(size, stride)])
-    reference = gcu(stage_input, stage_output)
-    for position in [(0,) * len(size), tuple(s - 1 for s in size), tuple(1 for _ in size)]:
-        changed = stage_input.clone()
-        changed[(0, 0, *position)] += 1.0
-        assert not torch.allclose(gcu(changed, stage_output), reference), position
+    gcu = GlobalCompensationUnit(nn.Conv2d, in_channels, out_channels, 2)
+    stage_input = torch.randn(1, in_channels, 8, 6)
+    space_to_depth = F.pixel_unshuffle(stage_input, 2)  # (1, C_in * 4, 4, 3), channel c * 4 + (i * 2 + j)
+    weight = gcu.detail_projection.weight  # (C_out, C_in, 2, 2)
+    assert space_to_depth.shape[1] == 4 * in_channels
+    expected = F.conv2d(space_to_depth, weight.reshape(out_channels, 4 * in_channels, 1, 1))
+    assert torch.allclose(gcu.detail_projection(stage_input), expected, atol=1e-6)
+
+
+def test_global_context_reaches_every_output_position():
+    """A change of the stage input at one corner changes the compensation at the opposite corner (global
+    context; no norm here, whose statistics would also carry it); a strided conv could not carry it there."""
+    torch.manual_seed(0)
+    gcu = trained_a_little(GlobalCompensationUnit(nn.Conv3d, 2, 4, (1, 2, 2), norm_op=nn.Identity)).eval()
+    stage_input = torch.randn(1, 2, 4, 16, 16)
+    stage_output = torch.zeros(1, 4, 4, 8, 8)
+    changed = stage_input.clone()
+    changed[0, :, 0, 0, 0] += 3.0
+    with torch.no_grad():
+        far_corner = (gcu(changed, stage_output) - gcu(stage_input, stage_output))[0, :, -1, -1, -1]
+    assert far_corner.abs().max() > 1e-4
 
 
 def test_uses_the_given_norm_op_and_defaults_to_instance_norm():

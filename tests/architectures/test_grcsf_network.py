@@ -67,15 +67,23 @@ def test_full_hippocampus_patch_without_deep_supervision():
 
 
 @pytest.mark.parametrize("configuration, input_size", [("2d", (16, 24)), ("3d_fullres", (8, 16, 8))])
-def test_every_gcu_and_rcu_parameter_gets_a_gradient(configuration, input_size):
-    network = build(HIPPOCAMPUS, configuration, rcu_stages=(0, 1))
-    outputs = network(torch.randn(2, 2, *input_size))
-    sum(o.square().mean() for o in outputs).backward()
+def test_every_gcu_and_rcu_parameter_gets_a_gradient_within_two_steps(configuration, input_size):
+    """The RCUs get gradients from the first step; the GCUs, which start as the identity (zero output scale),
+    from the second."""
+    network = build(HIPPOCAMPUS, configuration)
     units = [m for m in network.modules() if isinstance(m, (GlobalCompensationUnit, RegionCompensationUnit))]
     assert len(units) == 3 + 2
-    for unit in units:
-        for name, parameter in unit.named_parameters():
-            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"{type(unit).__name__}.{name}"
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.99, nesterov=True)  # nnU-Net's
+    x = torch.randn(2, 2, *input_size)
+    for step in range(2):
+        optimizer.zero_grad()
+        sum(o.square().mean() for o in network(x)).backward()
+        for unit in units:
+            for name, parameter in unit.named_parameters():
+                has_gradient = parameter.grad is not None and parameter.grad.abs().sum() > 0
+                assert has_gradient or (step == 0 and isinstance(unit, GlobalCompensationUnit) and name != "scale"), \
+                    f"step {step}: {type(unit).__name__}.{name}"
+        optimizer.step()
 
 
 def test_with_rcu_the_residual_channel_is_split_off_and_changes_the_output():
@@ -87,9 +95,8 @@ def test_with_rcu_the_residual_channel_is_split_off_and_changes_the_output():
     changed[:, 0] = torch.randn_like(changed[:, 0])
     with torch.no_grad():
         assert not torch.allclose(network(x)[0], network(changed)[0], atol=1e-6)
-        # the residual channel reaches the output through the RCU only
-        network.decoder.region_compensation["0"].scale.zero_()
-        assert torch.allclose(network(x)[0], network(changed)[0])
+        network.decoder.region_compensation = torch.nn.ModuleDict()  # the residual reaches the output via RCUs only
+        assert torch.equal(network(x)[0], network(changed)[0])
 
 
 def test_without_rcu_every_channel_is_an_image_channel():
@@ -100,8 +107,8 @@ def test_without_rcu_every_channel_is_an_image_channel():
 
 
 @pytest.mark.parametrize("kwargs, n_gcu, n_rcu", [
-    (dict(), 3, 1),
-    (dict(use_gcu=False), 0, 1),
+    (dict(), 3, 2),  # RCUs at the two finest decoder stages by default
+    (dict(use_gcu=False), 0, 2),
     (dict(use_rcu=False), 3, 0),
     (dict(use_gcu=False, use_rcu=False), 0, 0),
     (dict(rcu_stages=(0, 1, 2)), 3, 3),
@@ -124,13 +131,24 @@ def test_without_both_units_it_is_the_plain_unet_of_the_plans():
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(network(x), plain(x)))
 
 
-def test_plain_unet_weights_load_into_the_full_network():
-    network = build(use_rcu=False)
+@pytest.mark.parametrize("use_rcu", [False, True])
+def test_plain_unet_weights_load_and_at_initialization_only_the_rcu_changes_its_output(use_rcu):
+    """A PlainConvUNet of the same plans (on the image channels) loads with only GCU/RCU keys missing; then,
+    GCUs being the identity at initialization, the network without RCUs gives exactly PlainConvUNet's output."""
+    network = build(use_rcu=use_rcu, input_channels=2, residual_channels=[1]).eval()
     plain, _ = build_network_from_plans("dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                                        HIPPOCAMPUS, "3d_fullres", 2, 3)
+                                        HIPPOCAMPUS, "3d_fullres", len(network.image_channels), 3)
     missing, unexpected = network.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected
-    assert missing and all(".global_compensation." in key for key in missing)
+    assert missing and all(".global_compensation." in key or ".region_compensation." in key for key in missing)
+    assert any(".global_compensation." in key for key in missing)
+    x = torch.randn(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        expected = plain.eval()(x[:, network.image_channels])
+        if use_rcu:
+            assert not torch.allclose(network(x)[0], expected[0], atol=1e-4)
+            network.decoder.region_compensation = torch.nn.ModuleDict()
+        assert all(torch.equal(a, b) for a, b in zip(network(x), expected))
 
 
 def test_empty_residual_channels_with_rcu_name_the_residuals_command():

@@ -4,8 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_grcsf.architectures.blocks.mixatt import (MixingAttention, MonteCarloChannelAttention,
-                                                        _ChannelAndSpatialScaling, scale_channels_and_positions)
+from nnunetv2_grcsf.architectures.blocks.mixatt import MixingAttention, MonteCarloChannelAttention
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 ADAPTIVE_POOL = {2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
@@ -20,7 +19,9 @@ def test_eval_is_deterministic_and_uses_the_global_average_pool(dim, size):
     attention = MonteCarloChannelAttention(CONV[dim], channels=8).eval()
     x = torch.randn(2, 8, *size)
     with torch.no_grad():
-        expected = x * attention.excitation(x.mean(tuple(range(2, 2 + dim)), keepdim=True))
+        excitation = attention.excitation
+        pooled = x.mean(tuple(range(2, 2 + dim)), keepdim=True)
+        expected = x * torch.sigmoid(excitation.fc2(torch.relu(excitation.fc1(pooled))))
         outputs = [attention(x) for _ in range(5)]
     assert all(torch.equal(out, outputs[0]) for out in outputs)
     assert torch.allclose(outputs[0], expected, atol=1e-6)
@@ -51,21 +52,13 @@ def test_shuffled_descriptor_is_random_and_an_unbiased_estimate_of_the_global_av
     assert torch.allclose(draws.mean(0), x.mean((2, 3)).flatten(), atol=0.08)
 
 
-def test_channel_and_spatial_scaling_gradients():
-    torch.manual_seed(0)
-    inputs = (torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True),
-              torch.rand(2, 3, 1, 1, dtype=torch.float64, requires_grad=True),
-              torch.rand(2, 1, 4, 5, dtype=torch.float64, requires_grad=True))
-    assert torch.allclose(_ChannelAndSpatialScaling.apply(*inputs), inputs[0] * inputs[1] * inputs[2])
-    assert torch.autograd.gradcheck(_ChannelAndSpatialScaling.apply, inputs)
-
-
 @pytest.mark.parametrize("dim, attention", [(2, "msda"), (3, "msda"), (2, "global"), (3, "global"), (2, None),
                                             (3, None)])
 def test_mixing_attention_shapes_and_every_parameter_learns(dim, attention):
     torch.manual_seed(0)
-    mixing = MixingAttention(CONV[dim], channels=16, attention=attention, num_heads=4, dilations=(1, 2)).train()
-    x = torch.randn(2, 16, *[5] * dim, requires_grad=True)
+    mixing = MixingAttention(CONV[dim], channels=16, attention=attention, num_heads=3, dilations=(1, 2, 3),
+                             head_dim=8).train()
+    x = torch.randn(2, 16, *[7] * dim, requires_grad=True)
     out = mixing(x)
     assert out.shape == x.shape
     out.square().mean().backward()
@@ -73,6 +66,29 @@ def test_mixing_attention_shapes_and_every_parameter_learns(dim, attention):
     for name, parameter in mixing.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
     assert (mixing.attention is None) == (attention is None)
+
+
+@pytest.mark.parametrize("attention", ["msda", None])
+def test_output_is_identity_plus_self_attention_plus_monte_carlo_scaled_input(attention):
+    """The scaffold's x + attention(x) + x * MC(x): with the attention's output projection zeroed and the channel
+    weights sigmoid(0) = 1/2, the block is 1.5 x (not a gate that shrinks the features)."""
+    torch.manual_seed(0)
+    mixing = MixingAttention(nn.Conv3d, channels=8, attention=attention, num_heads=2, dilations=(1, 2)).train()
+    x = torch.randn(2, 8, 5, 6, 5)
+    torch.manual_seed(1)
+    out = mixing(x)
+    torch.manual_seed(1)  # the same Monte Carlo draw
+    expected = x + x * mixing.channel_attention.weights(x)
+    if attention is not None:
+        expected = expected + mixing.self_attention(x)
+    assert torch.allclose(out, expected, atol=1e-6)
+    with torch.no_grad():
+        mixing.channel_attention.excitation.fc2.weight.zero_()
+        mixing.channel_attention.excitation.fc2.bias.zero_()
+        if attention is not None:
+            mixing.attention.proj.weight.zero_()
+            mixing.attention.proj.bias.zero_()
+        assert torch.allclose(mixing(x), 1.5 * x, atol=1e-6)
 
 
 def test_mixing_attention_checkpointing_gives_the_same_output_and_gradients():
@@ -90,18 +106,27 @@ def test_mixing_attention_checkpointing_gives_the_same_output_and_gradients():
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
 
 
-@pytest.mark.parametrize("attention", ["msda", None])
-def test_gates_applied_by_the_scaling_are_the_forward(attention):
-    """gates(x) is what the FIAS decoder keeps (the product is recomputed where it is used): same output."""
+@pytest.mark.parametrize("dim, attention", [(2, "msda"), (3, "msda"), (3, None)])
+@pytest.mark.parametrize("shuffle_positions", [True, False])
+def test_training_block_traces_without_graph_breaks(dim, attention, shuffle_positions):
+    """Monte Carlo draws are tensors: TorchDynamo traces one graph (no break, no per-draw Python number)."""
+    torch._dynamo.reset()
+    mixing = MixingAttention(CONV[dim], channels=16, attention=attention, num_heads=3, dilations=(1, 2, 3),
+                             head_dim=8, shuffle_positions=shuffle_positions).train()
+    explanation = torch._dynamo.explain(mixing)(torch.randn(1, 16, *[7] * dim, requires_grad=True))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_float16_autocast_on_cpu_gives_finite_output_and_gradients():
     torch.manual_seed(0)
-    mixing = MixingAttention(nn.Conv3d, channels=8, attention=attention, num_heads=2, dilations=(1, 2)).train()
-    x = torch.randn(2, 8, 5, 6, 5)
-    torch.manual_seed(1)
-    expected = mixing(x)
-    torch.manual_seed(1)  # the same Monte Carlo draw
-    mixed, channel_weights, spatial_weights = mixing.gates(x)
-    assert channel_weights.shape == (2, 8, 1, 1, 1) and spatial_weights.shape == (2, 1, 5, 6, 5)
-    assert torch.equal(scale_channels_and_positions(mixed, channel_weights, spatial_weights), expected)
+    mixing = MixingAttention(nn.Conv3d, channels=16, attention="msda", num_heads=3, dilations=(1, 2, 3),
+                             head_dim=8).train()
+    x = torch.randn(2, 16, 7, 7, 7)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = mixing(x)
+    gradients = torch.autograd.grad(out.float().square().mean(), list(mixing.parameters()))
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in gradients)
 
 
 def test_bad_pool_sizes_are_a_named_error():

@@ -1,67 +1,188 @@
-"""RegionCompensationUnit: shapes in 2D/3D (anisotropic patches included), gradients, dependence, errors."""
+"""RegionCompensationUnit: the windowed attention against an explicit softmax(QK^T)V, locality, the importance
+score, shapes in 2D/3D (anisotropic patches and strides included), gradients, float16 autocast, errors."""
+import itertools
+
 import pytest
 import torch
 from torch import nn
 
-from nnunetv2_grcsf.architectures.blocks.rcu import RegionCompensationUnit, split_into_patches
+from nnunetv2_grcsf.architectures.blocks.rcu import (RegionCompensationUnit, default_token_patch_size,
+                                                     distance_bias, split_into_patches, windowed_cross_attention)
 
 
-def rcu_inputs(batch, feature_channels, feature_size, residual_channels, residual_size, global_channels, patch_size):
-    grid = [s // p for s, p in zip(residual_size, patch_size)]
+def rcu_inputs(batch, feature_channels, residual_size, feature_stride, residual_channels, global_channels,
+               global_grid):
+    feature_size = [s // r for s, r in zip(residual_size, feature_stride)]
     return (torch.randn(batch, feature_channels, *feature_size), torch.randn(batch, residual_channels, *residual_size),
-            torch.randn(batch, global_channels, *grid))
+            torch.randn(batch, global_channels, *global_grid))
 
 
-CASES = [  # conv_op, feature size S, residual size S_full, patch size
-    (nn.Conv2d, (32, 24), (32, 24), (8, 8)),
-    (nn.Conv2d, (16, 12), (32, 24), (8, 4)),  # features at half resolution
-    (nn.Conv3d, (8, 16, 16), (8, 16, 16), (2, 4, 4)),
-    (nn.Conv3d, (8, 8, 8), (8, 16, 16), (1, 4, 4)),  # anisotropic patch, features downsampled by (1, 2, 2)
+CASES = [  # conv_op, residual size S, patch size, feature stride, global grid
+    (nn.Conv2d, (32, 24), (8, 8), (1, 1), (2, 3)),
+    (nn.Conv2d, (32, 24), (8, 4), (2, 2), (4, 6)),  # features at half resolution, global grid = token grid
+    (nn.Conv3d, (8, 16, 16), (2, 4, 4), (1, 1, 1), (1, 2, 2)),
+    (nn.Conv3d, (8, 16, 16), (1, 4, 4), (1, 2, 2), (4, 2, 2)),  # anisotropic patch and stride
 ]
 
 
-@pytest.mark.parametrize("conv_op, feature_size, residual_size, patch_size", CASES)
-def test_output_has_the_feature_shape(conv_op, feature_size, residual_size, patch_size):
+@pytest.mark.parametrize("conv_op, residual_size, patch_size, feature_stride, global_grid", CASES)
+def test_output_has_the_feature_shape_and_every_parameter_gets_a_gradient(conv_op, residual_size, patch_size,
+                                                                           feature_stride, global_grid):
     torch.manual_seed(0)
-    rcu = RegionCompensationUnit(conv_op, 8, 2, 16, patch_size)
-    features, residual_map, global_features = rcu_inputs(2, 8, feature_size, 2, residual_size, 16, patch_size)
+    rcu = RegionCompensationUnit(conv_op, 8, 2, 16, patch_size, feature_stride)
+    features, residual_map, global_features = rcu_inputs(2, 8, residual_size, feature_stride, 2, 16, global_grid)
     out = rcu(features, residual_map, global_features)
     assert out.shape == features.shape
-    assert not torch.allclose(out, features)
-
-
-@pytest.mark.parametrize("conv_op, feature_size, residual_size, patch_size", [CASES[1], CASES[3]])
-def test_every_parameter_gets_a_gradient(conv_op, feature_size, residual_size, patch_size):
-    torch.manual_seed(0)
-    rcu = RegionCompensationUnit(conv_op, 8, 1, 16, patch_size, embed_channels=12, num_heads=3)
-    rcu(*rcu_inputs(2, 8, feature_size, 1, residual_size, 16, patch_size)).square().sum().backward()
+    out.square().sum().backward()
     for name, parameter in rcu.named_parameters():
-        assert parameter.grad is not None, name
-        assert parameter.grad.abs().sum() > 0, name
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("changed", ["residual_map", "global_features"])
-def test_output_depends_on_the_residual_map_and_the_global_features(changed):
+def explicit_windowed_attention(query, key, value, log_prior, num_heads, window, bias):
+    """softmax(Q K^T / sqrt(d) + log_prior + bias) V pixel by pixel, over the window patches inside the grid."""
+    batch, channels, *size = query.shape
+    grid = list(key.shape[2:])
+    within = [s // g for s, g in zip(size, grid)]
+    head_channels = channels // num_heads
+    centre = (window - 1) // 2
+    offsets = list(itertools.product(range(window), repeat=len(grid)))
+    out = torch.zeros_like(query)
+    for b, pixel in itertools.product(range(batch), itertools.product(*[range(s) for s in size])):
+        patch = [p // q for p, q in zip(pixel, within)]
+        inside = list(itertools.product(*[range(q) for q in within])).index(tuple(p % q for p, q in
+                                                                                  zip(pixel, within)))
+        for h in range(num_heads):
+            heads = slice(h * head_channels, (h + 1) * head_channels)
+            logits, values = [], []
+            for w, offset in enumerate(offsets):
+                neighbour = [p + o - centre for p, o in zip(patch, offset)]
+                if all(0 <= n < g for n, g in zip(neighbour, grid)):
+                    k = key[(b, heads, *neighbour)]
+                    logits.append(query[(b, heads, *pixel)] @ k / head_channels ** 0.5 +
+                                  log_prior[(b, 0, *neighbour)] + bias[0, h, inside, w])
+                    values.append(value[(b, heads, *neighbour)])
+            out[(b, heads, *pixel)] = torch.softmax(torch.stack(logits), 0) @ torch.stack(values)
+    return out
+
+
+@pytest.mark.parametrize("size, grid, window, num_heads", [((8, 6), (4, 3), 3, 2), ((4, 4, 6), (2, 2, 3), 3, 1),
+                                                           ((6, 4), (3, 2), 5, 2)])
+def test_windowed_attention_equals_an_explicit_softmax_qkt_v(size, grid, window, num_heads):
     torch.manual_seed(0)
-    rcu = RegionCompensationUnit(nn.Conv3d, 8, 1, 16, (2, 4, 4)).eval()
-    inputs = dict(zip(["features", "residual_map", "global_features"],
-                      rcu_inputs(1, 8, (4, 8, 8), 1, (4, 8, 8), 16, (2, 4, 4))))
-    reference = rcu(**inputs)
-    inputs[changed] = torch.randn_like(inputs[changed])
-    assert not torch.allclose(rcu(**inputs), reference, atol=1e-6)
+    within = [s // g for s, g in zip(size, grid)]
+    query = torch.randn(2, 4, *size, dtype=torch.float64)
+    key, value = torch.randn(2, 4, *grid, dtype=torch.float64), torch.randn(2, 4, *grid, dtype=torch.float64)
+    log_prior = torch.nn.functional.logsigmoid(3 * torch.randn(2, 1, *grid, dtype=torch.float64))
+    bias = distance_bias(within, window, [0.5 * 2 ** h for h in range(num_heads)]).double()
+    out = windowed_cross_attention(query, key, value, log_prior, num_heads, window, bias)
+    reference = explicit_windowed_attention(query, key, value, log_prior, num_heads, window, bias)
+    assert torch.allclose(out, reference, atol=1e-10)
+
+
+def test_distance_bias_prefers_the_pixels_own_patch_and_the_near_side():
+    bias = distance_bias([4, 4], 3, [0.5])[0, 0]  # (16 pixels, 9 window patches), row-major; centre patch = 4
+    assert (bias.argmax(dim=1) == 4).all()
+    top_left, bottom_right = 0, 15  # pixels; window patches 0 (up-left) and 8 (down-right)
+    assert bias[top_left, 0] > bias[top_left, 8] and bias[bottom_right, 8] > bias[bottom_right, 0]
+
+
+@pytest.mark.parametrize("conv_op, residual_size, patch_size, feature_stride", [
+    (nn.Conv2d, (48, 48), (8, 8), (1, 1)), (nn.Conv2d, (48, 48), (8, 8), (2, 2)),
+    (nn.Conv3d, (12, 24, 24), (2, 4, 4), (1, 2, 2))])
+def test_a_change_inside_one_patch_reaches_only_its_window(conv_op, residual_size, patch_size, feature_stride):
+    """Locality: pixels whose window does not contain the changed patch keep exactly their output; pixels of the
+    changed patch change."""
+    torch.manual_seed(0)
+    rcu = RegionCompensationUnit(conv_op, 8, 1, 16, patch_size, feature_stride, window=3).eval()
+    grid = [s // p for s, p in zip(residual_size, patch_size)]
+    features, residual_map, global_features = rcu_inputs(1, 8, residual_size, feature_stride, 1, 16, grid)
+    patch = [g // 2 for g in grid]
+    changed = residual_map.clone()
+    changed[(0, 0, *[slice(t * p, (t + 1) * p) for t, p in zip(patch, patch_size)])] += 5.0
+    with torch.no_grad():
+        difference = (rcu(features, changed, global_features) - rcu(features, residual_map,
+                                                                    global_features)).abs().amax(1)[0]
+    within = [p // r for p, r in zip(patch_size, feature_stride)]
+    token_of_pixel = torch.stack(torch.meshgrid(*[torch.arange(s) // q for s, q in zip(difference.shape, within)],
+                                                indexing="ij"))
+    chebyshev = (token_of_pixel - torch.tensor(patch).view(-1, *[1] * len(grid))).abs().amax(0)
+    assert (difference[chebyshev > 1] == 0).all()
+    assert (difference[chebyshev == 0] > 1e-3).all()
+
+
+def scored_rcu(conv_op=nn.Conv2d, patch_size=(4, 4)):
+    """An RCU whose importance logit is the (positive part of the) global features' single channel."""
+    torch.manual_seed(0)
+    rcu = RegionCompensationUnit(conv_op, 8, 1, 1, patch_size, importance_hidden_channels=1).eval()
+    with torch.no_grad():
+        first, last = rcu.importance.score[0], rcu.importance.score[2]
+        first.weight.fill_(1.0), first.bias.zero_(), last.weight.fill_(1.0), last.bias.zero_()
+    return rcu
 
 
 def test_a_patch_with_zero_importance_contributes_nothing():
-    """The importance score weights each patch's contribution: with all scores 0 the unit is the identity."""
-    torch.manual_seed(0)
-    rcu = RegionCompensationUnit(nn.Conv2d, 8, 1, 16, (4, 4)).eval()
+    """Patch (1, 1) gets importance 0, the others about 1: a change of the residual map inside patch (1, 1)
+    changes no output at all; the same change in patch (1, 2) does."""
+    rcu = scored_rcu()
+    features, residual_map = torch.randn(1, 8, 16, 16), torch.randn(1, 1, 16, 16)
+    global_features = torch.full((1, 1, 4, 4), 5.0)
+    global_features[0, 0, 1, 1] = -1e6  # logit -1e4 after the LeakyReLU: score 0
+    reference = rcu(features, residual_map, global_features)
+    for patch, expect_change in [((1, 1), False), ((1, 2), True)]:
+        changed = residual_map.clone()
+        changed[0, 0, 4 * patch[0]:4 * patch[0] + 4, 4 * patch[1]:4 * patch[1] + 4] += 5.0
+        with torch.no_grad():
+            changes = not torch.equal(rcu(features, changed, global_features), reference)
+        assert changes == expect_change, patch
+
+
+def test_global_features_act_only_through_the_importance_score():
+    rcu = scored_rcu()
+    features, residual_map = torch.randn(1, 8, 16, 16), torch.randn(1, 1, 16, 16)
     with torch.no_grad():
-        last_conv = rcu.importance.score[2]
-        last_conv.weight.zero_()
-        last_conv.bias.fill_(-1e4)  # sigmoid -> 0
-        rcu.output_projection.bias.zero_()
-    features, residual_map, global_features = rcu_inputs(1, 8, (8, 8), 1, (8, 8), 16, (4, 4))
-    assert torch.allclose(rcu(features, residual_map, global_features), features)
+        low, high = (rcu(features, residual_map, torch.full((1, 1, 4, 4), v)) for v in (0.5, 4.0))
+        assert not torch.allclose(low, high)  # different scores, different outputs
+        rcu.importance.score[2].weight.zero_()  # every score sigmoid(0), whatever the global features
+        low, high = (rcu(features, residual_map, torch.full((1, 1, 4, 4), v)) for v in (0.5, 4.0))
+        assert torch.equal(low, high)
+
+
+def test_the_residual_map_reaches_the_output_through_both_paths():
+    """The pixel path alone (attention values zero) and the attention alone (pixel projection zero) each make
+    the output depend on the residual map."""
+    torch.manual_seed(0)
+    inputs = rcu_inputs(1, 8, (16, 16), (1, 1), 1, 16, (2, 2))
+    changed = (inputs[0], torch.randn_like(inputs[1]), inputs[2])
+    for parameter in ["key_value", "pixel_projection"]:
+        rcu = RegionCompensationUnit(nn.Conv2d, 8, 1, 16, (8, 8)).eval()
+        with torch.no_grad():
+            getattr(rcu, parameter).weight.zero_()
+            if parameter == "key_value":
+                rcu.key_value.bias.zero_()
+            assert not torch.allclose(rcu(*inputs), rcu(*changed), atol=1e-4), f"{parameter} zeroed"
+
+
+def test_float16_autocast_gives_finite_outputs_and_gradients():
+    torch.manual_seed(0)
+    rcu = RegionCompensationUnit(nn.Conv2d, 8, 1, 16, (4, 4))
+    features, residual_map, global_features = rcu_inputs(2, 8, (16, 16), (1, 1), 1, 16, (2, 2))
+    with torch.no_grad():  # queries and keys within float16's range, their dot products far beyond it
+        rcu.query.weight.mul_(1e4)
+        rcu.key_value.weight.mul_(20.0)
+    queries = []
+    rcu.query.register_forward_hook(lambda module, args, output: queries.append(output))
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = rcu(features, residual_map, global_features)
+    assert queries[0].dtype == torch.float16 and torch.isfinite(queries[0]).all() and queries[0].abs().max() > 1e3
+    assert torch.isfinite(out).all()
+    out.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in rcu.parameters())
+
+
+def test_default_token_patch_size_is_eight_where_the_strides_allow():
+    assert default_token_patch_size([[1, 1], [2, 2], [2, 2], [2, 2], [2, 2], [2, 2]]) == [8, 8]
+    assert default_token_patch_size([[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]]) == [2, 8, 8]
+    assert default_token_patch_size([[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]) == [8, 8, 8]
 
 
 def test_patch_splitting_is_a_conv_with_kernel_equal_stride():
@@ -78,14 +199,16 @@ def test_residual_size_not_divisible_by_the_patch_size_is_a_clear_error():
         rcu(torch.randn(1, 8, 12, 16), torch.randn(1, 1, 12, 16), torch.randn(1, 16, 1, 2))
 
 
-def test_global_features_off_the_patch_grid_are_a_clear_error():
+def test_global_features_off_the_token_grid_are_a_clear_error():
     rcu = RegionCompensationUnit(nn.Conv2d, 8, 1, 16, (8, 8))
-    with pytest.raises(ValueError, match="expected the patch grid"):
-        rcu(torch.randn(1, 8, 16, 16), torch.randn(1, 1, 16, 16), torch.randn(1, 16, 4, 4))
+    with pytest.raises(ValueError, match="must be a multiple of it"):
+        rcu(torch.randn(1, 8, 16, 16), torch.randn(1, 1, 16, 16), torch.randn(1, 16, 3, 3))
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(embed_channels=10, num_heads=3), "not divisible by num_heads"),
-                                           (dict(patch_size=(4, 4, 4)), "one entry per spatial axis")])
+@pytest.mark.parametrize("kwargs, match", [(dict(num_heads=3), "not divisible by num_heads"),
+                                           (dict(patch_size=(4, 4, 4)), "one entry per spatial axis"),
+                                           (dict(feature_stride=(8, 8)), "not divisible by the features' stride"),
+                                           (dict(window=2), "odd")])
 def test_bad_settings_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RegionCompensationUnit(nn.Conv2d, 8, 1, 16, **{"patch_size": (4, 4), **kwargs})

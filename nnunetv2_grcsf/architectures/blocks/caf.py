@@ -16,9 +16,7 @@ Our choices: explicit, input-dependent branch weights that sum to one at every c
 - spatial context: a linear map of both branches' features at each position (a 1x1 conv of their
   concatenation (B, 2C, *S)) -> one logit difference per position (B, 1, *S), shared by the channels.
 Both contexts see both branches, so the balance reacts to either. Only the logit difference is computed: the
-two-way softmax is the sigmoid of it, which stores one weight map instead of two. (A CBAM-like spatial conv
-over channel-mean/max maps was measured on CPU: a conv with 2-4 channels costs as much time as a full 3x3
-conv of the stage.)
+two-way softmax is the sigmoid of it, which stores one weight map instead of two.
 """
 from typing import Sequence, Type
 
@@ -27,28 +25,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from nnunetv2_grcsf.architectures.blocks.dmk import feature_map_estimate
-
-
-class ChannelProjection(nn.Module):
-    """Per-position linear map of the channels to one value: (B, C, *S) -> (B, 1, *S).
-
-    The same function as a 1x1 conv with one output channel, computed as a batched matrix product
-    (1, C) @ (C, prod(S)) per sample: on CPU a conv with one output costs as much as one with C, and the
-    weighted channel sum ``(x * w).sum(1)`` makes a full-size temporary in the forward pass and two in the
-    backward pass (6x slower than the product at 2 x 32 x 224 x 256). The input is read in place when it is
-    contiguous (NC...), as the FIAS blocks give it.
-    """
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.linear = nn.Linear(channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels = x.shape[:2]
-        out = torch.baddbmm(self.linear.bias.view(1, 1, 1), self.linear.weight.expand(batch, 1, channels),
-                            x.reshape(batch, channels, -1))
-        return out.view(batch, 1, *x.shape[2:])
+from nnunetv2_grcsf.architectures.helpers import feature_map_estimate
 
 
 class ChannelContext(nn.Module):
@@ -70,10 +47,10 @@ class ChannelContext(nn.Module):
 class SpatialContext(nn.Module):
     """Features of both branches at each position -> global-minus-local logit: (B, C, *S) x2 -> (B, 1, *S)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, conv_op: Type[_ConvNd], channels: int):
         super().__init__()
-        self.global_projection = ChannelProjection(channels)
-        self.local_projection = ChannelProjection(channels)
+        self.global_projection = conv_op(channels, 1, 1)
+        self.local_projection = conv_op(channels, 1, 1)
 
     def forward(self, global_features: torch.Tensor, local_features: torch.Tensor) -> torch.Tensor:
         return self.global_projection(global_features) + self.local_projection(local_features)
@@ -87,27 +64,28 @@ class ContextAwareFusion(nn.Module):
         channels: C of both branches.
         reduction: channel-context MLP width is max(2C / reduction, 8).
 
-    Shapes: global_features, local_features (B, C, *S) -> (B, C, *S); with ``return_weights=True`` also the
-    branch weights (B, 2, C, *S) ([:, 0] global, [:, 1] local; they sum to one).
+    Shapes: global_features, local_features (B, C, *S) -> (B, C, *S); ``global_weight`` -> (B, C, *S) (the
+    local branch's weight is one minus it).
     """
 
     def __init__(self, conv_op: Type[_ConvNd], channels: int, reduction: int = 4):
         super().__init__()
         self.channel_context = ChannelContext(conv_op, channels, reduction)
-        self.spatial_context = SpatialContext(channels)
+        self.spatial_context = SpatialContext(conv_op, channels)
         self.channels = channels
 
-    def forward(self, global_features: torch.Tensor, local_features: torch.Tensor, return_weights: bool = False):
+    def global_weight(self, global_features: torch.Tensor, local_features: torch.Tensor) -> torch.Tensor:
+        """The global branch's weight in (0, 1): softmax over the two branches' logits = sigmoid of their
+        difference."""
+        return torch.sigmoid(self.channel_context(global_features, local_features) +
+                             self.spatial_context(global_features, local_features))
+
+    def forward(self, global_features: torch.Tensor, local_features: torch.Tensor) -> torch.Tensor:
         if global_features.shape != local_features.shape:
             raise ValueError(f"ContextAwareFusion: branch shapes differ: global {tuple(global_features.shape)}, "
                              f"local {tuple(local_features.shape)}.")
-        # softmax over the two branches = sigmoid of the difference of their logits
-        weight_global = torch.sigmoid(self.channel_context(global_features, local_features) +
-                                      self.spatial_context(global_features, local_features))  # (B, C, *S)
-        fused = local_features + weight_global * (global_features - local_features)
-        if return_weights:
-            return fused, torch.stack([weight_global, 1 - weight_global], 1)
-        return fused
+        weight_global = self.global_weight(global_features, local_features)  # (B, C, *S)
+        return local_features + weight_global * (global_features - local_features)
 
     def compute_conv_feature_map_size(self, size: Sequence[int]) -> np.int64:
         """Activation estimate at spatial size ``size`` (see ``feature_map_estimate``)."""

@@ -1,23 +1,26 @@
-"""Global Compensation Unit (GCU) of GRCSF: gives back what a downsampling stage throws away.
+"""Global Compensation Unit (GCU) of GRCSF: gives a downsampling stage back detail and global context.
 
 What the paper states (Wang, Chen, Yang, Kim, arXiv 2502.08675, abstract only; no official code):
 the GCU preserves global context and fine detail during multiscale downsampling in the U-shaped backbone.
 
 Everything below that level is our design. One GCU sits beside every downsampling encoder stage
-(stride product > 1) and adds a compensation to that stage's output:
+(stride product > 1) and adds a compensation, computed from the stage's *input*, to the stage's output:
 
-- Fine detail: a lossless space-to-depth rearrangement of the stage input (pixel-unshuffle generalized
-  to N-D and per-axis strides such as (1, 2, 2): every input value lands in exactly one output cell)
-  followed by a 1x1 projection to the stage's output channels. That composition is exactly one conv with
-  kernel = stride = the stage stride, which is how it is computed (no reshuffle copy). Unlike the
-  stage's strided 3x3 convs it is a linear, unsaturated path (no nonlinearity, no dropout) that carries
-  the whole content of each output cell's input block; the plans' norm op scales it like the stage output.
-- Global context: global average pooling of the stage input -> two 1x1 convs (bottleneck MLP with
-  LeakyReLU) -> sigmoid gives one weight per output channel that gates the detail path (squeeze-excitation
-  style), so the image-wide context decides which detail channels are compensated.
-- Fusion: stage_output + scale * gate * detail, with a learnable per-channel scale initialized to
-  ``init_scale`` (small, so the encoder starts near the plain backbone, but non-zero so every parameter
-  gets a gradient from the first step).
+- Detail lost by downsampling: a space-to-depth rearrangement of the stage input (pixel-unshuffle in N-D,
+  per-axis strides such as (1, 2, 2): every input value of a stride block lands in one output cell, nothing
+  is dropped) to C_in * prod(stride) channels, then a 1x1 projection to C_out channels and the plans' norm.
+  The rearrangement is lossless; the projection is not: it keeps C_out of C_in * prod(stride) dimensions
+  (with nnU-Net's doubling channels 2:1 in 2D and 4:1 in 3D, and 4:1 / 8:1 where the channels stop growing).
+  What it adds over the stage's strided 3x3 convs is a linear, unsaturated path that sees every value of each
+  block. The composition is exactly one conv with kernel = stride = the stage stride, computed that way
+  (no rearrangement copy).
+- Global context (squeeze-excitation and GCNet style): the stage input averaged over all positions, through a
+  two-layer 1x1 MLP, gives per output channel a sigmoid gate of the detail path and an additive context term
+  broadcast over all positions. (dynamic-network-architectures' SqueezeExcite does not fit: it gates its own
+  input, and it pools axes (2, 3) only, so in 3D it gates per slice of the last axis.)
+- Fusion: stage_output + scale * (gate * detail + context), ``scale`` per output channel initialized to 0:
+  at initialization the GCU is exactly the identity of the backbone (a checkpoint of the plain network
+  behaves the same). ``scale`` gets a gradient from the first step; once it moves, every other parameter does.
 
 Shapes: stage_input (B, C_in, *S), stage_output (B, C_out, *(S / stride)) -> (B, C_out, *(S / stride)).
 2D and 3D share one code path: ``conv_op`` decides.
@@ -32,22 +35,24 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 
-class GlobalContextGate(nn.Module):
-    """(B, C_in, *S) -> per-channel weights (B, C_out, 1, ..., 1) in (0, 1) from the global average."""
+class GlobalContext(nn.Module):
+    """(B, C_in, *S) -> per output channel a gate in (0, 1) and a context term, each (B, C_out, 1, ..., 1),
+    from the average over all positions."""
 
     def __init__(self, conv_op: Type[_ConvNd], in_channels: int, out_channels: int, hidden_channels: int):
         super().__init__()
         self.mlp = nn.Sequential(conv_op(in_channels, hidden_channels, kernel_size=1),
                                  nn.LeakyReLU(negative_slope=0.01),
-                                 conv_op(hidden_channels, out_channels, kernel_size=1),
-                                 nn.Sigmoid())
+                                 conv_op(hidden_channels, 2 * out_channels, kernel_size=1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x.mean(dim=tuple(range(2, x.ndim)), keepdim=True))
+    def forward(self, x: torch.Tensor):
+        gate_logits, context = self.mlp(x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)).chunk(2, dim=1)
+        return torch.sigmoid(gate_logits), context
 
 
 class GlobalCompensationUnit(nn.Module):
-    """Adds a globally gated, lossless-downsampled copy of a stage's input to the stage's output.
+    """Adds the context-gated detail of a stage's input block by block, and its global context, to the stage's
+    output; the identity at initialization. See the module docstring.
 
     Args:
         conv_op: nn.Conv2d or nn.Conv3d; decides 2D/3D.
@@ -55,26 +60,25 @@ class GlobalCompensationUnit(nn.Module):
         out_channels: C_out, channels of the stage output.
         stride: the stage's stride (int or per-axis sequence, e.g. (1, 2, 2)).
         norm_op, norm_op_kwargs: normalization of the detail path (the plans' norm op); None -> instance norm.
-        gate_hidden_channels: width of the context-gate MLP; None -> max(8, C_out // 8).
-        init_scale: initial value of the per-channel scale of the compensation.
+        context_hidden_channels: width of the context MLP; None -> max(8, C_out // 8).
 
     Shapes: stage_input (B, C_in, *S), stage_output (B, C_out, *(S / stride)) -> (B, C_out, *(S / stride)).
     """
 
     def __init__(self, conv_op: Type[_ConvNd], in_channels: int, out_channels: int,
                  stride: Union[int, Sequence[int]], norm_op: Type[nn.Module] = None, norm_op_kwargs: dict = None,
-                 gate_hidden_channels: int = None, init_scale: float = 0.1):
+                 context_hidden_channels: int = None):
         super().__init__()
         self.stride = [int(s) for s in maybe_convert_scalar_to_list(conv_op, stride)]
         if norm_op is None:
             norm_op, norm_op_kwargs = get_matching_instancenorm(conv_op), {"affine": True}
-        gate_hidden_channels = max(8, out_channels // 8) if gate_hidden_channels is None else gate_hidden_channels
+        hidden = max(8, out_channels // 8) if context_hidden_channels is None else context_hidden_channels
         self.out_channels = out_channels
         self.detail_projection = conv_op(in_channels, out_channels, kernel_size=tuple(self.stride),
                                          stride=tuple(self.stride), bias=False)
         self.detail_norm = norm_op(out_channels, **(norm_op_kwargs or {}))
-        self.context_gate = GlobalContextGate(conv_op, in_channels, out_channels, gate_hidden_channels)
-        self.scale = nn.Parameter(torch.full((out_channels,), float(init_scale)))
+        self.context = GlobalContext(conv_op, in_channels, out_channels, hidden)
+        self.scale = nn.Parameter(torch.zeros(out_channels))
 
     def forward(self, stage_input: torch.Tensor, stage_output: torch.Tensor) -> torch.Tensor:
         detail = self.detail_norm(self.detail_projection(stage_input))
@@ -82,8 +86,10 @@ class GlobalCompensationUnit(nn.Module):
             raise ValueError(f"GlobalCompensationUnit: stage input {list(stage_input.shape)} downsampled by stride "
                              f"{self.stride} gives {list(detail.shape)}, but the stage output is "
                              f"{list(stage_output.shape)}; the input size must be divisible by the stride.")
-        channel_weights = self.scale.view(1, -1, *[1] * (stage_output.ndim - 2)) * self.context_gate(stage_input)
-        return torch.addcmul(stage_output, channel_weights, detail)
+        gate, context = self.context(stage_input)
+        scale = self.scale.view(1, -1, *[1] * (stage_output.ndim - 2))
+        # = stage_output + scale * (gate * detail + context); this order stores no extra full-size map
+        return torch.addcmul(stage_output + scale * context, scale * gate, detail)
 
     def compute_conv_feature_map_size(self, output_size: Sequence[int]) -> np.int64:
         """Feature-map elements this unit adds at the stage's output size, counted as dynamic_network_architectures

@@ -5,42 +5,47 @@ What the papers state:
 - FIAS (Liu, Xu, Ho, arXiv 2411.10881, abstract): the global path of the dual-path encoder is DilateFormer,
   which captures long-range global features.
 - DilateFormer (Jiao et al., IEEE TMM 2023; code: JIAOJIAYUASD/dilateformer, ``models/dilateformer.py``):
-  a 1x1 projection makes queries, keys and values; channels (and heads) are split into one group per dilation
-  (1, 2, 3; heads divisible by the number of dilations); in each group every position attends to its
-  kernel-3 neighbourhood sampled at that group's dilation (softmax over the k^2 neighbours, scale
-  head_dim^-0.5); the groups are concatenated and linearly projected. A block is: depthwise-conv positional
-  encoding, pre-norm (LayerNorm) MSDA, pre-norm MLP with ratio 4 and GELU. MSDA is used in the two
-  high-resolution stages, plain global self-attention in the deeper ones.
+  a 1x1 projection makes queries, keys and values; heads are split into one group per dilation (1, 2, 3; heads
+  divisible by the number of dilations); in each group every position attends to its kernel-3 neighbourhood
+  sampled at that group's dilation (softmax over the k^2 neighbours, scale head_dim^-0.5); the groups are
+  concatenated and linearly projected. A block is: depthwise-conv positional encoding, pre-norm (LayerNorm)
+  MSDA, pre-norm MLP with ratio 4 and GELU. MSDA in the two high-resolution stages, plain global self-attention
+  in the deeper ones.
 
 Our choices:
 
+- Attention width decoupled from the stage's channels: q, k and v are projected from C channels to
+  ``num_heads * head_dim`` (groups x heads per group x head_dim) and the attention output back to C. So
+  DilateFormer's three groups (dilations 1, 2, 3) fit every nnU-Net channel count (32 * 2^k, 320), which are
+  never divisible into three equal channel groups.
 - One code path for 2D and 3D (``conv_op`` decides): the neighbourhood is k^d positions (27 in 3D).
-- Memory: DilateFormer gathers keys and values with ``nn.Unfold``, which stores k^d copies of them (27x in
-  3D). We never materialize that: for each neighbour offset, the positions whose neighbour lies inside the map
-  and those neighbours are two slice *views* of the unpadded q and k / v, and logits and weighted values are
-  accumulated offset by offset, for all head groups (one dilation each) in one custom autograd function whose
-  hand-written backward does the same. It saves q, k, v and the attention probabilities (k^d per head and
-  position, not per channel): about 3C + 27C / head_dim floats per position in 3D (4.7 C with head_dim 16)
-  instead of DilateFormer's 2 * 27 C for the unfolded keys and values alone. Under CUDA autocast it computes
-  in float32.
-- Speed: the q/k/v projection is computed as W @ tokens^T, which writes q, k, v directly in the channel-first
-  layout (3, groups, heads, head_dim, B, *S) the neighbour loop runs on, and the output projection reads that
-  layout transposed, so no permuted copies are made; no padded copies either (borders are slice regions).
-  Measured against the earlier per-group, zero-padded formulation (module forward + backward, CPU, one
-  thread): 3D Hippocampus stage 2 (2 x 128 x 10 x 14 x 10) 82 -> 55 ms, BraTS6 stage 2 (1 x 128 x 24 x 40 x
-  40) 1200 -> 695 ms, 2D BUSI256 stage 2 (2 x 128 x 56 x 64) 85 -> 62 ms; the same function (equal to 1e-5)
-  and the same stored tensors.
-- Borders: DilateFormer's zero padding lets out-of-image neighbours take part in the softmax with logit 0 and
-  value 0. We leave them out instead (logit -inf), so a window that covers the whole input is exactly global
-  attention. A feature map smaller than the dilated window ``dilation * (k - 1) + 1`` on an axis would leave
-  that group attending to little more than itself; :meth:`MultiScaleDilatedAttention.check_size` rejects it.
-- ``kernel_size`` may differ per axis (nnU-Net plans for anisotropic data have kernel 1 on some axes: the
-  window then has size 1 there).
-- Layout: the attention modules take (B, C, *S); internally, and in the blocks, tokens are channels-last
-  (B, *S, C) so LayerNorm and the projections are plain ``nn.LayerNorm`` / ``nn.Linear`` as in DilateFormer.
-- Global attention uses ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels where available).
-- The block's depthwise positional-encoding conv uses ``dmk.depthwise_conv`` (PyTorch's CPU backward of
-  depthwise convs is slow, see dmk.py); its parameters are those of the ``nn.Conv`` module it is stored in.
+  ``kernel_size`` may differ per axis (anisotropic plans have kernel 1 on some axes: the window is 1 there).
+- Borders (masked, not zero-padded): DilateFormer's zero padding lets out-of-map neighbours take part in the
+  softmax with logit 0 and value 0. We leave them out (logit -inf), so every position attends to the neighbours
+  that exist, and a window covering the whole map is exactly global attention. A map smaller than the widest
+  dilated window ``dilation * (k - 1) + 1`` on an axis would leave a group attending to little more than itself:
+  :meth:`MultiScaleDilatedAttention.check_size` rejects it.
+- Two implementations of the same function, chosen per call (``implementation='auto'``):
+  'flex' (CUDA tensors): ``torch.nn.attention.flex_attention`` over all positions of the map (tokens in
+  row-major order), one mask per head group (:func:`neighbourhood_mask_mod`) and a block-sparse
+  :class:`BlockMask` built from the window offsets (:func:`neighbourhood_block_mask`): only the
+  (128 x 128)-position blocks that hold a neighbour pair are computed, nothing of size N^2 is stored, and the
+  fused kernel keeps its softmax statistics in float32 (float16/bfloat16 AMP is safe). Outside torch.compile
+  the call goes through a compiled flex_attention (the eager flex_attention is an unfused dense reference).
+  Its compiled kernel needs head_dim >= 16 (the default). The block mask costs O(H (N / 128)^2) indices; in
+  row-major order a block of 128 queries needs the key blocks of the 3 planes x 3 rows around it (in 3D), so the
+  kernel evaluates more logits than the k^d neighbours (masked inside each block), still O(N) memory and work
+  linear in N for a fixed plane size.
+  'loop' (CPU, and the oracle the flex path is tested against): keys and values are never gathered
+  (DilateFormer's unfold stores k^d copies of them, 27 in 3D): for each neighbour offset, the positions whose
+  neighbour lies inside the map and those neighbours are slice views, and logits and weighted values are
+  accumulated offset by offset. It computes in float32 whatever the autocast dtype (logits q.k of float16 inputs
+  can overflow float16). Under torch.compile it is plain PyTorch ops (:func:`loop_neighbourhood_attention`,
+  traced without graph breaks; zero-padded k and v, stored with q, k, v and one probability per head, neighbour
+  and position); on eager CPU tensors the same function runs as one custom autograd function with a
+  hand-written backward (:class:`_CPUNeighbourhoodAttention`: no padded copies, several times faster on the CPU).
+- Global attention (deep stages) uses ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on
+  CUDA, which accumulate the softmax in float32); on the CPU under a float16/bfloat16 autocast it runs in float32.
 """
 import itertools
 import math
@@ -49,14 +54,20 @@ from typing import List, Sequence, Tuple, Type, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, maybe_convert_scalar_to_list
+from timm.layers import Mlp
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.modules.conv import _ConvNd
 
-from nnunetv2_grcsf.architectures.blocks.dmk import depthwise_conv, depthwise_layout, feature_map_estimate
+from nnunetv2_grcsf.architectures.helpers import depthwise_conv, feature_map_estimate, maybe_checkpoint
 
 ATTENTION_KINDS = ("msda", "global")
+IMPLEMENTATIONS = ("auto", "flex", "loop")
+FLEX_BLOCK_SIZE = 128  # flex_attention's default sparse block size
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+_compiled_flex_attention = None
 
 
 def dilated_window_extent(kernel_size: int, dilation: int) -> int:
@@ -67,6 +78,17 @@ def dilated_window_extent(kernel_size: int, dilation: int) -> int:
 def window_offsets(kernel_size: Sequence[int], dilation: int) -> List[Tuple[int, ...]]:
     """All neighbour offsets of a centred window (one tuple per neighbour, one entry per spatial axis)."""
     return list(itertools.product(*[[dilation * (i - (k - 1) // 2) for i in range(k)] for k in kernel_size]))
+
+
+def _outside_map(size: Sequence[int], offsets: Sequence[Tuple[int, ...]], device) -> torch.Tensor:
+    """(K, *S) bool: the neighbour at offset j of position n lies outside the map."""
+    outside = torch.zeros(len(offsets), *size, dtype=torch.bool, device=device)
+    for axis, extent in enumerate(size):
+        position = torch.arange(extent, device=device)
+        shifted = position[None] + torch.tensor([o[axis] for o in offsets], device=device)[:, None]  # (K, s)
+        view = [len(offsets)] + [extent if a == axis else 1 for a in range(len(size))]
+        outside = outside | ((shifted < 0) | (shifted >= extent)).view(view)
+    return outside
 
 
 def neighbour_regions(size: Sequence[int], kernel_size: Sequence[int], dilation: int) -> List[Tuple[tuple, tuple]]:
@@ -94,18 +116,20 @@ def _scratch_view(scratch: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return scratch[:like.numel()].view(like.shape)
 
 
-class _MultiDilationNeighborhoodAttention(torch.autograd.Function):
-    """Every head group attends to its dilated neighbourhood; hand-written backward, neighbour by neighbour.
+class _CPUNeighbourhoodAttention(torch.autograd.Function):
+    """CPU speed: :func:`loop_neighbourhood_attention` with a hand-written backward, neighbour by neighbour.
 
     qkv: (3, G, h, d, *T) with T = (B, *S) -> out (G, h, d, *T); group g uses dilations[g]. Logits
     scale * <q, k_j> for the neighbours j in the window, softmax over j; neighbours outside the map are left
     out. Keys and values are never gathered: each neighbour offset is a pair of slice views (query region, key
     region) of the unpadded tensors, and logits and weighted values are accumulated offset by offset.
-    Saves qkv and the probabilities (G, h, K, *T), K = prod(kernel_size).
+    Saves qkv and the probabilities (G, h, K, *T), K = prod(kernel_size). The same function and gradients as
+    the plain ops of :func:`loop_neighbourhood_attention`, several times faster on the CPU (in-place accumulation
+    into slice views, no padded copies); used on eager CPU tensors only (TorchDynamo cannot trace its in-place
+    ``out=`` accumulation without graph breaks).
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, qkv, kernel_size, dilations, scale):
         size = qkv.shape[5:]
         neighbours = math.prod(kernel_size)
@@ -131,7 +155,6 @@ class _MultiDilationNeighborhoodAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         qkv, probabilities = ctx.saved_tensors
         grad_out = grad_out.contiguous()
@@ -160,28 +183,102 @@ class _MultiDilationNeighborhoodAttention(torch.autograd.Function):
         return grad_qkv, None, None, None
 
 
-def multi_dilation_neighborhood_attention(qkv: torch.Tensor, kernel_size: Sequence[int], dilations: Sequence[int],
-                                          scale: float) -> torch.Tensor:
-    """MSDA's attention step: head group g attends to its window at ``dilations[g]``; outside neighbours left out.
+def loop_neighbourhood_attention(qkv: torch.Tensor, kernel_size: Sequence[int], dilations: Sequence[int],
+                                 scale: float, cpu_backward: bool = None) -> torch.Tensor:
+    """MSDA's attention step in plain PyTorch ops: head group g attends to its window at ``dilations[g]``.
 
-    qkv: (3, G, h, d, B, *S) (queries, keys, values; G = len(dilations) groups of h heads of size d)
-    -> (G, h, d, B, *S). Logits are scale * <q, k_j>. Memory: saves qkv and the probabilities
-    (G, h, prod(kernel_size), B, *S); temporaries of one group's (h, d, B, *S). See
-    :class:`_MultiDilationNeighborhoodAttention`.
+    qkv: (3, G, h, d, B, *S) (queries, keys, values; G = len(dilations) groups of h heads of size d), channel-first
+    so that the spatial axes are the last ones -> (G, h, d, B, *S), float32 (float64 stays float64). Logits are
+    scale * <q, k_j> over the neighbours j of the window; neighbours outside the map are left out (-inf).
+    Keys and values are zero-padded once per group and read at one slice view per neighbour offset.
+    ``cpu_backward`` (default: on eager CPU tensors) computes the same with :class:`_CPUNeighbourhoodAttention`.
     """
-    return _MultiDilationNeighborhoodAttention.apply(qkv.contiguous(), tuple(int(k) for k in kernel_size),
-                                                     tuple(int(d) for d in dilations), float(scale))
+    if qkv.dtype in HALF_DTYPES:
+        qkv = qkv.float()
+    if cpu_backward is None:
+        cpu_backward = qkv.device.type == "cpu" and not torch.compiler.is_compiling()
+    if cpu_backward:
+        return _CPUNeighbourhoodAttention.apply(qkv.contiguous(), tuple(int(k) for k in kernel_size),
+                                                tuple(int(d) for d in dilations), float(scale))
+    size = qkv.shape[5:]
+    outputs = []
+    for group, dilation in enumerate(dilations):
+        q, k, v = qkv[0, group], qkv[1, group], qkv[2, group]  # (h, d, B, *S)
+        radius = [dilation * ((w - 1) // 2) for w in kernel_size]
+        padding = [p for r in reversed(radius) for p in (r, r)]
+        k, v = F.pad(k, padding), F.pad(v, padding)
+        offsets = window_offsets(kernel_size, dilation)
+        views = [(Ellipsis, *[slice(r + o, r + o + s) for r, o, s in zip(radius, offset, size)])
+                 for offset in offsets]
+        logits = torch.stack([(q * k[view]).sum(1) for view in views], 1)  # (h, K, B, *S)
+        outside = _outside_map(size, offsets, qkv.device)[None, :, None]  # (1, K, 1, *S)
+        probabilities = torch.softmax(logits.mul(scale).masked_fill(outside, float("-inf")), dim=1)
+        out = probabilities[:, :1] * v[views[0]]
+        for j in range(1, len(views)):
+            out = out + probabilities[:, j:j + 1] * v[views[j]]
+        outputs.append(out)
+    return torch.stack(outputs)
 
 
-def dilated_neighborhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Sequence[int],
-                                   dilation: int, scale: float) -> torch.Tensor:
-    """Each position attends to its dilated neighbourhood (one dilation); out-of-image neighbours left out.
+def neighbourhood_mask_mod(size: Sequence[int], kernel_size: Sequence[int], dilation_of_head: torch.Tensor):
+    """flex_attention mask: key kv_idx is in the dilated window of query q_idx (row-major positions of ``size``),
+    with head h's dilation ``dilation_of_head[h]``."""
+    strides = [math.prod(size[axis + 1:]) for axis in range(len(size))]
+    radii = [(k - 1) // 2 for k in kernel_size]
 
-    q, k, v: (B, h, d, *S) -> (B, h, d, *S); logits are scale * <q, k_j>. One group of
-    :func:`multi_dilation_neighborhood_attention` (which MultiScaleDilatedAttention calls for all groups at once).
+    def mask_mod(batch, head, q_idx, kv_idx):
+        dilation = dilation_of_head[head]
+        allowed = q_idx >= 0
+        for extent, stride, radius in zip(size, strides, radii):
+            difference = (kv_idx // stride) % extent - (q_idx // stride) % extent
+            allowed = allowed & (difference.abs() <= dilation * radius) & (difference % dilation == 0)
+        return allowed
+
+    return mask_mod
+
+
+def neighbourhood_block_mask(size: Sequence[int], kernel_size: Sequence[int], dilations: Sequence[int],
+                             heads_per_group: int, device, block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
+    """The BlockMask of MSDA over the row-major positions of ``size``: for each head and block of ``block_size``
+    queries, the key blocks that hold a neighbour of one of them (from the window offsets: O(N K) work and
+    (H, N / block_size, N / block_size) block indices, nothing of size N^2), with the exact
+    :func:`neighbourhood_mask_mod` applied inside each block. Plain tensor ops only (traced by torch.compile).
     """
-    qkv = torch.stack([t.movedim(0, 2) for t in (q, k, v)])[:, None]  # (3, 1, h, d, B, *S)
-    return multi_dilation_neighborhood_attention(qkv, kernel_size, [dilation], scale)[0].movedim(2, 0)
+    positions = math.prod(size)
+    n_blocks = -(-positions // block_size)
+    coordinates = torch.stack(torch.meshgrid(*[torch.arange(s, device=device) for s in size], indexing="ij"),
+                              -1).view(positions, len(size))
+    extent = torch.tensor(list(size), device=device)
+    strides = torch.tensor([math.prod(size[axis + 1:]) for axis in range(len(size))], device=device)
+    query_block = (torch.arange(positions, device=device) // block_size)[None]  # (1, N)
+    rows = []
+    for dilation in dilations:
+        offsets = torch.tensor(window_offsets(kernel_size, dilation), device=device)  # (K, dims)
+        neighbours = coordinates[None] + offsets[:, None]  # (K, N, dims)
+        inside = ((neighbours >= 0) & (neighbours < extent)).all(-1)
+        key_block = torch.where(inside, (neighbours * strides).sum(-1) // block_size, n_blocks)  # (K, N)
+        adjacency = torch.zeros(n_blocks, n_blocks + 1, dtype=torch.bool, device=device)
+        adjacency[query_block.expand_as(key_block), key_block] = True
+        rows.append(adjacency[:, :n_blocks])
+    adjacency = torch.stack(rows).repeat_interleave(heads_per_group, 0)[None]  # (1, H, n_blocks, n_blocks)
+    kv_num_blocks = adjacency.sum(-1, dtype=torch.int32)
+    kv_indices = torch.argsort(adjacency.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    dilation_of_head = torch.tensor(list(dilations), device=device).repeat_interleave(heads_per_group)
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=block_size,
+                                    mask_mod=neighbourhood_mask_mod(size, kernel_size, dilation_of_head),
+                                    seq_lengths=(positions, positions))
+
+
+def fused_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask,
+                         scale: float) -> torch.Tensor:
+    """flex_attention, compiled once per process outside torch.compile (inlined into the graph inside it).
+    q, k, v (B, H, N, d) -> (B, H, N, d). The CPU runs it uncompiled (dense reference; no backward there)."""
+    global _compiled_flex_attention
+    if torch.compiler.is_compiling() or q.device.type == "cpu":
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention(q, k, v, block_mask=block_mask, scale=scale)
 
 
 class MultiScaleDilatedAttention(nn.Module):
@@ -189,30 +286,38 @@ class MultiScaleDilatedAttention(nn.Module):
 
     Args:
         conv_op: nn.Conv2d or nn.Conv3d; decides the number of spatial axes.
-        channels: C; must be divisible by ``num_heads``.
+        channels: C of the input and output.
         num_heads: total heads; must be divisible by ``len(dilations)`` (each dilation gets as many heads).
-        dilations: one head group per entry.
+        dilations: one head group per entry (DilateFormer: 1, 2, 3).
         kernel_size: window taps per axis (int or one per axis; 1 on an axis = no neighbours along it).
+        head_dim: width of a head; None -> C // num_heads. The attention width is num_heads * head_dim.
         qkv_bias: bias of the q/k/v projection.
+        implementation: 'auto' (flex on CUDA tensors, loop elsewhere), 'flex' or 'loop' (see the module docstring).
 
     Shapes: forward (B, C, *S) -> (B, C, *S); forward_tokens (B, *S, C) -> (B, *S, C).
     Each spatial axis with a window > 1 must be at least ``max(dilations) * (k - 1) + 1`` long.
     """
 
     def __init__(self, conv_op: Type[_ConvNd], channels: int, num_heads: int, dilations: Sequence[int] = (1, 2, 3),
-                 kernel_size: Union[int, Sequence[int]] = 3, qkv_bias: bool = True):
+                 kernel_size: Union[int, Sequence[int]] = 3, head_dim: int = None, qkv_bias: bool = True,
+                 implementation: str = "auto"):
         super().__init__()
         self.kernel_size = [int(k) for k in maybe_convert_scalar_to_list(conv_op, kernel_size)]
         self.dilations = [int(d) for d in dilations]
         if len(self.kernel_size) != convert_conv_op_to_dim(conv_op):
             raise ValueError(f"MultiScaleDilatedAttention: kernel_size {self.kernel_size} needs one entry per spatial "
                              f"axis of {conv_op.__name__}.")
-        check_attention_settings(channels, num_heads, self.dilations, self.kernel_size, "MultiScaleDilatedAttention")
+        self.head_dim = check_attention_settings(channels, num_heads, head_dim, self.dilations, self.kernel_size,
+                                                 "MultiScaleDilatedAttention")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"MultiScaleDilatedAttention: implementation {implementation!r} is not one of "
+                             f"{IMPLEMENTATIONS}.")
+        self.implementation = implementation
         self.num_heads = num_heads
-        self.head_dim = channels // num_heads
+        self.width = num_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(channels, 3 * channels, bias=qkv_bias)
-        self.proj = nn.Linear(channels, channels)
+        self.qkv = nn.Linear(channels, 3 * self.width, bias=qkv_bias)
+        self.proj = nn.Linear(self.width, channels)
 
     def minimum_size(self) -> List[int]:
         """Smallest spatial size per axis that holds the widest dilated window."""
@@ -227,19 +332,26 @@ class MultiScaleDilatedAttention(nn.Module):
                 f"{self.minimum_size()} (kernel {self.kernel_size}, dilation {max(self.dilations)}) on axis "
                 f"{too_small}; use smaller dilations or global attention at this resolution.")
 
+    def uses_flex(self, tokens: torch.Tensor) -> bool:
+        return self.implementation == "flex" or (self.implementation == "auto" and tokens.is_cuda)
+
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, *size, channels = tokens.shape
         self.check_size(size)
-        # q, k, v channel-first, (3C, B * prod(S)) = (3, G, h, d, B, *S): the projection writes that layout
-        # directly (W @ tokens^T), so no permuted copy is made before the attention or after it
+        if self.uses_flex(tokens):
+            qkv = self.qkv(tokens).view(batch, -1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            block_mask = neighbourhood_block_mask(size, self.kernel_size, self.dilations,
+                                                  self.num_heads // len(self.dilations), tokens.device)
+            out = fused_flex_attention(*qkv.unbind(0), block_mask, self.scale)  # (B, H, N, d)
+            return self.proj(out.transpose(1, 2).reshape(batch, *size, self.width))
+        # channel-first q, k, v, (3 * width, B * N) = (3, G, h, d, B, *S): the projection writes that layout
+        # directly (W @ tokens^T), and the output projection reads it transposed
         flat = tokens.reshape(-1, channels)
-        if self.qkv.bias is None:
-            qkv = torch.mm(self.qkv.weight, flat.t())
-        else:
-            qkv = torch.addmm(self.qkv.bias[:, None], self.qkv.weight, flat.t())
+        weight, bias = self.qkv.weight, self.qkv.bias
+        qkv = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias[:, None], weight, flat.t())
         qkv = qkv.view(3, len(self.dilations), -1, self.head_dim, batch, *size)
-        out = multi_dilation_neighborhood_attention(qkv, self.kernel_size, self.dilations, self.scale)
-        return self.proj(out.view(channels, -1).t()).view(batch, *size, channels)  # (G, h, d) = channel order
+        out = loop_neighbourhood_attention(qkv, self.kernel_size, self.dilations, self.scale)
+        return self.proj(out.reshape(self.width, -1).t().to(tokens.dtype)).view(batch, *size, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(x.movedim(1, -1)).movedim(-1, 1)
@@ -248,33 +360,42 @@ class MultiScaleDilatedAttention(nn.Module):
 class GlobalSelfAttention(nn.Module):
     """Multi-head self-attention over all positions (DilateFormer's deep-stage attention), 2D/3D.
 
+    Args: channels C; num_heads; head_dim (None -> C // num_heads); attention width num_heads * head_dim.
     Shapes: forward (B, C, *S) -> (B, C, *S); forward_tokens (B, *S, C) -> (B, *S, C).
-    Memory and time grow with (prod S)^2 unless a fused kernel is used: meant for low-resolution stages.
+    Time grows with (prod S)^2 (memory too without a fused kernel): meant for low-resolution stages.
     """
 
-    def __init__(self, channels: int, num_heads: int, qkv_bias: bool = True):
+    def __init__(self, channels: int, num_heads: int, head_dim: int = None, qkv_bias: bool = True):
         super().__init__()
-        check_attention_settings(channels, num_heads, [1], [1], "GlobalSelfAttention")
+        self.head_dim = check_attention_settings(channels, num_heads, head_dim, [1], [1], "GlobalSelfAttention")
         self.num_heads = num_heads
-        self.qkv = nn.Linear(channels, 3 * channels, bias=qkv_bias)
-        self.proj = nn.Linear(channels, channels)
+        self.width = num_heads * self.head_dim
+        self.qkv = nn.Linear(channels, 3 * self.width, bias=qkv_bias)
+        self.proj = nn.Linear(self.width, channels)
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, *size, channels = tokens.shape
-        qkv = self.qkv(tokens).view(batch, -1, 3, self.num_heads, channels // self.num_heads)
+        qkv = self.qkv(tokens).view(batch, -1, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d) each
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, *size, channels))
+        if not tokens.is_cuda and q.dtype in HALF_DTYPES:  # CPU kernels: logits in float32
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, *size, self.width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(x.movedim(1, -1)).movedim(-1, 1)
 
 
-def check_attention_settings(channels: int, num_heads: int, dilations: Sequence[int], kernel_size: Sequence[int],
-                             where: str):
-    """Raises ValueError (naming ``where``) unless heads, channels, dilations and window are consistent."""
-    if num_heads < 1 or channels % num_heads:
-        raise ValueError(f"{where}: channels={channels} is not divisible by num_heads={num_heads}.")
+def check_attention_settings(channels: int, num_heads: int, head_dim: Union[None, int], dilations: Sequence[int],
+                             kernel_size: Sequence[int], where: str) -> int:
+    """Raises ValueError (naming ``where``) unless heads, dilations and window are consistent; returns head_dim
+    (``head_dim``, or channels // num_heads if it is None)."""
+    if num_heads < 1:
+        raise ValueError(f"{where}: num_heads={num_heads} must be at least 1.")
+    head_dim = channels // num_heads if head_dim is None else head_dim
+    if head_dim < 1:
+        raise ValueError(f"{where}: head_dim must be at least 1 (channels={channels}, num_heads={num_heads}).")
     if not dilations or any(d < 1 for d in dilations):
         raise ValueError(f"{where}: dilations {list(dilations)} must be positive integers (at least one).")
     if num_heads % len(dilations):
@@ -282,33 +403,26 @@ def check_attention_settings(channels: int, num_heads: int, dilations: Sequence[
                          f"{len(dilations)} (dilations {list(dilations)}); every dilation needs as many heads.")
     if any(k < 1 or k % 2 == 0 for k in kernel_size):
         raise ValueError(f"{where}: attention window {list(kernel_size)} must be odd on every axis.")
+    return head_dim
 
 
 def make_attention(kind: str, conv_op: Type[_ConvNd], channels: int, num_heads: int, dilations: Sequence[int],
-                   kernel_size: Union[int, Sequence[int]]) -> nn.Module:
-    """'msda' -> MultiScaleDilatedAttention, 'global' -> GlobalSelfAttention."""
+                   kernel_size: Union[int, Sequence[int]], head_dim: int = None) -> nn.Module:
+    """'msda' -> MultiScaleDilatedAttention, 'global' -> GlobalSelfAttention (the attention modules' factory,
+    used by AttentionBlock and MixingAttention; it lives beside the classes it builds)."""
     if kind == "msda":
-        return MultiScaleDilatedAttention(conv_op, channels, num_heads, dilations, kernel_size)
+        return MultiScaleDilatedAttention(conv_op, channels, num_heads, dilations, kernel_size, head_dim)
     if kind == "global":
-        return GlobalSelfAttention(channels, num_heads)
+        return GlobalSelfAttention(channels, num_heads, head_dim)
     raise ValueError(f"unknown attention kind {kind!r}; expected one of {ATTENTION_KINDS}.")
 
 
-def maybe_checkpoint(function, x: Union[torch.Tensor, Tuple[torch.Tensor, ...]], checkpointing: bool):
-    """function(x) (function(*x) for a tuple); with ``checkpointing`` and gradients on, only the inputs are kept
-    and function's activations are recomputed in the backward pass (non-reentrant activation checkpointing)."""
-    inputs = x if isinstance(x, tuple) else (x,)
-    if checkpointing and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(function, *inputs, use_reentrant=False)
-    return function(*inputs)
-
-
-class TokenMLP(nn.Sequential):
-    """Channels-last MLP (B, *S, C) -> (B, *S, C): Linear(C, ratio*C), GELU, Linear(ratio*C, C)."""
-
-    def __init__(self, channels: int, mlp_ratio: float = 4.0):
-        hidden = int(channels * mlp_ratio)
-        super().__init__(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
+def attention_stored_per_position(attention: nn.Module, neighbours: int) -> int:
+    """Elements an attention module stores per position for its backward: q, k, v, (loop: padded k, v),
+    its output, the probabilities (per head and neighbour; global: fused kernels keep one per head)."""
+    if isinstance(attention, MultiScaleDilatedAttention):
+        return 6 * attention.width + attention.num_heads * neighbours
+    return 4 * attention.width + attention.num_heads
 
 
 class AttentionBlock(nn.Module):
@@ -318,38 +432,35 @@ class AttentionBlock(nn.Module):
         conv_op: nn.Conv2d or nn.Conv3d.
         channels: C.
         kind: 'msda' (dilated local windows) or 'global' (all positions).
-        num_heads, dilations, kernel_size: of the attention (dilations and kernel_size only for 'msda');
+        num_heads, dilations, kernel_size, head_dim: of the attention (dilations and kernel_size only for 'msda');
             kernel_size is also the positional-encoding depthwise conv's kernel.
-        mlp_ratio: hidden width of the MLP relative to C (4 in DilateFormer).
-        checkpointing: store only the block's input and recompute the block in the backward pass (activation
-            checkpointing: about 20 feature maps fewer stored per block, one more forward pass of it).
+        mlp_ratio: hidden width of the MLP relative to C (4 in DilateFormer; timm's Mlp with GELU).
+        checkpointing: store only the block's input and recompute the block in the backward pass.
 
     Shapes: (B, C, *S) -> (B, C, *S).
     """
 
     def __init__(self, conv_op: Type[_ConvNd], channels: int, kind: str, num_heads: int,
                  dilations: Sequence[int] = (1, 2, 3), kernel_size: Union[int, Sequence[int]] = 3,
-                 mlp_ratio: float = 4.0, checkpointing: bool = False):
+                 mlp_ratio: float = 4.0, checkpointing: bool = False, head_dim: int = None):
         super().__init__()
         kernel_size = [int(k) for k in maybe_convert_scalar_to_list(conv_op, kernel_size)]
         self.positional_encoding = conv_op(channels, channels, kernel_size, padding=[(k - 1) // 2 for k in kernel_size],
                                            groups=channels)
         self.norm1 = nn.LayerNorm(channels)
-        self.attention = make_attention(kind, conv_op, channels, num_heads, dilations, kernel_size)
+        self.attention = make_attention(kind, conv_op, channels, num_heads, dilations, kernel_size, head_dim)
         self.norm2 = nn.LayerNorm(channels)
-        self.mlp = TokenMLP(channels, mlp_ratio)
+        self.mlp = Mlp(channels, int(channels * mlp_ratio), act_layer=nn.GELU)
         self.channels = channels
-        self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
         self.kind = kind
         self.checkpointing = checkpointing
-        self.neighbours = int(np.prod(kernel_size))
+        self.neighbours = int(np.prod(kernel_size)) if kind == "msda" else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return maybe_checkpoint(self._forward, x, self.checkpointing)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = depthwise_layout(x)  # channels-last: fast depthwise conv, and free movedim to tokens below
         encoding = depthwise_conv(x, self.positional_encoding.weight, self.positional_encoding.bias)
         tokens = (x + encoding).movedim(1, -1)
         tokens = tokens + self.attention.forward_tokens(self.norm1(tokens))
@@ -357,11 +468,10 @@ class AttentionBlock(nn.Module):
         return tokens.movedim(-1, 1).contiguous()
 
     def compute_conv_feature_map_size(self, size: Sequence[int]) -> np.int64:
-        """Activation estimate at spatial size ``size`` (see ``dmk.feature_map_estimate``)."""
+        """Activation estimate at spatial size ``size`` (see ``helpers.feature_map_estimate``)."""
         if self.checkpointing:  # only its output (its input is stored by the layer before)
             return feature_map_estimate(size, self.channels)
-        # layout copy, pos. enc. sum, norm, q, k, v, attention output, residual sum, norm, MLP hidden x2, output
-        per_position = 10 * self.channels + 2 * int(self.mlp_ratio * self.channels)
-        # attention probabilities (msda: one per head and neighbour; global: fused kernels keep one per head)
-        per_position += self.num_heads * (self.neighbours if self.kind == "msda" else 1)
-        return feature_map_estimate(size, per_position)
+        # pos. enc. output and sum, norm, residual sum, norm, MLP hidden x2, output; and the attention's
+        per_position = 6 * self.channels + 2 * int(self.mlp_ratio * self.channels)
+        return feature_map_estimate(size, per_position + attention_stored_per_position(self.attention,
+                                                                                       self.neighbours))

@@ -1,4 +1,4 @@
-"""Region Compensation Unit (RCU) of GRCSF: residual-map patches fused into pixel features by cross-attention.
+"""Region Compensation Unit (RCU) of GRCSF: MAE residual maps fused into pixel-level features.
 
 What the paper states (Wang, Chen, Yang, Kim, arXiv 2502.08675, abstract only; no official code):
 the RCU uses self-supervised residual maps (the pixel-wise difference between an MAE reconstruction and
@@ -6,49 +6,79 @@ the image) through a *patch-based cross-attention* that integrates regional (pat
 features, and a *patch-level importance score* computed from the backbone's global spatial features
 weights the fusion.
 
-Everything below that level is our design:
+Everything below that level is our design (an unofficial 3D reimplementation, see /work/shared/papers.md,
+reads the abstract similarly: residual maps enter several decoder levels, cross-attention with decoder
+queries, a sigmoid importance; none of its code is used here):
 
-- Regional tokens: the residual map (B, K, *S_full) (K = number of residual channels, e.g. one per MAE mask
-  ratio) is cut into non-overlapping patches and linearly embedded (the map of a conv with
-  kernel = stride = ``patch_size``, computed as patch flattening + matmul), giving one token of
-  ``embed_channels`` per patch on the patch grid P = S_full / patch_size, then a LayerNorm and a linear
-  key/value projection.
-- Pixel queries: a per-pixel linear map (a 1x1 conv) of the backbone's pixel-level features (B, C, *S).
-- Patch-level importance: a two-layer 1x1-conv MLP with a sigmoid on the backbone's global spatial
-  features (B, G, *P) (in GRCSFUNet: the bottleneck, whose grid is the patch grid) gives one score in
-  (0, 1) per patch; it scales that patch's value vector, so unimportant patches contribute little to
-  every pixel that attends to them.
-- Cross-attention: every pixel query attends to all patch tokens (multi-head,
-  ``torch.nn.functional.scaled_dot_product_attention``, so the (N_pixels x N_patches) attention matrix
-  is never materialized by us and fused kernels are used where available). Tokens carry no position
-  encoding, so the attention adds *what* anomalous regions look like; the *where* comes from a local
-  term: each pixel also receives the importance-weighted value of its own patch (nearest upsampling of
-  the value grid). Both are summed and projected back to C channels by a per-pixel linear map.
-- Fusion into the backbone: residual add with a learnable per-channel scale (initialized to
-  ``init_scale``, small but non-zero so the unit starts near identity and still passes gradients to
-  all its parameters from the first step).
+- Residual tokens: the full-resolution residual map (B, K, *S) (K residual-map channels, e.g. one per MAE
+  mask ratio) is cut into non-overlapping patches of ``patch_size`` pixels (their own size, not tied to the
+  backbone's strides; GRCSFUNet's default is 8 per axis, the MAE's patch edge, see
+  :func:`default_token_patch_size`), each linearly embedded (the map of a conv with kernel = stride =
+  ``patch_size``, computed as patch flattening + matmul) into C channels and LayerNorm-ed, on the token grid
+  T = S / patch_size; a linear key/value projection follows.
+- Patch-based cross-attention: queries are a 1x1 projection of the pixel-level features (B, C, *S_f) (S_f =
+  S / ``feature_stride``); every pixel attends to the tokens of its own patch and of the neighbouring
+  patches, a window of ``window``^d patches (tokens beyond the border do not take part). A local window keeps
+  the cost linear in the pixels (a global one costs N_pixels x N_patches) and a residual patch's influence
+  near it. The values are C wide: the attention is linear in them, so the value projection also plays the
+  output projection's role (no per-pixel output projection). ``torch.nn.functional.scaled_dot_product_attention``
+  computes it; for float16/bfloat16 inputs (autocast) every backend computes the logits and the softmax in
+  float32 (the fused kernels accumulate in float32, the math backend upcasts), so they cannot overflow.
+- Position: a fixed, not learned, relative position bias in the attention logits, computed from the grid:
+  -d^2 / (2 sigma_h^2) for head h, d = the distance in patch units between the query pixel (where it lies in
+  its patch) and the key patch's centre, sigma_h = 0.5 * 2^h (head 0 looks mostly at the pixel's own patch,
+  later heads wider). Relative, so it holds at any input size (sliding-window inference); the tokens
+  themselves carry no absolute position (as in Swin's windows).
+- Pixel-level path: the residual map, average-pooled to the feature resolution, through a 1x1 conv to C
+  channels: where an anomaly lies inside a patch survives at the features' full resolution.
+- Patch-level importance: a two-layer 1x1-conv MLP on the backbone's global features (in GRCSFUNet the
+  bottleneck, on a grid coarser than the tokens) gives a logit per position, linearly interpolated to the
+  token grid; its sigmoid s is one score in (0, 1) per patch. It weights the fusion three ways: log s is added
+  to the patch's attention logits (its attention weight is proportional to s), it scales the patch's value,
+  and it scales the pixel path over the patch's pixels. A patch of score 0 thus contributes nothing: changing
+  the residual map inside it changes no output.
+- Fusion: features + attention output + s * pixel path, without a learnable output scale: the unit acts from
+  the first step (the decoder convolutions that follow normalize what they get). In GRCSFUNet and FIASUNet the
+  fused features are the decoder's skip connection at that resolution, before the stage's convolutions.
 
-Interface (stable; reused by the FIAS-based networks)::
+Interface (reused by the FIAS-based networks)::
 
     rcu = RegionCompensationUnit(conv_op, feature_channels=C, residual_channels=K, global_channels=G,
-                                 patch_size=(p_1, ..., p_d), embed_channels=None, num_heads=2)
+                                 patch_size=(p_1, ..., p_d), feature_stride=(r_1, ..., r_d))
     out = rcu(features, residual_map, global_features)
-    # features        (B, C, *S)       pixel-level backbone features, S a multiple of P per axis
-    # residual_map    (B, K, *S_full)  MAE residual maps, S_full divisible by patch_size per axis
-    # global_features (B, G, *P)       backbone global features on the patch grid P = S_full / patch_size
-    # out             (B, C, *S)       features + scale * compensation
+    # features        (B, C, *S_f)  pixel-level features, S_f = S / feature_stride
+    # residual_map    (B, K, *S)    MAE residual maps, S divisible by patch_size per axis
+    # global_features (B, G, *S_g)  backbone global features; T = S / patch_size a multiple of S_g per axis
+    # out             (B, C, *S_f)
 
-2D and 3D share one code path: ``conv_op`` (nn.Conv2d or nn.Conv3d) decides.
+``patch_size`` must be divisible by ``feature_stride`` per axis. 2D and 3D share one code path: ``conv_op``
+(nn.Conv2d or nn.Conv3d) decides.
 """
+import itertools
 import math
-from typing import Sequence, Type, Union
+from typing import List, Sequence, Type, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, maybe_convert_scalar_to_list
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, get_matching_pool_op, \
+    maybe_convert_scalar_to_list
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
+
+from nnunetv2_grcsf.architectures.helpers import feature_map_estimate
+
+DEFAULT_TOKEN_PATCH_EDGE = 8  # the MAE's patch edge (nnunetv2_grcsf.mae presets)
+EXCLUDED_LOG_WEIGHT = -1000.0  # exp() of it is 0 in float32; divided by sqrt(head channels) it fits float16
+
+
+def default_token_patch_size(strides: Sequence[Sequence[int]], edge: int = DEFAULT_TOKEN_PATCH_EDGE) -> List[int]:
+    """Token patch size per axis: ``edge`` (the MAE's patch edge), capped to a divisor of the product of the
+    strides on that axis (gcd), so that every input nnU-Net accepts (divisible by that product) is divisible by it.
+
+    E.g. strides with products (32, 32) -> (8, 8); (16, 32, 32) -> (8, 8, 8); (4, 32, 32) -> (4, 8, 8).
+    """
+    return [math.gcd(edge, int(p)) for p in np.prod(np.array(strides), axis=0)]
 
 
 def split_into_patches(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
@@ -66,17 +96,100 @@ def split_into_patches(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tens
     return x.permute(0, *grid_axes, 1, *within_patch_axes).reshape(batch, math.prod(grid), -1)
 
 
-class RegionTokenizer(nn.Module):
-    """Residual map (B, K, *S_full) -> normalized patch tokens (B, M, D), M = prod(S_full / patch_size).
+def group_pixels_by_patch(x: torch.Tensor, grid: Sequence[int], heads: int) -> torch.Tensor:
+    """(B, h * c, *(grid * q)) -> (B * M, h, prod(q), c): the pixels of each patch, per head (M = prod(grid))."""
+    batch, channels, *size = x.shape
+    dims = len(size)
+    within = [s // g for s, g in zip(size, grid)]
+    x = x.reshape(batch, heads, channels // heads, *[n for g, q in zip(grid, within) for n in (g, q)])
+    grid_axes = [3 + 2 * i for i in range(dims)]
+    within_axes = [4 + 2 * i for i in range(dims)]
+    return x.permute(0, *grid_axes, 1, *within_axes, 2).reshape(batch * math.prod(grid), heads, math.prod(within),
+                                                                 channels // heads)
 
-    A linear patch embedding (the same map as a conv with kernel = stride = ``patch_size``, computed as
-    patch flattening + matmul, which is much faster than such a large-kernel conv on CPU), then LayerNorm.
+
+def ungroup_pixels(x: torch.Tensor, batch: int, grid: Sequence[int], within: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`group_pixels_by_patch`: (B * M, h, prod(q), c) -> (B, h * c, *(grid * q))."""
+    heads, channels = x.shape[1], x.shape[3]
+    dims = len(grid)
+    x = x.reshape(batch, *grid, heads, *within, channels)
+    # axes: 0 batch, 1..d grid, d+1 heads, d+2..2d+1 within, 2d+2 channels
+    order = [0, dims + 1, 2 * dims + 2] + [a for i in range(dims) for a in (1 + i, dims + 2 + i)]
+    return x.permute(*order).reshape(batch, heads * channels, *[g * q for g, q in zip(grid, within)])
+
+
+def window_offsets(window: int, dims: int) -> torch.Tensor:
+    """(window^d, d) offsets of a window's patches from its centre patch, in patch units, row-major."""
+    centre = (window - 1) // 2
+    return torch.tensor(list(itertools.product(range(window), repeat=dims)), dtype=torch.float64) - centre
+
+
+def gather_windows(padded: torch.Tensor, window: int, heads: int) -> torch.Tensor:
+    """(B, h, c, *(T + window - 1)) token grid padded by (window - 1) / 2 per side -> (B * M, h, window^d, c):
+    each token's window of neighbours, in the order of :func:`window_offsets`."""
+    batch, _, channels, *padded_grid = padded.shape
+    dims = len(padded_grid)
+    grid = [g - window + 1 for g in padded_grid]
+    shifted = [padded[(Ellipsis, *[slice(o, o + g) for o, g in zip(offset, grid)])]
+               for offset in itertools.product(range(window), repeat=dims)]
+    x = torch.stack(shifted, dim=3)  # (B, h, c, W, *T)
+    return x.permute(0, *range(4, 4 + dims), 1, 3, 2).reshape(batch * math.prod(grid), heads, window ** dims,
+                                                               channels)
+
+
+def distance_bias(pixels_per_patch: Sequence[int], window: int, sigmas: Sequence[float]) -> torch.Tensor:
+    """(1, h, prod(q), window^d) attention bias -d^2 / (2 sigma_h^2), d = distance (patch units) between a pixel
+    (its centre, at its place inside its patch) and the centre of each window patch."""
+    dims = len(pixels_per_patch)
+    pixel = torch.tensor(list(itertools.product(*[range(q) for q in pixels_per_patch])), dtype=torch.float64)
+    pixel = (pixel + 0.5) / torch.tensor(pixels_per_patch, dtype=torch.float64) - 0.5  # in (-0.5, 0.5)
+    squared = (pixel[:, None, :] - window_offsets(window, dims)[None]).square().sum(-1)  # (Q, W)
+    sigmas = torch.tensor(sigmas, dtype=torch.float64).view(-1, 1, 1)
+    return (-squared[None] / (2 * sigmas ** 2)).unsqueeze(0).float()
+
+
+def windowed_cross_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_prior: torch.Tensor,
+                             num_heads: int, window: int, bias: torch.Tensor) -> torch.Tensor:
+    """Every pixel attends to the tokens of its patch's window; multi-head, SDPA.
+
+    query (B, C, *(T * q)) pixel queries; key, value (B, C, *T) patch tokens; log_prior (B, 1, *T) a log-weight
+    per token (added to its logits: attention weights proportional to exp(logit) * exp(log_prior)); bias
+    (1, h, prod(q), window^d) added to the logits by position (pixel within its patch, window patch).
+    Tokens beyond the border do not exist (weight 0). Returns (B, C, *(T * q)).
+
+    Head h: softmax_j(q_h . k_hj / sqrt(C / h) + log_prior_j + bias_hj) v_hj. The log prior travels as one more
+    channel per head (1 in the query, log_prior * sqrt(C / h) in the key; values get a zero channel, dropped
+    afterwards), so SDPA needs no per-token mask and its fused kernels apply.
+    """
+    batch, channels, *size = query.shape
+    grid = list(key.shape[2:])
+    within = [s // g for s, g in zip(size, grid)]
+    head_channels = channels // num_heads
+    scale = head_channels ** -0.5
+    pad = [(window - 1) // 2] * (2 * len(grid))
+    per_head = [batch, num_heads, head_channels, *grid]
+    prior = F.pad(log_prior.clamp(min=EXCLUDED_LOG_WEIGHT) / scale, pad, value=EXCLUDED_LOG_WEIGHT / scale)
+    key = torch.cat([F.pad(key.reshape(per_head), pad),
+                     prior.unsqueeze(1).expand(batch, num_heads, 1, *prior.shape[2:])], dim=2)
+    value = F.pad(F.pad(value.reshape(per_head), pad), [0, 0] * len(grid) + [0, 1])
+    query = F.pad(group_pixels_by_patch(query, grid, num_heads), [0, 1], value=1.0)
+    attended = F.scaled_dot_product_attention(query, gather_windows(key, window, num_heads),
+                                              gather_windows(value, window, num_heads),
+                                              attn_mask=bias.to(query.dtype), scale=scale)
+    return ungroup_pixels(attended[..., :head_channels], batch, grid, within)
+
+
+class ResidualTokenizer(nn.Module):
+    """Residual map (B, K, *S) -> normalized patch tokens (B, M, D), M = prod(T), T = S / patch_size (row-major).
+
+    Linear patch embedding (a conv with kernel = stride = ``patch_size``, computed as patch flattening + matmul,
+    much faster than such a large-kernel conv on CPU), then LayerNorm. Each token depends on its patch only.
     """
 
     def __init__(self, residual_channels: int, embed_channels: int, patch_size: Sequence[int]):
         super().__init__()
         self.patch_size = list(patch_size)
-        self.patch_embedding = nn.Linear(residual_channels * int(np.prod(patch_size)), embed_channels)
+        self.patch_embedding = nn.Linear(residual_channels * math.prod(patch_size), embed_channels)
         self.norm = nn.LayerNorm(embed_channels)
 
     def forward(self, residual_map: torch.Tensor) -> torch.Tensor:
@@ -84,101 +197,111 @@ class RegionTokenizer(nn.Module):
 
 
 class PatchImportanceScore(nn.Module):
-    """Global spatial features (B, G, *P) -> one importance score per patch in (0, 1), shape (B, 1, *P)."""
+    """Global features (B, G, *S_g) -> the logit of one importance score in (0, 1) per patch, (B, 1, *T).
+
+    A two-layer 1x1-conv MLP gives a logit per global position, linearly interpolated to the token grid T
+    (a multiple of S_g per axis), then a sigmoid.
+    """
 
     def __init__(self, conv_op: Type[_ConvNd], global_channels: int, hidden_channels: int):
         super().__init__()
         self.score = nn.Sequential(conv_op(global_channels, hidden_channels, kernel_size=1),
                                    nn.LeakyReLU(negative_slope=0.01),
-                                   conv_op(hidden_channels, 1, kernel_size=1),
-                                   nn.Sigmoid())
+                                   conv_op(hidden_channels, 1, kernel_size=1))
+        self.mode = {2: "bilinear", 3: "trilinear"}[convert_conv_op_to_dim(conv_op)]
 
-    def forward(self, global_features: torch.Tensor) -> torch.Tensor:
-        return self.score(global_features)
+    def forward(self, global_features: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """The score logits (B, 1, *T); the score is their sigmoid."""
+        logits = self.score(global_features)
+        if list(logits.shape[2:]) != list(grid):
+            logits = F.interpolate(logits, size=list(grid), mode=self.mode, align_corners=False)
+        return logits
 
 
 class RegionCompensationUnit(nn.Module):
-    """Fuses MAE residual-map patches into pixel-level features; see the module docstring for the design.
+    """Fuses MAE residual maps into pixel-level features; see the module docstring for the design.
 
     Args:
         conv_op: nn.Conv2d or nn.Conv3d; decides 2D/3D.
-        feature_channels: C, channels of the pixel-level features (input and output).
+        feature_channels: C, channels of the pixel-level features (input and output), also the token width.
         residual_channels: K, number of residual-map channels.
         global_channels: G, channels of the global features that score the patches.
-        patch_size: patch edge per axis (int or sequence of length d).
-        embed_channels: D, token/attention width; defaults to ``feature_channels``.
-        num_heads: attention heads; must divide D.
+        patch_size: token patch edge per axis, in pixels of the residual map (int or sequence of length d).
+        feature_stride: the features' downsampling relative to the residual map, per axis; divides patch_size.
+        num_heads: attention heads; must divide C.
+        window: patches per axis each pixel attends to (odd): its own and (window - 1) / 2 on each side.
         importance_hidden_channels: width of the importance MLP.
-        init_scale: initial value of the per-channel scale of the residual add.
 
-    Shapes: features (B, C, *S), residual_map (B, K, *S_full), global_features (B, G, *P) with
-    P = S_full / patch_size and S a multiple of P per axis  ->  (B, C, *S).
+    Shapes: features (B, C, *S_f), residual_map (B, K, *S), global_features (B, G, *S_g) with
+    S_f = S / feature_stride, S divisible by patch_size and T = S / patch_size a multiple of S_g, per axis
+    ->  (B, C, *S_f).
     """
 
     def __init__(self, conv_op: Type[_ConvNd], feature_channels: int, residual_channels: int, global_channels: int,
-                 patch_size: Union[int, Sequence[int]], embed_channels: int = None, num_heads: int = 2,
-                 importance_hidden_channels: int = 32, init_scale: float = 0.1):
+                 patch_size: Union[int, Sequence[int]], feature_stride: Union[int, Sequence[int]] = 1,
+                 num_heads: int = 2, window: int = 3, importance_hidden_channels: int = 32):
         super().__init__()
-        embed_channels = feature_channels if embed_channels is None else embed_channels
-        if embed_channels % num_heads:
-            raise ValueError(f"RegionCompensationUnit: embed_channels={embed_channels} is not divisible by "
-                             f"num_heads={num_heads}.")
+        dims = convert_conv_op_to_dim(conv_op)
         self.patch_size = [int(p) for p in maybe_convert_scalar_to_list(conv_op, patch_size)]
-        if len(self.patch_size) != convert_conv_op_to_dim(conv_op):
-            raise ValueError(f"RegionCompensationUnit: patch_size {self.patch_size} must have one entry per spatial "
-                             f"axis of {conv_op.__name__}.")
-        self.num_heads = num_heads
-        self.embed_channels = embed_channels
-        self.feature_channels = feature_channels
-        self.tokenizer = RegionTokenizer(residual_channels, embed_channels, self.patch_size)
-        self.key_value = nn.Linear(embed_channels, 2 * embed_channels)
-        self.query = nn.Linear(feature_channels, embed_channels)
+        self.feature_stride = [int(r) for r in maybe_convert_scalar_to_list(conv_op, feature_stride)]
+        if len(self.patch_size) != dims or len(self.feature_stride) != dims:
+            raise ValueError(f"RegionCompensationUnit: patch_size {self.patch_size} and feature_stride "
+                             f"{self.feature_stride} must have one entry per spatial axis of {conv_op.__name__}.")
+        if any(p % r for p, r in zip(self.patch_size, self.feature_stride)):
+            raise ValueError(f"RegionCompensationUnit: patch_size {self.patch_size} is not divisible by the "
+                             f"features' stride {self.feature_stride}; use a larger patch size or finer features.")
+        if feature_channels % num_heads:
+            raise ValueError(f"RegionCompensationUnit: feature_channels={feature_channels} is not divisible by "
+                             f"num_heads={num_heads}.")
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"RegionCompensationUnit: window={window} must be a positive odd number of patches.")
+        self.num_heads, self.window, self.feature_channels = num_heads, window, feature_channels
+        self.pixels_per_patch = [p // r for p, r in zip(self.patch_size, self.feature_stride)]
+        self.tokenizer = ResidualTokenizer(residual_channels, feature_channels, self.patch_size)
+        self.key_value = nn.Linear(feature_channels, 2 * feature_channels)
+        self.query = conv_op(feature_channels, feature_channels, kernel_size=1)
         self.importance = PatchImportanceScore(conv_op, global_channels, importance_hidden_channels)
-        self.output_projection = nn.Linear(embed_channels, feature_channels)
-        self.scale = nn.Parameter(torch.full((feature_channels,), float(init_scale)))
-
-    def patch_grid(self, residual_size: Sequence[int]) -> list:
-        """The patch grid P for a residual map of spatial size S_full; raises if S_full is not divisible."""
-        if any(s % p for s, p in zip(residual_size, self.patch_size)):
-            raise ValueError(f"RegionCompensationUnit: residual map size {list(residual_size)} is not divisible by "
-                             f"its patch_size {self.patch_size} on every axis.")
-        return [s // p for s, p in zip(residual_size, self.patch_size)]
+        self.pool = (get_matching_pool_op(conv_op, pool_type="avg")(self.feature_stride, self.feature_stride)
+                     if math.prod(self.feature_stride) > 1 else nn.Identity())
+        self.pixel_projection = conv_op(residual_channels, feature_channels, kernel_size=1, bias=False)
+        self.register_buffer("attention_bias", distance_bias(self.pixels_per_patch, window,
+                                                             [0.5 * 2 ** h for h in range(num_heads)]),
+                             persistent=False)
 
     def _check_shapes(self, features: torch.Tensor, residual_map: torch.Tensor,
-                      global_features: torch.Tensor) -> list:
-        grid = self.patch_grid(residual_map.shape[2:])
-        if list(global_features.shape[2:]) != grid:
-            raise ValueError(f"RegionCompensationUnit: global features have grid {list(global_features.shape[2:])}, "
-                             f"expected the patch grid {grid} (residual map {list(residual_map.shape[2:])} / "
-                             f"patch_size {self.patch_size}).")
-        if any(s % g for s, g in zip(features.shape[2:], grid)):
-            raise ValueError(f"RegionCompensationUnit: feature size {list(features.shape[2:])} is not a multiple of "
-                             f"the patch grid {grid}.")
+                      global_features: torch.Tensor) -> List[int]:
+        size, residual_size = list(features.shape[2:]), list(residual_map.shape[2:])
+        if any(s % p for s, p in zip(residual_size, self.patch_size)):
+            raise ValueError(f"RegionCompensationUnit: residual map size {residual_size} is not divisible by "
+                             f"its patch_size {self.patch_size} on every axis.")
+        grid = [s // p for s, p in zip(residual_size, self.patch_size)]
+        if [s * r for s, r in zip(size, self.feature_stride)] != residual_size:
+            raise ValueError(f"RegionCompensationUnit: features of size {size} at stride {self.feature_stride} do "
+                             f"not match the residual map size {residual_size}.")
+        if any(t % g for t, g in zip(grid, global_features.shape[2:])):
+            raise ValueError(f"RegionCompensationUnit: global features have grid {list(global_features.shape[2:])},"
+                             f" but the token grid {grid} (residual map {residual_size} / patch_size "
+                             f"{self.patch_size}) must be a multiple of it on every axis.")
         return grid
 
     def forward(self, features: torch.Tensor, residual_map: torch.Tensor,
                 global_features: torch.Tensor) -> torch.Tensor:
         grid = self._check_shapes(features, residual_map, global_features)
-        batch, _, *size = features.shape
-        heads, head_channels = self.num_heads, self.embed_channels // self.num_heads
+        batch = features.shape[0]
 
-        key, value = self.key_value(self.tokenizer(residual_map)).chunk(2, dim=-1)  # (B, M, D) each
-        value = value * self.importance(global_features).flatten(2).transpose(1, 2)  # weighted by (B, M, 1)
-
-        # (B, h, N, D/h) views with unit last stride, so SDPA takes its fused (flash) kernel on CPU and GPU
-        query = self.query(features.flatten(2).transpose(1, 2)).view(batch, -1, heads, head_channels).transpose(1, 2)
-        attended = F.scaled_dot_product_attention(query, *(t.view(batch, -1, heads, head_channels).transpose(1, 2)
-                                                           for t in (key, value)))
-        attended = self.output_projection(attended.transpose(1, 2).reshape(batch, -1, self.embed_channels))
-
-        # own-patch term, projected on the patch grid (the projection is linear) and then spread over its pixels
-        own_patch = F.linear(value, self.output_projection.weight).transpose(1, 2).reshape(batch, -1, *grid)
-        compensation = attended.transpose(1, 2).reshape(batch, -1, *size) + F.interpolate(own_patch, size=size,
-                                                                                          mode="nearest")
-        return torch.addcmul(features, self.scale.view(1, -1, *[1] * len(size)), compensation)
+        importance_logits = self.importance(global_features, grid)  # (B, 1, *T)
+        importance = torch.sigmoid(importance_logits)
+        tokens = self.tokenizer(residual_map)  # (B, M, C)
+        key, value = self.key_value(tokens).transpose(1, 2).reshape(batch, -1, *grid).chunk(2, dim=1)
+        attended = windowed_cross_attention(self.query(features), key, value * importance,
+                                            F.logsigmoid(importance_logits), self.num_heads, self.window,
+                                            self.attention_bias)
+        # the projection is linear without bias: scaling its K input channels by the score scales its output
+        pixel_importance = F.interpolate(importance, size=list(features.shape[2:]), mode="nearest")
+        return features + attended + self.pixel_projection(self.pool(residual_map) * pixel_importance)
 
     def compute_conv_feature_map_size(self, feature_size: Sequence[int]) -> np.int64:
-        """Feature-map elements this unit adds at feature size S, counted as dynamic_network_architectures counts
-        (one map per conv-like layer output): query, attention output (D each) and output projection (C)."""
-        pixels = np.prod(feature_size, dtype=np.int64)
-        return np.int64(pixels * (2 * self.embed_channels + self.feature_channels))
+        """Activation memory this unit adds at feature size S_f, in dynamic_network_architectures' units
+        (helpers.feature_map_estimate): the queries and the attention output (C + heads each per pixel) stored
+        for the backward pass; the tokens are negligible."""
+        return feature_map_estimate(feature_size, 2 * (self.feature_channels + self.num_heads))
