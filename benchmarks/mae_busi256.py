@@ -1,21 +1,26 @@
-"""Benchmark: MAE residual maps on real breast-ultrasound lesions (Dataset802_BUSI256), on this CPU.
+"""Benchmark: does the MAE reconstruct breast ultrasound, and do its residuals beat simple baselines? (BUSI256, CPU)
 
-Measures, for the default budget and a few variants:
-- MAE training time (``nnunetv2_grcsf mae-train`` defaults: preset tiny, 300 steps of batch 16);
-- pixel-level AUROC of the residual map for lesion pixels (label > 0): pooled over all pixels of all
-  624 images and the mean of per-image AUROCs (the 17 % normal images have no lesion and only enter
-  the pooled figure), at mask ratios 0.5 and 0.75;
-- residual generation throughput in images/s (the real ``residuals -d`` path incl. reading, writing
-  the new data set and the report, and the compute alone).
-Context baseline: the AUROC of the inverted per-image z-scored intensity (lesions are mostly dark).
+Data: Dataset802_BUSI256 (624 images, 256 px). A fixed held-out list (every 5th case in sorted order:
+125 images, benign / malignant / normal alike) is never trained on: the work folder's raw data set holds
+the other 499 in ``imagesTr`` (with their labels) and the held-out ones in ``imagesTs`` / ``labelsTs``, and
+``mae-train`` reads ``imagesTr`` only (checked: the checkpoint's ``training_splits``).
 
-Variants (each a separate MAE training unless noted): residual smoothing sigma 0/1/2/4 (same MAE),
-3x longer training, patch 16, pixel loss instead of the per-patch normalized loss.
+Per variant (one MAE training each, settings below):
 
-Usage: python benchmarks/mae_busi256.py [--threads N] [--quick] [--only default,long,...]
-Needs ../shared/data/Dataset802_BUSI256 (or $GRCSF_SHARED_DATA/Dataset802_BUSI256); exits with a
-message if absent. Work files go to benchmarks/work/mae_busi256/ (git-ignored); results to
-benchmarks/results/mae_busi256.json and benchmarks/results/mae_busi256_panel.png.
+1. ``train_mae`` (the ``mae-train`` code path) on the 499 training images; wall time measured.
+2. ``make_residual_folder`` (the ``residuals -i imagesTs --labels labelsTs`` code path) on the 125 held-out
+   images, whose report gives: the pixel AUROC of the residual for lesion pixels (pooled and mean per image;
+   at mask ratios 0.5 and 0.75), the same AUROC of the baselines (intensity, better sign; |x - median|;
+   |x - Gaussian(4 px) * x|; an untrained MAE of the same settings), and the PSNR of the reconstruction on
+   lesion-free pixels against the PSNR of each image's mean (median over images; the gap in dB).
+
+Results: benchmarks/results/mae_busi256.json (one entry per variant; reruns of one variant replace it) and
+benchmarks/results/mae_busi256_panel.png (default) and mae_busi256_panel_<variant>.png (image |
+reconstruction | residual | mask, a held-out image).
+
+Usage: python benchmarks/mae_busi256.py [--variants default,norm_pix_loss] [--threads N] [--quick] [--evaluate-only]
+Needs ../shared/data/Dataset802_BUSI256 (or $GRCSF_SHARED_DATA/Dataset802_BUSI256); exits with a message if
+absent. Work files go to benchmarks/work/mae_busi256/ (git-ignored).
 """
 
 import argparse
@@ -32,191 +37,137 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / "work" / "mae_busi256"
 DATASET = "Dataset802_BUSI256"
+HELD_OUT_EVERY = 5
+MASK_RATIOS = (0.5, 0.75)
+
+#: Variants: architecture overrides of the tiny preset and training settings; "default" is mae-train's defaults
+#: (tiny preset: loss on pixels; DEFAULT_STEPS steps of batch 16 at mask ratios 0.5 and 0.75).
+VARIANTS = {
+    "default": dict(arch={}, train={}),
+    "norm_pix_loss": dict(arch={"norm_pix_loss": True}, train={}),
+}
 
 
-
-
-def setup_env(quick: bool) -> None:
-    if WORK.exists():
-        shutil.rmtree(WORK)
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (WORK / var).mkdir(parents=True)
-        os.environ[var] = str(WORK / var)
+def setup_raw_dataset(quick: bool) -> tuple:
+    """Link the shared data set's images into WORK's nnUNet_raw: training cases in imagesTr, held-out in imagesTs."""
     src = shared_dataset(DATASET, None)
-    if quick:  # a small copy: 24 images
-        dst = WORK / "nnUNet_raw" / DATASET
-        for sub in ("imagesTr", "labelsTr"):
-            (dst / sub).mkdir(parents=True)
-        cases = sorted(p.name[:-9] for p in (src / "imagesTr").glob("*_0000.png"))[::26]
-        for c in cases:
-            shutil.copyfile(src / "imagesTr" / f"{c}_0000.png", dst / "imagesTr" / f"{c}_0000.png")
-            shutil.copyfile(src / "labelsTr" / f"{c}.png", dst / "labelsTr" / f"{c}.png")
-        dj = json.loads((src / "dataset.json").read_text())
-        dj["numTraining"] = len(cases)
-        (dst / "dataset.json").write_text(json.dumps(dj))
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ[var] = str(WORK / var)
+    dst = WORK / "nnUNet_raw" / DATASET
+    if dst.exists():  # links only: the shared data set is never touched
+        shutil.rmtree(dst)
+    cases = sorted(p.name[:-len("_0000.png")] for p in (src / "imagesTr").glob("*_0000.png"))
+    held_out = cases[::HELD_OUT_EVERY]
+    train = [c for c in cases if c not in set(held_out)]
+    if quick:
+        held_out, train = held_out[::10], train[::20]
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (dst / sub).mkdir(parents=True)
+    for split, names in (("Tr", train), ("Ts", held_out)):
+        for c in names:
+            (dst / f"images{split}" / f"{c}_0000.png").symlink_to(src / "imagesTr" / f"{c}_0000.png")
+            (dst / f"labels{split}" / f"{c}.png").symlink_to(src / "labelsTr" / f"{c}.png")
+    dj = json.loads((src / "dataset.json").read_text())
+    dj["numTraining"] = len(train)
+    (dst / "dataset.json").write_text(json.dumps(dj))
+    return dst, train, held_out
+
+
+def run_variant(tag: str, spec: dict, raw: Path, threads: int, quick: bool, reuse: dict = None) -> dict:
+    from nnunetv2_grcsf.mae import checkpoint_saw_test_images
+    from nnunetv2_grcsf.mae.residuals import ResidualSettings, make_residual_folder
+    from nnunetv2_grcsf.mae.train import TrainConfig, load_checkpoint, model_config_from_preset, train_mae
+
+    out = WORK / f"mae_{tag}"
+    ckpt_path = out / "mae" / "checkpoint_final.pth"
+    if reuse is not None:  # evaluate the MAE this variant trained before (its training figures are kept)
+        train_wall = reuse["train_wall_seconds"]
+        shutil.rmtree(out / "residuals", ignore_errors=True)
+        shutil.rmtree(out / "report", ignore_errors=True)
     else:
-        (WORK / "nnUNet_raw" / DATASET).symlink_to(src, target_is_directory=True)
-
-
-def load_all(reader_cases):
-    """Every image (raw array, spacing) and lesion mask of the data set."""
-    from nnunetv2_grcsf.mae import data as mdata
-
-    reader, cases, labels = reader_cases
-    out = []
-    for case, files in cases.items():
-        image, props = mdata.read_case(reader, files, case)
-        seg, _ = reader.read_seg(str(labels / f"{case}.png"))
-        out.append((case, image, props["spacing"], seg[0] > 0))
-    return out
-
-
-def evaluate(checkpoint, images, ratios=(0.5, 0.75), smoothing=None, batch_size=16):
-    """Pooled and mean per-case AUROC per mask ratio, and compute-only throughput."""
-    from nnunetv2_grcsf.mae.report import ResidualReport
-    from nnunetv2_grcsf.mae.residuals import ResidualMapper, ResidualSettings
-
-    if smoothing is None:
-        smoothing = ResidualSettings.smoothing_sigma
-    mapper = ResidualMapper(checkpoint, ResidualSettings(mask_ratios=ratios, smoothing_sigma=smoothing), "cpu",
-                            batch_size)
-    rep = ResidualReport(WORK / "scratch_report", ratios, mapper.scale, max_panels=0)
+        if out.exists():
+            shutil.rmtree(out)
+        train_settings = {**spec["train"], **({"steps": 10} if quick else {})}
+        t0 = time.time()
+        ckpt_path = train_mae(DATASET, out / "mae", model_config_from_preset("tiny", 1, **spec["arch"]),
+                              TrainConfig(**train_settings), device="cpu", progress=False, num_threads=threads)
+        train_wall = time.time() - t0
+    ckpt = load_checkpoint(ckpt_path)
+    assert checkpoint_saw_test_images(ckpt) is False, "the benchmark MAE must not see the held-out images"
     t0 = time.time()
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        results = mapper.compute([(c, img, sp) for c, img, sp, _ in chunk])
-        for (case, _, _, mask), res in zip(chunk, results):
-            rep.add_case(case, res["residuals"], mask)
-    seconds = time.time() - t0
-    s = rep.summary()["overall"]
-    return {f"{r:g}": {"pooled_auroc": round(s[f"{r:g}"]["pooled_auroc"], 4),
-                       "mean_case_auroc": round(s[f"{r:g}"]["mean_case_auroc"], 4)} for r in ratios} | {
-        "compute_images_per_second": round(len(images) / seconds, 2), "compute_seconds": round(seconds, 1)}
+    res = make_residual_folder(raw / "imagesTs", out / "residuals", ckpt_path,
+                               ResidualSettings(mask_ratios=MASK_RATIOS), labels_folder=raw / "labelsTs",
+                               report_dir=out / "report", report_cases=3, device="cpu", progress=False,
+                               num_threads=threads)
+    report = res["report"]
+    return {"model_config": ckpt["model_config"], "train_config": ckpt["train_config"],
+            "training_splits": ckpt["training_splits"], "train_wall_seconds": round(train_wall, 1),
+            "train_loop_seconds": round(ckpt["train_seconds"], 1),
+            "final_loss": round(ckpt["loss_history"][-1][1], 4), "residual_scale": round(ckpt["residual_scale"], 3),
+            "training_reconstruction_check": ckpt.get("reconstruction_check"),
+            "held_out_residuals_seconds": round(time.time() - t0, 1),
+            "held_out": {k: report[k] for k in ("overall", "baselines", "reconstruction", "num_labelled_cases")},
+            "panels": report["panels"]}
 
 
-def intensity_baseline(images):
-    from nnunetv2_grcsf.mae.report import PooledAUROC, auroc
-    import numpy as np
+def print_table(results: dict) -> None:
+    from nnunetv2_grcsf.mae.report import format_comparison
 
-    pooled, per_case = PooledAUROC(8.0), []
-    for _, image, _, mask in images:
-        x = image[0].astype(np.float64)
-        score = -(x - x.mean()) / (x.std() + 1e-8) + 4.0  # dark = high score, shifted into the histogram range
-        pooled.add(score, mask)
-        a = auroc(score, mask)
-        if a is not None:
-            per_case.append(a)
-    return {"pooled_auroc": round(pooled.value(), 4), "mean_case_auroc": round(float(np.mean(per_case)), 4)}
+    for tag, v in results["variants"].items():
+        print(f"\n== {tag}: {v['train_config']['total_steps']} steps, training {v['train_wall_seconds']:.0f} s wall "
+              f"(loop {v['train_loop_seconds']:.0f} s), model {v['model_config']['img_size']} px / patch "
+              f"{v['model_config']['patch_size']} / norm_pix_loss {v['model_config']['norm_pix_loss']}")
+        for line in format_comparison(v["held_out"]):
+            print(line)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 24 images, 10 steps")
-    parser.add_argument("--only", default="default,smoothing,long,patch16,pixel_loss",
-                        help="comma-separated variants to run (default: all)")
+    parser.add_argument("--variants", default="default", help=f"comma-separated, of {sorted(VARIANTS)}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: mae-train's choice, the idle cores)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: few images, 10 steps")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="re-evaluate the MAE each variant trained in an earlier run (work folder and results "
+                             "entry kept), e.g. after a change of the report")
     args = parser.parse_args()
+    tags = args.variants.split(",")
+    unknown = [t for t in tags if t not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
 
-    import torch
+    from nnunetv2_grcsf.mae.train import auto_num_threads
 
-    torch.set_num_threads(args.threads)
-    from nnunetv2_grcsf.mae import data as mdata
-    from nnunetv2_grcsf.mae.residuals import ResidualSettings, make_residual_dataset
-    from nnunetv2_grcsf.mae.train import TrainConfig, load_checkpoint, model_config_from_preset, train_mae
-
-    setup_env(args.quick)
-    variants = args.only.split(",")
-    steps = 10 if args.quick else 300
-    load_start = os.getloadavg()
-    name, folder = mdata.resolve_raw_dataset(802)
-    dj = mdata.load_dataset_json(folder)
-    cases = mdata.list_cases(folder / "imagesTr", dj["file_ending"])
-    reader = mdata.reader_for(dj, example_file=next(iter(cases.values()))[0])
-    images = load_all((reader, cases, folder / "labelsTr"))
-    print(f"{len(images)} images of {name}; torch threads {torch.get_num_threads()}; load average {load_start}")
-
-    out = {"dataset": DATASET, "num_images": len(images), "torch_threads": args.threads,
-                      "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                      "load_average_start": load_start, "quick": args.quick, "variants": {}}
-    previous = RESULTS / "mae_busi256.json"
-    if args.only != parser.get_default("only") and previous.is_file():  # keep the other variants' results
-        earlier = json.loads(previous.read_text())
-        if earlier.get("quick") == args.quick:
-            out["variants"] = {k: v for k, v in earlier.get("variants", {}).items()
-                               if not k.startswith("default")}
-            out["earlier_run_load_average"] = [earlier.get("load_average_start"), earlier.get("load_average_end")]
-    out["intensity_baseline"] = intensity_baseline(images)
-    print("baseline (inverted z-scored intensity):", out["intensity_baseline"])
-
-    def train(tag, steps_, **arch):
-        cfg = model_config_from_preset("tiny", 1, **arch)
-        t0 = time.time()
-        ckpt = train_mae(802, WORK / f"mae_{tag}", cfg, TrainConfig(steps=steps_, batch_size=16), progress=False)
-        wall = time.time() - t0
-        c = load_checkpoint(ckpt)
-        return ckpt, {"train_seconds_loop": round(c["train_seconds"], 1), "train_seconds_total": round(wall, 1),
-                      "steps": steps_, "batch_size": 16, "model": {k: c["model_config"][k] for k in
-                                                                    ("img_size", "patch_size", "embed_dim", "depth",
-                                                                     "decoder_embed_dim", "decoder_depth",
-                                                                     "norm_pix_loss")},
-                      "final_loss": round(c["loss_history"][-1][1], 4), "residual_scale": round(c["residual_scale"], 3)}
-
-    default_sigma = ResidualSettings.smoothing_sigma
-
-    def record(tag, info, ev, smoothing=default_sigma):
-        entry = {**info, "smoothing_sigma": smoothing, "auroc": ev}
-        out["variants"][tag] = entry
-        print(f"{tag}: {json.dumps(entry)}", flush=True)
-        (RESULTS / "mae_busi256.json").write_text(json.dumps(out, indent=2))
-
+    threads = args.threads or auto_num_threads()
+    raw, train, held_out = setup_raw_dataset(args.quick)
+    name = "mae_busi256_quick" if args.quick else "mae_busi256"
+    path = RESULTS / f"{name}.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    if results.get("held_out_every") != HELD_OUT_EVERY or "variants" not in results:
+        results = {"variants": {}}
+    results.update({"dataset": DATASET, "held_out_every": HELD_OUT_EVERY, "num_train_images": len(train),
+                    "num_held_out_images": len(held_out), "held_out_cases": held_out, "mask_ratios": list(MASK_RATIOS),
+                    "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    default_ckpt = None
-    if "default" in variants or "smoothing" in variants:
-        default_ckpt, info = train("default", steps)
-        if "default" in variants:
-            record(f"default (tiny, 300 steps, sigma {default_sigma:g})", info, evaluate(default_ckpt, images))
-            # the real command path: new data set + report + panel; throughput incl. I/O
-            t0 = time.time()
-            res = make_residual_dataset(802, 902, checkpoint=default_ckpt,
-                                        settings=ResidualSettings(mask_ratios=(0.5, 0.75)), report=True,
-                                        report_cases=3, progress=False)
-            fig = res["figures"]["imagesTr"]
-            out["residuals_command"] = {"seconds": round(time.time() - t0, 1), **fig,
-                                        "report_overall": res["report"]["overall"]}
-            panels = res["report"]["panels"]
-            if panels:
-                shutil.copyfile(panels[0], RESULTS / "mae_busi256_panel.png")
-            print("residuals -d 802 -o 902:", json.dumps(out["residuals_command"]), flush=True)
-        if "smoothing" in variants:
-            for sigma in sorted({0.0, 1.0, 2.0, 4.0} - {default_sigma}):
-                record(f"default MAE, smoothing sigma {sigma:g}", {"train_seconds_total": 0},
-                       evaluate(default_ckpt, images, smoothing=sigma), sigma)
-    if "long" in variants:
-        ckpt, info = train("long", 3 * steps)
-        record("tiny, 900 steps (3x)", info, evaluate(ckpt, images))
-    if "patch16" in variants:
-        ckpt, info = train("patch16", steps, patch_size=16)
-        record("tiny, patch 16, 300 steps", info, evaluate(ckpt, images))
-    if "pixel_loss" in variants:
-        ckpt, info = train("pixel", steps, norm_pix_loss=False)
-        record("tiny, pixel loss, 300 steps", info, evaluate(ckpt, images))
-
-    out["load_average_end"] = os.getloadavg()
-    (RESULTS / "mae_busi256.json").write_text(json.dumps(out, indent=2))
-    print(f"\n{'variant':42s} {'train s':>8s} {'AUROC@.5 pooled':>15s} {'per-case':>9s} {'AUROC@.75 pooled':>16s} "
-          f"{'per-case':>9s} {'img/s':>7s}")
-    for tag, v in out["variants"].items():
-        a = v["auroc"]
-        print(f"{tag:42s} {v.get('train_seconds_total', 0):8.0f} {a['0.5']['pooled_auroc']:15.3f} "
-              f"{a['0.5']['mean_case_auroc']:9.3f} {a['0.75']['pooled_auroc']:16.3f} {a['0.75']['mean_case_auroc']:9.3f} "
-              f"{a['compute_images_per_second']:7.1f}")
-    b = out["intensity_baseline"]
-    print(f"{'baseline: inverted intensity':42s} {'':8s} {b['pooled_auroc']:15.3f} {b['mean_case_auroc']:9.3f}")
-    if "residuals_command" in out:
-        rc = out["residuals_command"]
-        print(f"residuals -d (2 ratios, incl. I/O + report): {rc['images_per_second']} images/s; "
-              f"compute only {rc['images_per_second_compute']} images/s")
-    print(f"results: {RESULTS / 'mae_busi256.json'}")
+    for tag in tags:
+        load = os.getloadavg()
+        print(f"variant {tag}: {len(train)} training images, {len(held_out)} held out; torch threads {threads}; "
+              f"load average {load}", flush=True)
+        reuse = None
+        if args.evaluate_only:
+            reuse = results["variants"].get(tag)
+            if reuse is None or not (WORK / f"mae_{tag}" / "mae" / "checkpoint_final.pth").is_file():
+                parser.error(f"--evaluate-only: variant {tag} has no earlier training in {WORK}")
+        entry = run_variant(tag, VARIANTS[tag], raw, threads, args.quick, reuse)
+        entry.update({"torch_threads": threads, "load_average_start": load, "load_average_end": os.getloadavg(),
+                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+        if entry["panels"] and not args.quick:
+            panel = "mae_busi256_panel.png" if tag == "default" else f"mae_busi256_panel_{tag}.png"
+            shutil.copyfile(entry["panels"][0], RESULTS / panel)
+        results["variants"][tag] = entry
+        path.write_text(json.dumps(results, indent=2))
+    print_table(results)
+    print(f"\nresults: {path}")
 
 
 if __name__ == "__main__":

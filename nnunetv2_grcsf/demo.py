@@ -3,7 +3,7 @@
 Steps (each one a real command; nnU-Net's run as subprocesses, exactly as a user would type them):
 
 1. write ``Dataset990_SyntheticLesions`` (40 training + 10 test images, 128x128, seed-deterministic);
-2. ``nnunetv2_grcsf mae-train -d 990``: a small MAE on the training and test images;
+2. ``nnunetv2_grcsf mae-train -d 990 --steps 300``: a small MAE on the training images;
 3. ``nnunetv2_grcsf residuals -d 990 -o 991 --report``: ``Dataset991`` = image + residual channel;
 4. ``nnUNetv2_plan_and_preprocess -d 991 -c 2d --verify_dataset_integrity``;
 5. ``nnUNetv2_train 991 2d 0 -tr GRCSFTrainer_<short> -device DEVICE``;
@@ -102,7 +102,8 @@ def run_demo(output: Path, device: str = "cpu", trainer: str = DEFAULT_TRAINER, 
         source = write_synthetic_dataset(folders["nnUNet_raw"], SOURCE_ID, DATASET_NAME, num_training, num_test,
                                          seed=seed)
     with step("training the MAE on the data set's images (nnunetv2_grcsf mae-train)"):
-        _our_command(cli, ["mae-train", "-d", str(SOURCE_ID), "--seed", str(seed), "--device", device])
+        _our_command(cli, ["mae-train", "-d", str(SOURCE_ID), "--steps", "300", "--seed", str(seed),
+                           "--device", device])
     with step(f"residual maps -> Dataset{RESIDUAL_ID} (image + residual channel), with a quality report"):
         _our_command(cli, ["residuals", "-d", str(SOURCE_ID), "-o", str(RESIDUAL_ID), "--report",
                            "--device", device])

@@ -6,16 +6,19 @@ See :mod:`nnunetv2_grcsf.mae.train` for what is trained on, how, and what is wri
 import argparse
 
 DESCRIPTION = """\
-Train a Masked Autoencoder (He et al. 2022) on the images of an nnU-Net raw data set (imagesTr and
-imagesTs; labels are never read). 3D volumes are cut into slices along their lowest-resolution axis;
+Train a Masked Autoencoder (He et al. 2022) on the images of an nnU-Net raw data set: imagesTr only
+(--include-test-images adds imagesTs; the checkpoint records which were read; labels are never read).
+3D volumes are cut into slices along their lowest-resolution axis;
 the checkpoint records the median in-slice spacing, which `residuals` compares its images with.
 Writes checkpoint_latest.pth (periodically), checkpoint_final.pth and training_log.json to
-$nnUNet_results/DatasetXXX_Name/nnunetv2_grcsf_mae/ (or -o); never into the raw data set.
+$nnUNet_results/DatasetXXX_Name/nnunetv2_grcsf_mae/ (or -o); never into the raw data set. At the end it
+measures how much better than the mean image the MAE reconstructs masked patches (PSNR) and warns
+when that gap is under 1 dB.
 Next step: nnunetv2_grcsf residuals -d DATASET -o NEW_ID."""
 
 EXAMPLES = """\
 examples:
-  nnunetv2_grcsf mae-train -d 500                      # tiny preset, 300 steps (CPU: minutes)
+  nnunetv2_grcsf mae-train -d 500                      # tiny preset, default steps (CPU: minutes)
   nnunetv2_grcsf mae-train -d 500 --preset small --epochs 200 --device cuda
   nnunetv2_grcsf mae-train -d 500 --resume --steps 1000   # continue / extend a run"""
 
@@ -32,8 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="output folder (default: $nnUNet_results/DatasetXXX_Name/nnunetv2_grcsf_mae)")
     arch = parser.add_argument_group("architecture (ignored with --resume: taken from the checkpoint)")
     arch.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                      help="named model size: tiny (CPU, 128 px, patch 8, dim 96, depth 3), small / base (GPU, "
-                           "256 px). Default: tiny")
+                      help="named model size: tiny (CPU, 128 px, patch 8, dim 96, depth 3, pixel loss), small / base "
+                           "(GPU, 256 px, normalized pixel loss). Default: tiny")
     arch.add_argument("--image-size", type=int, default=None, help="model input size in pixels (square)")
     arch.add_argument("--patch-size", type=int, default=None,
                       help="patch size in pixels (image size must be a multiple); every slice of the data set must "
@@ -43,15 +46,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     arch.add_argument("--num-heads", type=int, default=None, help="encoder attention heads")
     arch.add_argument("--decoder-dim", type=int, default=None, help="decoder width")
     arch.add_argument("--decoder-depth", type=int, default=None, help="number of decoder blocks")
-    arch.add_argument("--pixel-loss", action="store_true",
-                      help="loss on pixels instead of the paper's per-patch normalized pixels")
+    loss = arch.add_mutually_exclusive_group()
+    loss.add_argument("--pixel-loss", dest="norm_pix_loss", action="store_false", default=None,
+                      help="loss on pixels (the tiny preset's default)")
+    loss.add_argument("--norm-pix-loss", dest="norm_pix_loss", action="store_true",
+                      help="loss on per-patch normalized pixels, as in the paper (the small and base presets' default)")
     opt = parser.add_argument_group("training")
     budget = opt.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEFAULT_STEPS})")
     budget.add_argument("--epochs", type=float, default=None, help="passes over the training slices (instead of --steps)")
     opt.add_argument("--batch-size", type=int, default=16, help="slices per step (default 16)")
     opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default 1e-3)")
-    opt.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches removed (default 0.75)")
+    opt.add_argument("--mask-ratios", "--mask-ratio", dest="mask_ratios", type=float, nargs="+", default=[0.5, 0.75],
+                     help="share(s) of patches removed; each step uses the next (default 0.5 0.75)")
+    opt.add_argument("--include-test-images", action="store_true",
+                     help="train on imagesTs too (recorded in the checkpoint; residual figures on those test images "
+                          "are then optimistic). Default: imagesTr only")
     opt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     opt.add_argument("--save-every", type=int, default=100, help="write checkpoint_latest.pth every N steps (default 100)")
     opt.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
@@ -71,23 +81,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from nnunetv2_grcsf.mae.data import channel_names_of, load_dataset_json, resolve_raw_dataset
+    from nnunetv2_grcsf.mae import MAEError
     from nnunetv2_grcsf.mae.train import TrainConfig, auto_num_threads, model_config_from_preset, train_mae
 
+    # every argument is checked before the data set is read or a folder is made
+    train_config = TrainConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                               mask_ratios=args.mask_ratios, seed=args.seed, save_every=args.save_every,
+                               flip=not args.no_flip, max_slices_per_case=args.max_slices_per_case)
+    train_config.check()
+    if args.num_threads is not None and args.num_threads < 1:
+        raise MAEError(f"--num-threads {args.num_threads}: give at least 1")
+    architecture = dict(img_size=args.image_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
+                        depth=args.depth, num_heads=args.num_heads, decoder_embed_dim=args.decoder_dim,
+                        decoder_depth=args.decoder_depth, norm_pix_loss=args.norm_pix_loss)
     model_config = None
     if not args.resume:
+        from nnunetv2_grcsf.mae.data import channel_names_of, load_dataset_json, resolve_raw_dataset
+
+        model_config_from_preset(args.preset, 1, **architecture)  # checks the architecture before any reading
         _, folder = resolve_raw_dataset(args.dataset)
-        channels = len(channel_names_of(load_dataset_json(folder)))
-        model_config = model_config_from_preset(
-            args.preset, channels, img_size=args.image_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
-            depth=args.depth, num_heads=args.num_heads, decoder_embed_dim=args.decoder_dim,
-            decoder_depth=args.decoder_depth, norm_pix_loss=False if args.pixel_loss else None)
-    train_config = TrainConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                               mask_ratio=args.mask_ratio, seed=args.seed, save_every=args.save_every,
-                               flip=not args.no_flip, max_slices_per_case=args.max_slices_per_case)
-    if not 0 < args.mask_ratio < 1:
-        from nnunetv2_grcsf.mae import MAEError
-        raise MAEError(f"--mask-ratio {args.mask_ratio} must be between 0 and 1")
+        model_config = model_config_from_preset(args.preset, len(channel_names_of(load_dataset_json(folder))),
+                                                **architecture)
     train_mae(args.dataset, args.output, model_config, train_config, device=args.device, resume=args.resume,
-              overwrite=args.overwrite, progress=not args.quiet, num_threads=args.num_threads or auto_num_threads())
+              overwrite=args.overwrite, progress=not args.quiet, num_threads=args.num_threads or auto_num_threads(),
+              include_test_images=args.include_test_images)
     return 0

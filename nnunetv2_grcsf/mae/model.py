@@ -3,7 +3,10 @@
 As in the paper (and facebookresearch/mae ``models_mae.py``, read for reference; this is our code):
 
 - the image is cut into non-overlapping ``patch_size`` x ``patch_size`` patches, each linearly embedded
-  (a strided convolution), plus fixed 2D sine-cosine position embeddings and a class token;
+  (timm's ``PatchEmbed``, a strided convolution), plus fixed 2D sine-cosine position embeddings and a class
+  token; encoder and decoder are stacks of timm's pre-norm ViT ``Block`` (qkv bias, LayerNorm eps 1e-6 as
+  in MAE). Checkpoints from before timm's blocks (own blocks, same layers under other names) are converted
+  on load (:func:`convert_state_dict`);
 - a random subset of patches (``mask_ratio``, default 0.75) is removed; the ViT encoder sees only the
   visible patches;
 - a light transformer decoder gets the encoded visible tokens plus a shared learned mask token at every
@@ -31,11 +34,13 @@ are laid out ``[N, L, C * patch_size^2]`` channel-major.
 """
 
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
 
 
 class DictRoundTrip:
@@ -69,6 +74,12 @@ class MAEConfig(DictRoundTrip):
     stats_loss_weight: float = 1.0
 
     def __post_init__(self):
+        sizes = {"img_size": self.img_size, "patch_size": self.patch_size, "embed_dim": self.embed_dim,
+                 "depth": self.depth, "num_heads": self.num_heads, "decoder_embed_dim": self.decoder_embed_dim,
+                 "decoder_depth": self.decoder_depth, "decoder_num_heads": self.decoder_num_heads}
+        bad = [f"{k} {v}" for k, v in sizes.items() if not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be positive integers")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
@@ -98,36 +109,28 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
     return torch.from_numpy(emb).float()
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention (fused scaled dot product attention)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):  # [N, T, D]
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+#: Parameter names of checkpoints written before the MAE used timm's blocks -> today's names.
+_RENAMED_PARAMETERS = (("patch_embed.weight", "patch_embed.proj.weight"), ("patch_embed.bias", "patch_embed.proj.bias"),
+                       (".mlp.0.", ".mlp.fc1."), (".mlp.2.", ".mlp.fc2."))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+def convert_state_dict(state_dict: dict) -> dict:
+    """A state dict of an older checkpoint (own transformer blocks) with today's (timm) parameter names.
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+    The layers and their shapes are the same; only the names differ. Today's state dicts pass unchanged.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in _RENAMED_PARAMETERS:
+            if old in key and new not in key:
+                key = key.replace(old, new)
+        out[key] = value
+    return out
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+
+def transformer_block(dim: int, num_heads: int, mlp_ratio: float) -> Block:
+    """timm's pre-norm ViT block (fused attention, GELU MLP), with qkv bias and LayerNorm eps 1e-6 as in MAE."""
+    return Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
 def random_mask(batch_size: int, num_patches: int, mask_ratio: float, device=None,
@@ -150,17 +153,17 @@ class MaskedAutoencoder(nn.Module):
     def __init__(self, config: MAEConfig):
         super().__init__()
         self.config = c = config
-        self.patch_embed = nn.Conv2d(c.in_channels, c.embed_dim, c.patch_size, stride=c.patch_size)
+        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_channels, c.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(c.embed_dim, c.grid_size)[None], persistent=False)
-        self.blocks = nn.ModuleList([Block(c.embed_dim, c.num_heads, c.mlp_ratio) for _ in range(c.depth)])
+        self.blocks = nn.ModuleList([transformer_block(c.embed_dim, c.num_heads, c.mlp_ratio) for _ in range(c.depth)])
         self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
 
         self.decoder_embed = nn.Linear(c.embed_dim, c.decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_embed_dim))
         self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(c.decoder_embed_dim, c.grid_size)[None],
                              persistent=False)
-        self.decoder_blocks = nn.ModuleList([Block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio)
+        self.decoder_blocks = nn.ModuleList([transformer_block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio)
                                              for _ in range(c.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(c.decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(c.decoder_embed_dim, c.patch_size ** 2 * c.in_channels)
@@ -169,7 +172,7 @@ class MaskedAutoencoder(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        w = self.patch_embed.weight.data
+        w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -219,7 +222,7 @@ class MaskedAutoencoder(nn.Module):
 
         Returns ``(latent [N, 1 + L_visible, D], ids_keep [N, L_visible])``.
         """
-        x = self.patch_embed(imgs).flatten(2).transpose(1, 2) + self.pos_embed  # [N, L, D]
+        x = self.patch_embed(imgs) + self.pos_embed  # [N, L, D]
         n, length, d = x.shape
         num_keep = length - int(mask[0].sum())
         # stable sort puts visible (False) patches first, in positional order

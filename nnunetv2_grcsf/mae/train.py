@@ -1,8 +1,10 @@
 """Training the MAE on an nnU-Net raw data set's images (``nnunetv2_grcsf mae-train``), and its checkpoints.
 
-What is trained on: every image of ``imagesTr`` and, when present, ``imagesTs`` (never the labels; an MAE
-needs no labels, and its residual maps are meant for the same data set's images), read with nnU-Net's
-reader, normalized (:class:`~nnunetv2_grcsf.mae.data.IntensityNormalizer`, fitted here and stored in the
+What is trained on: every image of ``imagesTr`` (never the labels; an MAE needs no labels). ``imagesTs`` only
+with ``include_test_images`` (``--include-test-images``): an MAE that has seen the test images reconstructs
+them better than new images, so figures on them would be optimistic. The checkpoint records the folders
+read (``training_splits``; :func:`nnunetv2_grcsf.mae.checkpoint_saw_test_images`). Images are read with
+nnU-Net's reader, normalized (:class:`~nnunetv2_grcsf.mae.data.IntensityNormalizer`, fitted here and stored in the
 checkpoint), cut into slices along the lowest-resolution axis, resized-and-padded to the model input.
 The slices are kept in memory as float16 (``N * C * img_size^2 * 2`` bytes; use ``max_slices_per_case``
 for large 3D data sets). A case whose slices are smaller than one patch (``patch_size`` voxels) along
@@ -12,7 +14,9 @@ images (``in_slice_spacing``: the two spacings of the slice plane, in slice-arra
 
 Optimization (ours, for short budgets; the paper trains 800-1600 epochs): AdamW (betas 0.9/0.95,
 weight decay 0.05 on weight matrices only, as in MAE), learning rate with linear warm-up (5 % of the
-steps) then cosine decay to 0; random horizontal flips; batches from a per-epoch random permutation.
+steps) then cosine decay to 0; random horizontal flips; batches from a per-epoch random permutation;
+each step masks at one of ``mask_ratios`` (default 0.5 and 0.75, the ratios the residual maps use),
+taken in turn.
 All randomness of step ``t`` comes from generators seeded by ``(seed, t)`` (and the permutation from
 ``(seed, epoch)``), so a resumed run continues exactly like an uninterrupted one. AMP on CUDA
 (bfloat16 where supported, else float16 with a gradient scaler).
@@ -23,7 +27,12 @@ unless given. It holds ``checkpoint_latest.pth`` (every ``save_every`` steps and
 file and renamed, so an interrupted save never leaves a truncated checkpoint behind.
 
 After training, :func:`calibrate_residual_scale` fixes the residual scale stored in the checkpoint (see
-:mod:`.residuals`).
+:mod:`.residuals`) and :func:`reconstruction_check` measures, on a few training slices, how much better
+than each slice's mean intensity the MAE reconstructs masked patches (PSNR gap, stored in the checkpoint;
+a warning under ``PSNR_GAP_WARNING_DB``).
+
+Arguments are checked before anything is read or written (:meth:`TrainConfig.check`); the output folder
+is created with the first checkpoint, so a run that fails before it leaves no folder behind.
 """
 
 import json
@@ -37,10 +46,11 @@ import numpy as np
 import torch
 
 from nnunetv2_grcsf import __version__
-from nnunetv2_grcsf.mae import (DEFAULT_STEPS, PRESETS, MAECheckpointError, MAEDatasetError, MAEError,
-                                MAEOutputExistsError)
+from nnunetv2_grcsf.mae import (DEFAULT_STEPS, DEFAULT_TRAINING_SPLITS, PRESETS, TRAINING_SPLITS_KEY,
+                                MAECheckpointError, MAEDatasetError, MAEError, MAEOutputExistsError)
 from nnunetv2_grcsf.mae import data as mdata
-from nnunetv2_grcsf.mae.model import DictRoundTrip, MAEConfig, MaskedAutoencoder, masked_reconstruction, random_mask
+from nnunetv2_grcsf.mae.model import (DictRoundTrip, MAEConfig, MaskedAutoencoder, convert_state_dict,
+                                      masked_reconstruction, random_mask)
 
 CHECKPOINT_FORMAT = "nnunetv2_grcsf.mae"
 CHECKPOINT_VERSION = 1
@@ -49,11 +59,14 @@ LATEST = "checkpoint_latest.pth"
 FINAL = "checkpoint_final.pth"
 CALIBRATION_RATIO = 0.75
 CALIBRATION_MAX_SLICES = 64
+#: mae-train warns when its reconstruction beats the mean image by less than this many dB (PSNR).
+PSNR_GAP_WARNING_DB = 1.0
+RECONSTRUCTION_CHECK_SLICES = 32
 
 
 @dataclass
 class TrainConfig(DictRoundTrip):
-    """Optimization settings (stored in the checkpoint). ``steps`` wins over ``epochs``; default 300 steps."""
+    """Optimization settings (stored in the checkpoint). ``steps`` wins over ``epochs``; default ``DEFAULT_STEPS``."""
 
     steps: int = None
     epochs: float = None
@@ -61,11 +74,41 @@ class TrainConfig(DictRoundTrip):
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
-    mask_ratio: float = 0.75
+    mask_ratios: tuple = (0.5, 0.75)
     seed: int = 0
     save_every: int = 100
     flip: bool = True
     max_slices_per_case: int = None
+
+    def __post_init__(self):
+        self.mask_ratios = tuple(float(r) for r in self.mask_ratios)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        if "mask_ratios" not in d and "mask_ratio" in d:  # checkpoints of version 1 trained at one ratio
+            d = {**d, "mask_ratios": [d["mask_ratio"]]}
+        return super().from_dict(d)
+
+    def check(self) -> None:
+        """:class:`MAEError` naming the command-line option of the first setting out of range."""
+        problems = []
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"--steps {self.steps}: give at least 1 optimizer step")
+        if self.epochs is not None and not self.epochs > 0:
+            problems.append(f"--epochs {self.epochs}: give a positive number of passes")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size {self.batch_size}: give at least 1 slice per step")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"--lr {self.lr}: the learning rate must be a positive number (e.g. 1e-3)")
+        if not self.mask_ratios or any(not 0.0 < r < 1.0 for r in self.mask_ratios):
+            problems.append(f"--mask-ratios {' '.join(f'{r:g}' for r in self.mask_ratios)}: each must be between 0 "
+                            f"and 1 (exclusive)")
+        if self.save_every < 1:
+            problems.append(f"--save-every {self.save_every}: give at least 1")
+        if self.max_slices_per_case is not None and self.max_slices_per_case < 1:
+            problems.append(f"--max-slices-per-case {self.max_slices_per_case}: give at least 1")
+        if problems:
+            raise MAEError("invalid mae-train arguments: " + "; ".join(problems))
 
 
 def model_config_from_preset(preset: str = "tiny", in_channels: int = 1, **overrides) -> MAEConfig:
@@ -140,11 +183,23 @@ def autocast_context(device: torch.device):
 
 # ---- checkpoints ------------------------------------------------------------------------------------
 def save_checkpoint(state: dict, path) -> None:
-    """Write atomically (temporary file, then rename)."""
+    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed over ``path``.
+
+    An interruption (Ctrl-C, SIGTERM turned into an exception, a full disk) removes the temporary file and
+    leaves ``path`` as it was. Creates the folder if needed.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -174,13 +229,31 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def model_from_checkpoint(ckpt: dict, device="cpu") -> MaskedAutoencoder:
-    """The :class:`MaskedAutoencoder` of a loaded checkpoint, in eval mode."""
+    """The :class:`MaskedAutoencoder` of a loaded checkpoint, in eval mode (older parameter names converted)."""
     model = MaskedAutoencoder(MAEConfig.from_dict(ckpt["model_config"]))
-    try:
-        model.load_state_dict(ckpt["model_state"])
-    except RuntimeError as error:
-        raise MAECheckpointError(f"the MAE checkpoint's weights do not fit its own architecture: {error}") from error
+    state = convert_state_dict(ckpt["model_state"])
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or mismatched:
+        details = "; ".join(f"{what} {len(keys)} (e.g. {keys[0]})" for what, keys in
+                            (("missing", missing), ("unexpected", unexpected), ("other shape", mismatched)) if keys)
+        raise MAECheckpointError(f"the MAE checkpoint's weights do not fit its own architecture ({details}); retrain "
+                                 f"it with `nnunetv2_grcsf mae-train -d DATASET --overwrite`")
+    model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def untrained_checkpoint(ckpt: dict, seed: int = 0) -> dict:
+    """A copy of ``ckpt`` whose weights are a fresh initialization (seeded) of the same architecture.
+
+    Its residuals are the "untrained MAE" baseline of the report: same settings, nothing learned.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MaskedAutoencoder(MAEConfig.from_dict(ckpt["model_config"]))
+    return {**ckpt, "model_state": model.state_dict(), "step": 0, "optimizer_state": None}
 
 
 def default_output_folder(dataset_name: str) -> Path:
@@ -224,18 +297,24 @@ def total_steps(config: TrainConfig, num_slices: int) -> int:
 
 
 # ---- data -------------------------------------------------------------------------------------------
-def dataset_images(dataset) -> tuple:
-    """``(name, folder, dataset_json, cases {id: files}, reader)`` for training: imagesTr + imagesTs."""
+def training_splits(include_test_images: bool = False) -> tuple:
+    """The raw data set folders mae-train reads: ``imagesTr``, plus ``imagesTs`` if ``include_test_images``."""
+    return DEFAULT_TRAINING_SPLITS + (("imagesTs",) if include_test_images else ())
+
+
+def dataset_images(dataset, splits=DEFAULT_TRAINING_SPLITS) -> tuple:
+    """``(name, folder, dataset_json, cases {id: files}, reader)`` for training on the folders ``splits``."""
     name, folder = mdata.resolve_raw_dataset(dataset)
     dataset_json = mdata.load_dataset_json(folder)
     ending = dataset_json["file_ending"]
     cases = {}
-    for sub in ("imagesTr", "imagesTs"):
+    for sub in splits:
+        mdata.check_no_misnamed_files(folder / sub, ending)
         found = mdata.list_cases(folder / sub, ending)
         mdata.check_case_channels(found, len(mdata.channel_names_of(dataset_json)), folder / sub)
         cases.update({f"{sub}/{k}": v for k, v in found.items()})
     if not cases:
-        raise MAEDatasetError(f"{folder} has no images (CASE_XXXX{ending}) in imagesTr or imagesTs")
+        raise MAEDatasetError(f"{folder} has no images (CASE_XXXX{ending}) in {' or '.join(splits)}")
     reader = mdata.reader_for(dataset_json, example_file=next(iter(cases.values()))[0])
     return name, folder, dataset_json, cases, reader
 
@@ -305,6 +384,49 @@ def calibrate_residual_scale(model: MaskedAutoencoder, slices: torch.Tensor, siz
     return float(max(1.5 * np.percentile(v, 99.9), 1e-3))
 
 
+@torch.no_grad()
+def reconstruction_check(model: MaskedAutoencoder, slices: torch.Tensor, sizes, device, mask_ratio: float,
+                         seed: int = 0) -> dict:
+    """How much better than the mean image the MAE reconstructs masked patches, on a few training slices.
+
+    Up to ``RECONSTRUCTION_CHECK_SLICES`` evenly spaced slices; per slice the PSNR (peak: the slice's range)
+    of the reconstruction (every pixel predicted while masked, :func:`masked_reconstruction`) and of the
+    slice's per-channel mean, over the slice's foreground (content pixels where any channel is above its
+    minimum, so that the constant background around a skull-stripped brain does not count). Returns the
+    medians and the median gap in dB.
+    """
+    from nnunetv2_grcsf.mae.report import foreground_mask, reconstruction_psnr
+
+    model.eval()
+    n = slices.shape[0]
+    idx = np.unique(np.linspace(0, n - 1, min(n, RECONSTRUCTION_CHECK_SLICES)).round().astype(int))
+    x = slices[torch.as_tensor(idx)].float().to(device)
+    with autocast_context(device):
+        recon = masked_reconstruction(model, x, mask_ratio, generator=_step_generator(seed, -(10 ** 9) - 1))
+    x, recon = x.cpu().numpy(), recon.float().cpu().numpy()
+    pairs = [reconstruction_psnr(x[j], recon[j], mdata.content_mask(*sizes[i], x.shape[-1]).numpy()
+                                 & foreground_mask(x[j]))
+             for j, i in enumerate(idx)]
+    pairs = np.array([p for p in pairs if p is not None]).reshape(-1, 2)
+    if not len(pairs):
+        return {}
+    return {"slices": len(pairs), "mask_ratio": mask_ratio, "median_psnr_reconstruction": float(np.median(pairs[:, 0])),
+            "median_psnr_mean_image": float(np.median(pairs[:, 1])),
+            "median_psnr_gap_db": float(np.median(pairs[:, 0] - pairs[:, 1]))}
+
+
+def reconstruction_warning(check: dict, dataset_name: str):
+    """A warning (str) when the reconstruction gains less than ``PSNR_GAP_WARNING_DB`` over the mean image."""
+    gap = check.get("median_psnr_gap_db")
+    if gap is None or gap >= PSNR_GAP_WARNING_DB:
+        return None
+    return (f"warning: the MAE reconstructs masked patches of its training slices only {gap:+.2f} dB (PSNR, median) "
+            f"better than each slice's mean intensity (under {PSNR_GAP_WARNING_DB:g} dB): it has learned little "
+            f"more than the mean, and its residual maps will mostly show |image - mean|. Train longer "
+            f"(`nnunetv2_grcsf mae-train -d {dataset_name} --resume --steps N` with a larger N), with the tiny "
+            f"preset's --pixel-loss, or with a larger --preset on a GPU")
+
+
 # ---- training -----------------------------------------------------------------------------------------
 def _param_groups(model, weight_decay):
     decay, no_decay = [], []
@@ -313,47 +435,56 @@ def _param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def prepare_output_folder(output_folder: Path, raw_dataset_folder: Path, resume: bool, overwrite: bool):
-    """Refuse folders inside the raw data set and existing checkpoints (unless resume/overwrite)."""
+def prepare_output_folder(output_folder: Path, raw_dataset_folder: Path, resume: bool, overwrite: bool) -> tuple:
+    """Refuse folders inside the raw data set and existing checkpoints (unless resume/overwrite).
+
+    Returns ``(folder, replaced)``: ``replaced`` lists the checkpoints ``overwrite`` will remove once the new
+    run has written its first checkpoint (so a run that fails early leaves the old ones in place). Creates
+    nothing: :func:`save_checkpoint` creates the folder.
+    """
     out = Path(output_folder).resolve()
     raw = Path(raw_dataset_folder).resolve()
     if out == raw or raw in out.parents:
         raise MAEError(f"the MAE output folder {out} is inside the raw data set {raw}; never write there. "
                        f"Use the default ($nnUNet_results/...) or another -o.")
+    if out.exists() and not out.is_dir():
+        raise MAEError(f"the MAE output folder {out} is a file; choose another -o")
     existing = [p for p in (out / LATEST, out / FINAL) if p.exists()]
-    if existing and not resume:
-        if not overwrite:
-            raise MAEOutputExistsError(f"{out} already holds an MAE checkpoint ({existing[0].name}). Pass --resume to "
-                                       f"continue training, --overwrite to start over, or choose another -o.")
-        for p in existing:
-            p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    if existing and not resume and not overwrite:
+        raise MAEOutputExistsError(f"{out} already holds an MAE checkpoint ({existing[0].name}). Pass --resume to "
+                                   f"continue training, --overwrite to start over, or choose another -o.")
+    return out, ([] if resume else existing)
 
 
 def train_mae(dataset, output_folder=None, model_config: MAEConfig = None, train_config: TrainConfig = None,
               device: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True,
-              num_threads: int = None, stop_after_steps: int = None, log=print) -> Path:
+              num_threads: int = None, stop_after_steps: int = None, log=print, include_test_images: bool = False,
+              check_reconstruction: bool = True) -> Path:
     """Train an MAE on the images of raw data set ``dataset`` (id or name); returns the final checkpoint path.
 
     ``model_config``: architecture (default preset ``tiny`` with the data set's channel count).
     ``resume``: continue from ``checkpoint_latest.pth`` (architecture, normalization and settings from the
     checkpoint; ``train_config.steps``/``epochs``, if set, may extend the run). ``stop_after_steps``
     stops (with a checkpoint) after that many steps in this call: for tests of resuming.
-    ``num_threads``: torch CPU threads during this call (restored afterwards).
+    ``num_threads``: torch CPU threads during this call (restored afterwards). ``include_test_images``: read
+    ``imagesTs`` too (recorded in the checkpoint; a resumed run keeps the folders of the run it continues).
+    ``check_reconstruction``: run :func:`reconstruction_check` at the end (and warn if the gap is small).
     """
+    if train_config is not None:
+        train_config.check()
+    if num_threads is not None and num_threads < 1:
+        raise MAEError(f"--num-threads {num_threads}: give at least 1")
     with torch_threads(num_threads):
         return _train_mae(dataset, output_folder, model_config, train_config, device, resume, overwrite, progress,
-                          stop_after_steps, log)
+                          stop_after_steps, log, include_test_images, check_reconstruction)
 
 
 def _train_mae(dataset, output_folder, model_config, train_config, device, resume, overwrite, progress,
-               stop_after_steps, log) -> Path:
-    name, raw_folder, dataset_json, cases, reader = dataset_images(dataset)
-    num_channels = len(mdata.channel_names_of(dataset_json))
-    out = prepare_output_folder(Path(output_folder) if output_folder else default_output_folder(name), raw_folder,
-                                resume, overwrite)
+               stop_after_steps, log, include_test_images, check_reconstruction) -> Path:
     dev = resolve_device(device)
+    name, raw_folder = mdata.resolve_raw_dataset(dataset)
+    out, replaced = prepare_output_folder(Path(output_folder) if output_folder else default_output_folder(name),
+                                          raw_folder, resume, overwrite)
 
     ckpt = None
     if resume:
@@ -366,6 +497,13 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
             log(f"resuming from {src} at step {ckpt['step']}")
         else:
             log(f"nothing to resume in {out}: starting a new training")
+    splits = tuple(ckpt.get(TRAINING_SPLITS_KEY) or training_splits(True)) if ckpt is not None else \
+        training_splits(include_test_images)
+    if ckpt is not None and include_test_images and "imagesTs" not in splits:
+        raise MAEError(f"{out} holds a training on {', '.join(splits)} only; --include-test-images cannot be added "
+                       f"when resuming (start over with --overwrite, or drop the flag)")
+    name, raw_folder, dataset_json, cases, reader = dataset_images(dataset, splits)
+    num_channels = len(mdata.channel_names_of(dataset_json))
     if ckpt is not None:
         model_config = MAEConfig.from_dict(ckpt["model_config"])
         stored = TrainConfig.from_dict(ckpt["train_config"])
@@ -387,8 +525,9 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
                                                        progress=progress)
     n = slices.shape[0]
     total = total_steps(train_config, n)
-    log(f"MAE on {name}: {len(cases)} images ({dim}D), {n} training slices of {model_config.img_size}^2, "
-        f"{total} steps of batch {train_config.batch_size}, mask ratio {train_config.mask_ratio}, device {dev}"
+    log(f"MAE on {name} ({' + '.join(splits)}): {len(cases)} images ({dim}D), {n} training slices of "
+        f"{model_config.img_size}^2, {total} steps of batch {train_config.batch_size}, mask ratios "
+        f"{' and '.join(f'{r:g}' for r in train_config.mask_ratios)}, device {dev}"
         f"{f' ({torch.get_num_threads()} CPU thread(s))' if dev.type == 'cpu' else ''}; "
         f"output {out}")
 
@@ -400,7 +539,7 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     step, history, elapsed = 0, [], 0.0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model_state"])
+        model.load_state_dict(convert_state_dict(ckpt["model_state"]))
         if "optimizer_state" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer_state"])
         step, history, elapsed = int(ckpt["step"]), list(ckpt.get("loss_history", [])), float(ckpt.get("train_seconds", 0))
@@ -414,8 +553,18 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
                 "nnunetv2_grcsf_version": __version__, "model_config": model_config.to_dict(),
                 "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
                 "train_config": {**train_config.to_dict(), "total_steps": total}, "normalization": normalizer.to_dict(),
-                "data": data_info, "step": step, "complete": complete, "loss_history": history,
-                "train_seconds": elapsed, "residual_scale": residual_scale}
+                "data": data_info, TRAINING_SPLITS_KEY: list(splits), "step": step, "complete": complete,
+                "loss_history": history, "train_seconds": elapsed, "residual_scale": residual_scale,
+                "reconstruction_check": check}
+
+    def save(complete: bool, path: Path, residual_scale=None) -> None:
+        save_checkpoint(state(complete, residual_scale), path)
+        while replaced:  # --overwrite: the old checkpoints go once the new run has one of its own
+            old = replaced.pop()
+            if old != path:
+                old.unlink(missing_ok=True)
+
+    check = ckpt.get("reconstruction_check") if ckpt is not None else None
 
     from tqdm import tqdm
 
@@ -425,7 +574,7 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
     try:
         while step < total:
             if stop_after_steps is not None and steps_this_call >= stop_after_steps:
-                save_checkpoint(state(False), out / LATEST)
+                save(False, out / LATEST)
                 bar.close()
                 log(f"stopped after {steps_this_call} steps (step {step} of {total}); resume with --resume")
                 return out / LATEST
@@ -435,7 +584,8 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
             if train_config.flip:
                 flip = torch.rand(x.shape[0], generator=gen) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            mask = random_mask(x.shape[0], model_config.num_patches, train_config.mask_ratio, generator=gen)
+            ratio = train_config.mask_ratios[step % len(train_config.mask_ratios)]
+            mask = random_mask(x.shape[0], model_config.num_patches, ratio, generator=gen)
             x, mask = x.to(dev, non_blocking=True), mask.to(dev)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, total, train_config.lr, train_config.warmup_fraction)
@@ -461,10 +611,10 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
             if step % max(1, train_config.save_every) == 0 and step < total:
                 elapsed_now = elapsed + time.time() - run_start
                 elapsed, run_start = elapsed_now, time.time()
-                save_checkpoint(state(False), out / LATEST)
+                save(False, out / LATEST)
     except KeyboardInterrupt:
         elapsed += time.time() - run_start
-        save_checkpoint(state(False), out / LATEST)
+        save(False, out / LATEST)
         bar.close()
         log(f"interrupted: saved {out / LATEST} at step {step}; continue with --resume")
         raise
@@ -472,15 +622,24 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
     elapsed += time.time() - run_start
 
     scale = calibrate_residual_scale(model, slices, sizes, dev, train_config.seed, train_config.batch_size)
-    final = state(True, scale)
-    save_checkpoint(final, out / FINAL)
-    save_checkpoint(final, out / LATEST)
-    log_data = {"dataset": name, "steps": step, "train_seconds": round(elapsed, 1), "final_loss_ema": ema,
-                "residual_scale": scale, "num_slices": n, "device": str(dev), "checkpoint": str(out / FINAL),
-                "model_config": model_config.to_dict(), "train_config": final["train_config"]}
-    (out / "training_log.json").write_text(json.dumps(log_data, indent=2))
+    if check_reconstruction:
+        check = reconstruction_check(model, slices, sizes, dev, train_config.mask_ratios[-1], train_config.seed)
+    save(True, out / FINAL, scale)
+    save(True, out / LATEST, scale)
+    log_data = {"dataset": name, TRAINING_SPLITS_KEY: list(splits), "steps": step, "train_seconds": round(elapsed, 1),
+                "final_loss_ema": ema, "residual_scale": scale, "reconstruction_check": check, "num_slices": n,
+                "device": str(dev), "checkpoint": str(out / FINAL), "model_config": model_config.to_dict(),
+                "train_config": {**train_config.to_dict(), "total_steps": total}}
+    tmp_log = out / ".training_log.json.tmp"
+    tmp_log.write_text(json.dumps(log_data, indent=2))
+    os.replace(tmp_log, out / "training_log.json")
+    gap = (check or {}).get("median_psnr_gap_db")
     log(f"done: {step} steps in {elapsed:.0f} s, loss {ema if ema is not None else float('nan'):.4f}, residual scale "
-        f"{scale:.3f}; checkpoint {out / FINAL}")
+        f"{scale:.3f}{'' if gap is None else f', reconstruction {gap:+.2f} dB over the mean image'}; "
+        f"checkpoint {out / FINAL}")
+    warning = reconstruction_warning(check or {}, name)
+    if warning:
+        log(warning)
     return out / FINAL
 
 

@@ -30,7 +30,7 @@ def test_shapes_and_patchify_roundtrip(channels, norm_pix):
         assert out["stats"].shape == (3, 16, channels, 2)
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     out["loss"].backward()
-    assert model.patch_embed.weight.grad is not None
+    assert model.patch_embed.proj.weight.grad is not None
     assert model.reconstruct(x, out["mask"]).shape == x.shape
 
 
@@ -131,4 +131,6 @@ def test_masked_reconstruction_rejects_masks_that_leave_patches_visible():
 def test_config_validation():
     with pytest.raises(ValueError, match="multiple"):
         MAEConfig(img_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="patch_size 0.*positive"):
+        MAEConfig(patch_size=0)
     assert MAEConfig.from_dict({**MAEConfig().to_dict(), "unknown": 1}) == MAEConfig()

@@ -24,7 +24,7 @@ def test_training_writes_checkpoints_under_results_and_never_into_raw(nnunet_env
     assert ckpt_path == out / FINAL and (out / LATEST).is_file() and (out / "training_log.json").is_file()
     ckpt = load_checkpoint(ckpt_path)
     assert ckpt["step"] == 4 and ckpt["complete"] and ckpt["residual_scale"] > 0
-    assert ckpt["data"]["num_cases"] == 8  # imagesTr + imagesTs
+    assert ckpt["data"]["num_cases"] == 6 and ckpt["training_splits"] == ["imagesTr"]  # imagesTs never by default
     assert ckpt["data"]["num_channels"] == 1 and ckpt["data"]["image_dim"] == 2
     assert ckpt["data"]["file_ending"] == ".png" and ckpt["normalization"]["modes"] == ["per_image"]
     assert model_from_checkpoint(ckpt).config.img_size == 32
