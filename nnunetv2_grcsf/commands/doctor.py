@@ -1,17 +1,23 @@
 """``nnunetv2_grcsf doctor``: is this environment ready to train and predict with our trainers?
 
 Checks, in order: versions, the compute device, the torch/torchvision pairing (a mismatch breaks
-every nnU-Net trainer lookup), nnU-Net's three path variables, the start-up hook and
-``nnUNet_extTrainer``, and then looks every trainer up exactly as ``nnUNetv2_train`` does. With
-``-d``, also the data set: its residual channels and, for a data set made by ``residuals``, that every
-residual file lies on its image's grid and the images still equal the source's
+every nnU-Net trainer lookup), nnU-Net's three path variables (and unfinished build folders that
+killed runs left in ``nnUNet_raw``), the start-up hook and ``nnUNet_extTrainer`` (every module in the
+user's own trainer directories must import, since nnU-Net imports them all), and then looks every
+trainer up exactly as ``nnUNetv2_train`` does (failures of one cause are printed once). With ``-d``,
+also the data set: its residual channels and, for a data set made by ``residuals``, that the MAE
+checkpoint is still the one recorded (SHA-256), whether that MAE saw test images, that every residual
+file lies on its image's grid and the images still equal the source's
 (:mod:`nnunetv2_grcsf.mae.geometry`).
-Each failed check prints what to do. Exit code 0 when everything is ready, 1 otherwise.
+Each failed check prints what to do; warnings do not count as failures. Exit code 0 when everything is
+ready, 1 otherwise.
 """
 
 import contextlib
+import importlib
 import io
 import os
+import pkgutil
 import site
 import sys
 from importlib import metadata
@@ -20,16 +26,18 @@ from pathlib import Path
 from nnunetv2_grcsf import discovery
 from nnunetv2_grcsf.datasets import NNUNET_PATH_VARIABLES, find_raw_dataset, load_dataset_json
 from nnunetv2_grcsf.errors import UserFacingError
+from nnunetv2_grcsf.interruption import stale_incomplete_folders
 
 PACKAGES = ("nnunetv2-grcsf", "nnunetv2", "torch", "torchvision", "dynamic-network-architectures",
             "batchgenerators", "SimpleITK")
 
 
 class Report:
-    """Collects OK / FAIL lines; ``failures`` counts the problems found."""
+    """Collects OK / FAIL / WARN lines; ``failures`` counts the problems found, ``warnings`` the rest."""
 
     def __init__(self):
         self.failures = 0
+        self.warnings = 0
 
     def ok(self, what: str, detail: str = "") -> None:
         print(f"  [ok]   {what}" + (f": {detail}" if detail else ""))
@@ -37,6 +45,10 @@ class Report:
     def fail(self, what: str, fix: str) -> None:
         self.failures += 1
         print(f"  [FAIL] {what}\n         fix: {fix}")
+
+    def warn(self, what: str, fix: str) -> None:
+        self.warnings += 1
+        print(f"  [WARN] {what}\n         fix: {fix}")
 
     def info(self, what: str, detail: str) -> None:
         print(f"  [info] {what}: {detail}")
@@ -82,6 +94,11 @@ def _check_paths(report: Report) -> None:
             report.fail(f"{variable}={value} does not exist", f"mkdir -p {value}  (or point {variable} elsewhere)")
         else:
             report.ok(variable, value)
+    raw = os.environ.get("nnUNet_raw")
+    stale = stale_incomplete_folders(raw) if raw else []
+    if stale:
+        report.warn(f"{len(stale)} unfinished data set folder(s) in nnUNet_raw, left by killed runs: "
+                    f"{', '.join(p.name for p in stale)}", f"delete them: rm -r {' '.join(str(p) for p in stale)}")
 
 
 def _installed_hook_files() -> list:
@@ -96,15 +113,64 @@ def _check_discovery(report: Report) -> None:
         report.ok("start-up hook", str(hooks[0]))
     else:
         report.info("start-up hook", f"{discovery.HOOK_FILE_NAME} not found in site-packages")
-    if os.environ.get(discovery.OPT_OUT_VARIABLE):
-        report.info("automatic registration", f"switched off by {discovery.OPT_OUT_VARIABLE}")
+    opted_out = os.environ.get(discovery.OPT_OUT_VARIABLE)
+    if opted_out:
+        report.info("automatic registration", f"switched off by {discovery.OPT_OUT_VARIABLE}={opted_out}")
     value = os.environ.get(discovery.EXT_TRAINER_VARIABLE, "")
+    export = (f"export {discovery.EXT_TRAINER_VARIABLE}="
+              f"{os.pathsep.join([*discovery.ext_trainer_directories(), discovery.shim_directory()])}")
     if discovery.is_registered():
         report.ok(discovery.EXT_TRAINER_VARIABLE, value)
+    elif opted_out:
+        report.fail(f"{discovery.EXT_TRAINER_VARIABLE} does not list our shim directory (it is {value!r}), and "
+                    f"{discovery.OPT_OUT_VARIABLE} keeps the start-up hook from adding it",
+                    f"{export}  (or unset {discovery.OPT_OUT_VARIABLE})")
     else:
         report.fail(f"{discovery.EXT_TRAINER_VARIABLE} does not list our shim directory (it is {value!r})",
-                    f"reinstall with `pip install nnunetv2-grcsf` (installs the start-up hook) or "
-                    f"export {discovery.EXT_TRAINER_VARIABLE}={os.pathsep.join([*discovery.ext_trainer_directories(), discovery.shim_directory()])}")
+                    f"{export}  (or reinstall with `pip install nnunetv2-grcsf`, which installs the start-up hook)"
+                    if not hooks else export)
+    shim = os.path.realpath(discovery.shim_directory())
+    for directory in discovery.ext_trainer_directories():
+        if os.path.realpath(directory) == shim:
+            continue
+        if not os.path.isdir(directory):
+            report.warn(f"{discovery.EXT_TRAINER_VARIABLE} lists {directory}, which does not exist",
+                        f"remove it from {discovery.EXT_TRAINER_VARIABLE} or create it")
+            continue
+        for module_file, error in _unimportable_modules(directory):
+            report.fail(f"{module_file} in your trainer directory ({discovery.EXT_TRAINER_VARIABLE}) cannot be "
+                        f"imported: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                        f"fix or remove that file: nnU-Net imports every module there whenever it looks up a trainer "
+                        f"outside its own tree, so this error stops the lookup of every such trainer, ours included")
+
+
+def _unimportable_modules(directory: str) -> list:
+    """``[(file, exception)]``: modules of a ``nnUNet_extTrainer`` directory that fail to import when nnU-Net's
+    trainer lookup imports them (same module names, ``sys.path`` and clean-up as
+    ``nnunetv2.utilities.find_class_by_name.recursive_find_python_class``)."""
+    from nnunetv2.utilities.find_class_by_name import (temporarily_cleanup_imports_from_path,
+                                                       temporarily_extend_syspath)
+
+    broken = []
+
+    def walk(folder, prefix):
+        for _, name, is_package in pkgutil.iter_modules([folder]):
+            module = prefix + name
+            if is_package:
+                walk(os.path.join(folder, name), module + ".")
+                continue
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    importlib.import_module(module)
+            except ModuleNotFoundError as error:
+                if error.name != module:  # nnU-Net skips a module that cannot be found as itself, as we do
+                    broken.append((os.path.join(folder, name + ".py"), error))
+            except Exception as error:  # whatever the user's module raises stops nnU-Net's lookup
+                broken.append((getattr(error, "filename", None) or os.path.join(folder, name + ".py"), error))
+
+    with temporarily_extend_syspath(directory), temporarily_cleanup_imports_from_path(directory):
+        walk(directory, "")
+    return broken
 
 
 def _check_trainers(report: Report) -> None:
@@ -113,20 +179,25 @@ def _check_trainers(report: Report) -> None:
 
     from nnunetv2_grcsf.trainers import __all__ as trainer_names
 
-    found = []
+    found, failures = [], {}  # failures: {reason: [trainer names]}, so that one cause is printed once
     for name in trainer_names:
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 trainer = recursive_find_trainer_class_by_name(name)
         except Exception as error:  # report every kind of lookup failure; that is this check's purpose
-            report.fail(f"{name} not found ({type(error).__name__}: {str(error).splitlines()[0][:160]})",
-                        "fix the checks above (paths, torchvision, nnUNet_extTrainer), then run doctor again")
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            reason = f"{type(error).__name__}: {first_line.replace(name, '<trainer>')[:160]}"
+            failures.setdefault(reason, []).append(name)
             continue
         if trainer.__module__.startswith("nnunetv2_grcsf"):
             found.append(name)
         else:
             report.fail(f"{name} resolves to {trainer.__module__}.{trainer.__name__}, not ours",
                         "a trainer of the same name earlier in nnUNet_extTrainer wins; rename or remove it")
+    for reason, names in failures.items():
+        listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        report.fail(f"{len(names)} of {len(trainer_names)} trainers not found ({listed}): {reason}",
+                    "fix the problems above (paths, torchvision, nnUNet_extTrainer), then run doctor again")
     if found:
         report.ok(f"{len(found)} of {len(trainer_names)} trainers found", ", ".join(found[:6]) + ", ...")
 
@@ -153,7 +224,42 @@ def _check_dataset(report: Report, dataset: str) -> None:
                                                  f"nnunetv2_grcsf residuals -d {dataset} -o NEW_ID")
         return
     report.ok("MAE residual channels", f"{channels}: GRCSFTrainer and GRCSF_FIASTrainer can train on it")
+    _check_residual_mae(report, folder, dataset_json)
     _check_residual_geometry(report, folder, dataset_json)
+
+
+def _check_residual_mae(report: Report, folder: Path, dataset_json: dict) -> None:
+    """The recorded MAE checkpoint: still there, still the one that made the residuals, trained without test images."""
+    from nnunetv2_grcsf.mae.residuals import MAE_SHA256_KEY, recorded_mae_problem, test_images_warning
+    from nnunetv2_grcsf.residual_channels import DATASET_JSON_KEY
+
+    recorded = dataset_json[DATASET_JSON_KEY]
+    checkpoint = recorded.get("mae_checkpoint")
+    if not checkpoint or not Path(checkpoint).is_file():
+        report.warn(f"the MAE checkpoint recorded in dataset.json, {checkpoint}, does not exist: `nnunetv2_grcsf "
+                    f"residuals -i IN -o OUT --from-dataset {folder.name}` cannot make prediction inputs",
+                    f"copy that checkpoint there (SHA-256 {recorded.get(MAE_SHA256_KEY, 'not recorded')}), or pass the "
+                    f"copy with -m (its hash is checked)")
+        return
+    try:
+        problem, fix, note = recorded_mae_problem(dataset_json, folder.name, checkpoint)
+        _, test_warning, test_fix = test_images_warning(checkpoint, checkpoint,
+                                                         recorded.get("source_dataset", "SOURCE"))
+    except UserFacingError as error:
+        report.fail(f"MAE checkpoint {checkpoint} cannot be checked: {error}",
+                    "put the checkpoint the data set was made with back in its place")
+        return
+    if problem:  # then which images the MAE that made the residuals saw is unknown
+        report.fail(problem, fix)
+        return
+    if note:
+        report.info("MAE checkpoint", f"{checkpoint}; {note}")
+    else:
+        report.ok("MAE checkpoint", f"{checkpoint} is the one the residuals were made with (SHA-256)")
+    if test_warning:
+        report.warn(test_warning, f"{test_fix}, and retrain the models on {folder.name}")
+    else:
+        report.ok("MAE training images", "imagesTr only (it never saw the test images)")
 
 
 def _check_residual_geometry(report: Report, folder: Path, dataset_json: dict) -> None:
@@ -198,5 +304,6 @@ def run(args) -> int:
     _check_trainers(report)
     if args.dataset:
         _check_dataset(report, args.dataset)
-    print("ready." if not report.failures else f"{report.failures} problem(s) found: see the fixes above.")
+    warned = f" ({report.warnings} warning(s) above)" if report.warnings else ""
+    print(f"ready{warned}." if not report.failures else f"{report.failures} problem(s) found: see the fixes above.")
     return 0 if not report.failures else 1

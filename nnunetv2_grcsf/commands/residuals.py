@@ -14,11 +14,16 @@ Add MAE residual map channel(s) (one per mask ratio) to nnU-Net images.
                             newest $nnUNet_results/<SRC>/nnunetv2_grcsf_mae*/checkpoint_final.pth.
   -i IN -o OUT -m CKPT      the same for prediction inputs (CASE_0000.ext ...), so nnUNetv2_predict
                             gets the channels the model was trained with. --from-dataset NEW_ID takes
-                            the checkpoint and settings recorded by the -d run (recommended).
+                            the checkpoint and settings recorded by the -d run (recommended) and
+                            checks the checkpoint against the recorded SHA-256 (-m: a copy of it).
 
 Residual = |image - MAE reconstruction| where every patch is reconstructed only while masked
 (complementary masks), in units of the MAE's normalized intensity, smoothed, stored as 8 bits
-of a fixed per-checkpoint scale. The source data set / input folder is only ever read.
+of a fixed per-checkpoint scale. The source data set / input folder is only ever read. Output is
+built in a hidden sibling folder (.NAME.incomplete-PID) and renamed when complete: Ctrl-C or
+SIGTERM leaves nothing that looks finished (after a SIGKILL, `nnunetv2_grcsf doctor` names the
+folder to delete). The new dataset.json records the MAE checkpoint's SHA-256, so --from-dataset
+and `doctor -d` refuse an MAE changed since.
 
 Images must match the MAE: same channel count, 2D or 3D like its training images, slices at least
 one patch (patch_size voxels) along both axes. Cases whose in-slice spacing is more than 2x from
@@ -43,7 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", required=True,
                         help="with -d: id of the new data set (e.g. 501); with -i: output folder")
     parser.add_argument("-m", "--checkpoint", default=None,
-                        help="MAE checkpoint (default with -d: newest under $nnUNet_results/<SRC>/nnunetv2_grcsf_mae*)")
+                        help="MAE checkpoint (default with -d: newest under $nnUNet_results/<SRC>/nnunetv2_grcsf_mae*; "
+                             "with --from-dataset: the recorded one, or a copy of it, checked by its SHA-256)")
     parser.add_argument("--from-dataset", default=None,
                         help="with -i: take checkpoint, mask ratios and residual settings from the dataset.json of "
                              "this data set (made by `residuals -d`), so inputs match what the model was trained on")
@@ -99,7 +105,7 @@ def _settings(args, base=None):
 
 def run(args) -> int:
     from nnunetv2_grcsf.mae import MAEError
-    from nnunetv2_grcsf.mae.residuals import make_residual_dataset, make_residual_folder, settings_from_dataset
+    from nnunetv2_grcsf.mae.residuals import checkpoint_for_dataset, make_residual_dataset, make_residual_folder
 
     from nnunetv2_grcsf.mae.train import auto_num_threads
 
@@ -118,13 +124,7 @@ def run(args) -> int:
         raise MAEError("--name is for -d (new data sets)")
     checkpoint, base = args.checkpoint, None
     if args.from_dataset:
-        recorded, base = settings_from_dataset(args.from_dataset)
-        if checkpoint and str(recorded) != str(checkpoint):
-            from pathlib import Path
-            if Path(checkpoint).resolve() != recorded.resolve():
-                raise MAEError(f"-m {checkpoint} differs from the MAE checkpoint {recorded} recorded in data set "
-                               f"{args.from_dataset}; leave -m out")
-        checkpoint = recorded
+        checkpoint, base = checkpoint_for_dataset(args.from_dataset, checkpoint)
     if checkpoint is None:
         raise MAEError("with -i give the MAE checkpoint: -m CHECKPOINT, or --from-dataset ID of the data set the "
                        "model was trained on")

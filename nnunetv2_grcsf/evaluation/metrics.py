@@ -81,12 +81,6 @@ def squeeze_geometry(mask: np.ndarray, spacing: Optional[Sequence[float]] = None
     return mask.reshape([mask.shape[i] for i in keep]), spacing[keep]
 
 
-def voxel_volume(shape: Sequence[int], spacing: Optional[Sequence[float]] = None) -> float:
-    """Physical size of one voxel (area for 2D) after dropping axes of length 1."""
-    _, sp = squeeze_geometry(np.zeros(tuple(shape), dtype=bool), spacing)
-    return float(np.prod(sp))
-
-
 def image_diagonal(shape: Sequence[int], spacing: Optional[Sequence[float]] = None) -> float:
     """Length of the image diagonal in physical units, ``sqrt(sum((n_i * s_i)^2))`` over axes longer than 1."""
     m, sp = squeeze_geometry(np.zeros(tuple(shape), dtype=bool), spacing)

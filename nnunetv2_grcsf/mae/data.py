@@ -5,7 +5,10 @@
   ``$nnUNet_raw``. Images are listed like nnU-Net lists them (``CASE_XXXX<file_ending>``, one file per
   channel) and read with the reader that ``determine_reader_writer_from_dataset_json`` picks, so every
   format nnU-Net reads (PNG, NIfTI, NRRD, MHA, TIFF) works, and the same reader later writes the
-  residual channel in the image's own geometry. Labels are never read here.
+  residual channel in the image's own geometry. Labels are never read here. Before reading, every file
+  is checked for truncation (:func:`check_file_complete`: SimpleITK would fill a cut-off ``.nii.gz`` with
+  zeros); :func:`check_no_misnamed_files` refuses, by name, files that end with the file ending but lack
+  the channel suffix (which listing skips); channels of one case on different grids are named as such.
 - nnU-Net readers return ``[C, Z, Y, X]`` arrays for both 2D (``Z = 1``) and 3D images, with the spacing
   in array-axis order (2D images get a dummy 999 spacing on the first axis). The MAE is 2D: every image
   is cut into slices along its **lowest-resolution axis** (largest spacing; the first such axis on
@@ -101,6 +104,43 @@ def check_case_channels(cases: dict, num_channels: int, where) -> None:
                 f"_0000.._{num_channels - 1:04d} ({num_channels} channel(s)). Fix the file names or the channel count.")
 
 
+def misnamed_files(folder, file_ending: str) -> list:
+    """Files in ``folder`` that end with ``file_ending`` but lack nnU-Net's channel suffix ``_XXXX`` (skipped by
+    :func:`list_cases`, as by nnU-Net)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending) + r"$")
+    return [folder / f for f in sorted(os.listdir(folder)) if f.endswith(file_ending) and not pattern.fullmatch(f)]
+
+
+def check_no_misnamed_files(folder, file_ending: str) -> None:
+    """Refuse files that end with ``file_ending`` but are not named ``CASE_XXXX<file_ending>`` (naming them)."""
+    misnamed = misnamed_files(folder, file_ending)
+    if misnamed:
+        listed = ", ".join(p.name for p in misnamed[:5]) + (f" and {len(misnamed) - 5} more" if len(misnamed) > 5
+                                                            else "")
+        raise MAEDatasetError(f"{folder}: {len(misnamed)} file(s) lack nnU-Net's channel suffix _XXXX: {listed}. Name "
+                              f"them CASE_0000{file_ending} (one file per channel: _0000, _0001, ...) or move them "
+                              f"out of the folder.")
+
+
+def describe_no_cases(folder, file_ending: str) -> str:
+    """Why ``folder`` has no ``CASE_XXXX<file_ending>`` files: other endings there, or files without ``_XXXX``."""
+    folder = Path(folder)
+    files = sorted(f for f in os.listdir(folder) if (folder / f).is_file() and not f.startswith(".")) \
+        if folder.is_dir() else []
+    if not files:
+        return f"{folder} holds no image files"
+    endings = sorted({m.group(1) for f in files if (m := re.search(r"(\.[A-Za-z0-9]+(?:\.gz)?)$", f))})
+    if not any(f.endswith(file_ending) for f in files):
+        return (f"{folder} has no *{file_ending} files (it holds {', '.join(endings) or 'files without an ending'}); "
+                f"pass the right --file-ending")
+    example = next(f for f in files if f.endswith(file_ending))
+    return (f"{folder} has *{file_ending} files but none named CASE_XXXX{file_ending} (e.g. {example}): nnU-Net "
+            f"needs the channel suffix _0000 (one file per channel: _0000, _0001, ...); rename the files")
+
+
 def reader_for(dataset_json: dict = None, file_ending: str = None, example_file=None):
     """An instance of the nnU-Net reader/writer class for the data set (or the file ending)."""
     from nnunetv2.imageio.reader_writer_registry import (determine_reader_writer_from_dataset_json,
@@ -117,15 +157,75 @@ def reader_for(dataset_json: dict = None, file_ending: str = None, example_file=
     return cls()
 
 
-def read_case(reader, files, case: str = None) -> tuple:
-    """``(image float32 [C, Z, Y, X], properties)`` of one case's channel files, read with ``reader``."""
-    try:
+def check_file_complete(path) -> None:
+    """Refuse an image file whose data end early (:class:`~nnunetv2_grcsf.mae.MAEImageReadError` naming it).
+
+    SimpleITK reads a truncated ``.nii.gz`` (or ``.nii``) without complaint and fills the missing voxels
+    with zeros. So a gzip file (any ``*.gz``) is decompressed to its end, which must be the gzip stream's
+    end-of-stream marker, and a NIfTI file must hold the ``vox_offset + voxels x bytes per voxel`` bytes its
+    header declares (read with nibabel, which nnU-Net installs). Other formats are left to their readers.
+    """
+    import gzip
+
+    path = Path(path)
+    name = path.name.lower()
+    fix = "Copy or export the file again, or remove the case."
+    if name.endswith(".gz"):
+        size = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 24):
+                    size += len(chunk)
+        except (EOFError, OSError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+            raise MAEImageReadError(f"{path} is truncated or corrupt: its gzip stream does not end properly "
+                                    f"({type(error).__name__}: {error}). {fix}") from error
+    else:
+        size = path.stat().st_size
+    if name.endswith((".nii", ".nii.gz")):
+        import nibabel
+
+        try:
+            header = nibabel.load(str(path)).header
+            expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * \
+                header.get_data_dtype().itemsize
+        except Exception:  # not a NIfTI nibabel can parse: the reader will say what is wrong
+            return
+        if size < expected:
+            raise MAEImageReadError(f"{path} is truncated: it holds {size} bytes of the {expected} its NIfTI header "
+                                    f"declares. {fix}")
+
+
+def _read_quietly(reader, files) -> tuple:
+    """``reader.read_images(files)`` with nnU-Net's own printing captured; returns ``(image, props, printed)``."""
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
         image, props = reader.read_images([str(f) for f in files])
+    return image, props, printed.getvalue()
+
+
+def read_case(reader, files, case: str = None) -> tuple:
+    """``(image float32 [C, Z, Y, X], properties)`` of one case's channel files, read with ``reader``.
+
+    Every file is first checked for truncation (:func:`check_file_complete`). When nnU-Net's reader refuses
+    a multi-channel case, each file is read alone to say which: a corrupt file, or channels of different
+    shape / spacing.
+    """
+    for f in files:
+        check_file_complete(f)
+    where = f" (case {case!r})" if case else ""
+    try:
+        image, props, printed = _read_quietly(reader, files)
     except Exception as error:  # readers raise anything from OSError to RuntimeError / AssertionError
-        raise MAEImageReadError(f"cannot read image {', '.join(str(f) for f in files)}"
-                                f"{f' (case {case!r})' if case else ''}: {type(error).__name__}: {error}. "
-                                f"The file is corrupt or not a valid image of this format: replace it or remove "
-                                f"the case.") from error
+        if len(files) > 1:
+            _explain_channel_mismatch(reader, files, where)
+        raise MAEImageReadError(f"cannot read image {', '.join(str(f) for f in files)}{where}: "
+                                f"{type(error).__name__}: {error}. The file is corrupt or not a valid image of this "
+                                f"format: replace it or remove the case.") from error
+    if printed:  # nnU-Net's warnings (e.g. channels with different origins) stay visible
+        print(printed, end="")
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 4:
         raise MAEImageReadError(f"{files[0]}: nnU-Net's reader returned an array of shape {image.shape}; expected "
@@ -133,6 +233,27 @@ def read_case(reader, files, case: str = None) -> tuple:
     if not np.all(np.isfinite(image)):
         raise MAEImageReadError(f"{files[0]} contains NaN or infinite values; fix the image")
     return image, props
+
+
+def _explain_channel_mismatch(reader, files, where: str) -> None:
+    """Raise the precise error for a multi-channel case nnU-Net's reader refused; return if it is not found."""
+    grids = []
+    for f in files:
+        try:
+            image, props, _ = _read_quietly(reader, [f])
+        except Exception as error:
+            raise MAEImageReadError(f"cannot read image {f}{where}: {type(error).__name__}: {error}. The file is "
+                                    f"corrupt or not a valid image of this format: replace it or remove the "
+                                    f"case.") from error
+        spacing = props.get("sitk_stuff", {}).get("spacing", props.get("spacing"))
+        grids.append((Path(f).name, tuple(np.shape(image)[1:]), tuple(float(v) for v in spacing)))
+    for field, index in (("shape", 1), ("spacing", 2)):
+        values = [grid[index] for grid in grids]
+        if len(set(values)) > 1:
+            listed = ", ".join(f"{grid[0]} {' x '.join(f'{v:g}' for v in value)}" for grid, value in zip(grids, values))
+            raise MAEImageReadError(f"the channel files{where} differ in {field}: {listed}. All channels of a case "
+                                    f"must lie on one grid (nnU-Net requires it): resample them onto the grid of "
+                                    f"{grids[0][0]}.")
 
 
 def image_dim(image: np.ndarray) -> int:

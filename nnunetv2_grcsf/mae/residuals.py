@@ -12,11 +12,11 @@ reconstruction and the image"):
    patch was removed. Visible patches, which the decoder merely copies, never contribute.
 3. Residual = ``|x - x_hat|`` per pixel, averaged over the image channels, in units of the
    normalized intensity (image standard deviations); optionally smoothed with a Gaussian of
-   ``smoothing_sigma`` model-grid pixels (default 2: on BUSI256 sigma 0 / 1 / 2 / 4 gave per-image
-   AUROC 0.77 / 0.79 / 0.80 / 0.81 at mask ratio 0.5, see ``benchmarks/mae_busi256.py``; 2 keeps most
-   of the gain at half the blur of 4, since the segmentation network also needs the map's edges;
-   speckle-level noise in single pixels carries no lesion information); then the padding is cropped and the map resized back to the slice's own
-   grid (bilinear). We resize-and-back rather than tile at full resolution because the MAE is
+   ``smoothing_sigma`` model-grid pixels (default 2, chosen with ``benchmarks/mae_busi256.py``, whose
+   figures are in ``benchmarks/results``: smoothing removes speckle-level noise in single pixels, which
+   carries no lesion information, and a small sigma keeps the map's edges, which the segmentation
+   network needs); then the padding is cropped and the map resized back to the slice's own grid
+   (bilinear). We resize-and-back rather than tile at full resolution because the MAE is
    trained on whole images at the model's scale: tiles would show it a scale and a field of view it
    never saw. The price is a residual at the model's resolution (e.g. half resolution for 256-pixel
    images at the default 128 input); use a larger ``--image-size`` on a GPU for finer maps.
@@ -34,8 +34,14 @@ reconstruction and the image"):
    (low residual everywhere) or not. ``noNorm`` would feed the raw 0..255 integers.
 
 The new data set's ``dataset.json`` records the residual channels under the ``nnunetv2_grcsf`` key
-(see :mod:`nnunetv2_grcsf.residual_channels`) plus ``residual_definition`` (the settings above), so a
-prediction folder can be given identical residual channels (``residuals -i ... --from-dataset``).
+(see :mod:`nnunetv2_grcsf.residual_channels`) plus ``residual_definition`` (the settings above) and
+``mae_sha256`` (the SHA-256 of the checkpoint file), so a prediction folder can be given identical
+residual channels (``residuals -i ... --from-dataset``), and a checkpoint changed since (retrained with
+``mae-train --overwrite``, copied from elsewhere) is caught there and by ``doctor -d``
+(:func:`recorded_mae_problem`; data sets made before the hash was recorded compare the residual scale).
+
+Both modes build their output in a hidden sibling folder and rename it when complete
+(:mod:`nnunetv2_grcsf.interruption`): Ctrl-C and SIGTERM leave nothing that looks finished.
 
 Checks on the images (:class:`InputChecks`, every case, in data set and folder mode alike):
 
@@ -55,6 +61,7 @@ image's grid and that the images still equal the source's (:mod:`.geometry`).
 """
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -68,15 +75,18 @@ import torch
 import torch.nn.functional as F
 
 from nnunetv2_grcsf.datasets import nnunet_folder
+from nnunetv2_grcsf.interruption import incomplete_folder, sigterm_raises, stale_incomplete_folders
 from nnunetv2_grcsf.mae import (MAEDatasetError, MAEError, MAEIncompatibleError, MAEOutputExistsError)
 from nnunetv2_grcsf.mae import data as mdata
 from nnunetv2_grcsf.mae.model import complementary_masks, masked_reconstruction
-from nnunetv2_grcsf.mae.report import ResidualReport, foreground_mask
+from nnunetv2_grcsf.mae.report import ResidualReport, foreground_mask, format_comparison
 from nnunetv2_grcsf.mae.train import (autocast_context, find_latest_checkpoint, load_checkpoint, model_from_checkpoint,
-                                      resolve_device, torch_threads)
+                                      resolve_device, torch_threads, untrained_checkpoint)
 from nnunetv2_grcsf.residual_channels import DATASET_JSON_KEY
 
 RESIDUAL_CHANNEL_NAME = "rgb_to_0_1"
+#: Key (inside dataset.json's ``nnunetv2_grcsf`` entry) of the MAE checkpoint file's SHA-256 hex digest.
+MAE_SHA256_KEY = "mae_sha256"
 REPORT_SUBFOLDER = "nnunetv2_grcsf_residual_report"
 #: In-slice spacings further than this factor (along either axis) from the MAE's training spacing get a warning.
 SPACING_WARNING_FACTOR = 2.0
@@ -283,6 +293,7 @@ def _chunks(cases: dict, reader, mapper: ResidualMapper, checks: InputChecks, la
         if labels_folder is not None:
             label_file = Path(labels_folder) / f"{case}{ending}"
             if label_file.is_file():
+                mdata.check_file_complete(label_file)
                 try:
                     seg, _ = reader.read_seg(str(label_file))
                 except Exception as error:
@@ -308,18 +319,21 @@ def _process_cases(cases: dict, reader, mapper: ResidualMapper, checks: InputChe
     bar = tqdm(total=len(cases), desc=desc, unit="case", disable=not progress)
     t_compute, n_done, t0 = 0.0, 0, time.time()
     for chunk in _chunks(cases, reader, mapper, checks, labels_folder if report else None, ending):
-        want = {c for c, _, _, _, mask in chunk if report is not None and report.wants_panel(mask)}
+        want = {c for c, _, _, _, mask in chunk if report is not None and report.wants_images(mask)}
         t = time.time()
         results = mapper.compute([(c, img, props["spacing"]) for c, _, img, props, _ in chunk], want_recon=want)
         t_compute += time.time() - t
-        for (case, files, image, props, mask), res in zip(chunk, results):
+        untrained = [{}] * len(chunk)
+        if report is not None and getattr(report, "untrained_mapper", None) is not None:  # the report's baseline
+            untrained = report.untrained_mapper.compute([(c, img, props["spacing"]) for c, _, img, props, _ in chunk])
+        for (case, files, image, props, mask), res, res_untrained in zip(chunk, results, untrained):
             for f in files:
                 _copy_with_sidecar(f, out_images / f.name, ending)
             _write_residual_channels(reader, mapper.encode(res["residuals"]), out_images, case, image.shape[0],
                                      ending, props)
             if report is not None:
                 report.add_case(case, res["residuals"], mask, res.get("normalized"), res.get("recon"), res["axis"],
-                                foreground=foreground_mask(image))
+                                foreground=foreground_mask(image), untrained_residuals=res_untrained.get("residuals"))
             n_done += 1
             bar.update(1)
     bar.close()
@@ -335,6 +349,85 @@ def residual_definition(mapper: ResidualMapper) -> dict:
                         "normalized intensity units, x_hat from complementary masks (every patch reconstructed "
                         "only while masked), Gaussian smoothing sigma in model-grid pixels",
             "image_size": mapper.size}
+
+
+# ---- which MAE made a residual data set ------------------------------------------------------------------
+def checkpoint_sha256(path) -> str:
+    """SHA-256 hex digest of a checkpoint file's bytes (recorded as ``nnunetv2_grcsf.mae_sha256``)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def recorded_mae_problem(dataset_json: dict, dataset_name: str, checkpoint) -> tuple:
+    """``(problem, fix, note)``: does MAE ``checkpoint`` (a path) still make the residuals of residual data set
+    ``dataset_name`` (its ``dataset_json``)?
+
+    Compares the file's SHA-256 with the recorded ``mae_sha256``; data sets made before the hash was recorded
+    compare the checkpoint's residual scale with the recorded one instead (a retrained MAE calibrates another
+    scale). ``problem`` says what differs and ``fix`` what to run (both None if nothing differs); ``note``
+    says that only the scale could be compared, or is None.
+    """
+    from nnunetv2_grcsf.mae.geometry import rerun_command
+
+    recorded = dataset_json.get(DATASET_JSON_KEY, {})
+    if recorded.get(MAE_SHA256_KEY) and checkpoint_sha256(checkpoint) == recorded[MAE_SHA256_KEY]:
+        return None, None, None
+    with_this_mae = {**dataset_json, DATASET_JSON_KEY: {**recorded, "mae_checkpoint": str(Path(checkpoint).resolve())}}
+    recorded_scale = recorded.get("residual_definition", {}).get("scale")
+    scale = float(load_checkpoint(checkpoint).get("residual_scale") or 3.0)  # as ResidualMapper reads it
+    scale_differs = recorded_scale is not None and not np.isclose(scale, float(recorded_scale), rtol=1e-9, atol=0)
+    scales = f"residual scale {scale:.4g}, recorded {float(recorded_scale):.4g}" if scale_differs else ""
+    if recorded.get(MAE_SHA256_KEY):
+        differs, note = f"its SHA-256 differs from the recorded one{f' ({scales})' if scales else ''}", None
+    else:
+        note = (f"{dataset_name} records no MAE hash ({DATASET_JSON_KEY}.{MAE_SHA256_KEY}; made by an older "
+                f"nnunetv2_grcsf): only the residual scale of {checkpoint} could be compared")
+        if not scale_differs:
+            return None, None, note + ("" if recorded_scale is not None else ", and it is not recorded either")
+        differs = f"the data set records no MAE hash, and the {scales}"
+    problem = (f"MAE checkpoint {checkpoint} is not the one {dataset_name} was made with: {differs} (retrained with "
+               f"`mae-train --overwrite` since?); its residuals are not those a model trained on {dataset_name} saw")
+    fix = (f"put the original checkpoint back (or pass a copy of it with -m to `residuals -i`), or remake the data set with this MAE and retrain: "
+           f"`{rerun_command(with_this_mae, dataset_name)}`, then nnUNetv2_plan_and_preprocess and nnUNetv2_train")
+    return problem, fix, note
+
+
+def test_images_warning(checkpoint, name, source: str = "SOURCE") -> tuple:
+    """``(saw, warning, fix)``: whether MAE ``checkpoint`` (a path or a loaded checkpoint, called ``name``) was
+    trained on test images (imagesTs; None: unknown, a checkpoint from before this was recorded), what that
+    means and what to run (None, None if it was not)."""
+    from nnunetv2_grcsf.mae import checkpoint_saw_test_images
+
+    saw = checkpoint_saw_test_images(checkpoint)
+    if saw is False:
+        return saw, None, None
+    how = ("was trained on the test images (imagesTs) too" if saw else
+           "may have been trained on the test images (imagesTs): it does not record which images it saw, and older "
+           "versions of mae-train read imagesTs too")
+    return saw, (f"the MAE {name} {how}. Residuals of images an MAE has seen are lower than those of new "
+                 f"images, so figures on those test images are optimistic"), \
+        (f"retrain the MAE on imagesTr only (nnunetv2_grcsf mae-train -d {source} --overwrite), then remake the "
+         f"residuals (residuals ... --overwrite)")
+
+
+def trained_models(dataset_name: str) -> list:
+    """nnU-Net model folders (``TRAINER__PLANS__CONFIGURATION`` holding a ``fold_*/checkpoint_*.pth``) under
+    ``$nnUNet_results/<dataset_name>``."""
+    results = os.environ.get("nnUNet_results")
+    base = Path(results) / dataset_name if results else None
+    if base is None or not base.is_dir():
+        return []
+    return sorted(d for d in base.iterdir()
+                  if d.is_dir() and d.name.count("__") == 2 and any(d.glob("fold_*/checkpoint_*.pth")))
+
+
+def _stale_note(parent: Path, name: str) -> str:
+    """A note naming the build folders of ``parent/name`` that killed runs left behind, or ''."""
+    stale = stale_incomplete_folders(parent, name)
+    if not stale:
+        return ""
+    return (f"note: {len(stale)} unfinished build folder(s) of {parent / name} left by a killed run: "
+            f"{', '.join(str(p) for p in stale)}; delete them (rm -r {' '.join(str(p) for p in stale)})")
 
 
 def _with_torch_threads(fn):
@@ -364,14 +457,33 @@ def _is_same_or_inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents or a in b.parents
 
 
+def _trained_models_warning(dst_folder: Path, dst_id: int, mae_sha256: str, mapper: ResidualMapper) -> str:
+    """A warning naming the nnU-Net models trained on the data set ``dst_folder`` is about to replace, if the new
+    residual channels may differ from the old ones (another MAE or other settings), else ''."""
+    models = trained_models(dst_folder.name)
+    if not models or not (dst_folder / "dataset.json").is_file():
+        return ""
+    recorded = mdata.load_dataset_json(dst_folder).get(DATASET_JSON_KEY, {})
+    same_definition = recorded.get("residual_definition") == residual_definition(mapper)
+    if recorded.get(MAE_SHA256_KEY) == mae_sha256 and same_definition:
+        return ""
+    return (f"warning: {len(models)} model(s) were trained on the residual channel(s) that --overwrite now replaces "
+            f"with another MAE or other settings: {', '.join(str(m) for m in models)}. They would get other inputs "
+            f"than they were trained on: retrain them after this run (nnUNetv2_plan_and_preprocess -d {dst_id}, "
+            f"then nnUNetv2_train), or stop now (Ctrl-C leaves {dst_folder} as it is).")
+
+
 @_with_torch_threads
+@sigterm_raises()
 def make_residual_dataset(source, output_id, checkpoint=None, settings: ResidualSettings = None, name: str = None,
                           overwrite: bool = False, report: bool = False, report_dir=None, report_cases: int = 4,
                           device: str = "auto", batch_size: int = 16, progress: bool = True, log=print) -> dict:
     """Make raw data set ``Dataset<output_id>_<name>``: source channels + residual channel(s), labels, dataset.json.
 
-    Built in a hidden temporary folder in ``$nnUNet_raw`` and renamed when complete, so a failure leaves
-    nothing behind; the source data set is only read. Returns a dict with the paths and figures.
+    Built in a hidden temporary folder in ``$nnUNet_raw`` and renamed when complete, so a failure, Ctrl-C or
+    SIGTERM leaves nothing behind; the source data set is only read. Replacing (``overwrite``) a data set
+    from which nnU-Net models were trained under ``$nnUNet_results`` with another MAE or other settings
+    warns, naming the model folders. Returns a dict with the paths and figures.
     """
     settings = settings or ResidualSettings()
     src_name, src_folder = mdata.resolve_raw_dataset(source)
@@ -418,6 +530,7 @@ def make_residual_dataset(source, output_id, checkpoint=None, settings: Residual
 
     ckpt_path = Path(checkpoint) if checkpoint else find_latest_checkpoint(src_name)
     mapper = ResidualMapper(ckpt_path, settings, device, batch_size)
+    mae_sha256 = checkpoint_sha256(ckpt_path)
     if len(channel_names) != mapper.num_channels:
         raise MAEIncompatibleError(f"{src_name} has {len(channel_names)} channel(s) ({channel_names}) but the MAE "
                                    f"checkpoint {ckpt_path} was trained on {mapper.num_channels} "
@@ -429,6 +542,7 @@ def make_residual_dataset(source, output_id, checkpoint=None, settings: Residual
     splits = {}
     for sub in ("imagesTr", "imagesTs"):
         cases = mdata.list_cases(src_folder / sub, ending)
+        mdata.check_no_misnamed_files(src_folder / sub, ending)
         mdata.check_case_channels(cases, len(channel_names), src_folder / sub)
         if cases:
             splits[sub] = cases
@@ -444,13 +558,17 @@ def make_residual_dataset(source, output_id, checkpoint=None, settings: Residual
             else raw.parent / f"{dst_name}_residual_report")
         if _is_same_or_inside(rdir, src_folder):
             raise MAEError(f"report folder {rdir} would be inside the source data set; choose another --report-dir")
-        rep = ResidualReport(rdir, settings.mask_ratios, mapper.scale, report_cases)
+        rep = ResidualReport(rdir, settings.mask_ratios, mapper.scale, report_cases, with_untrained=True)
+        rep.untrained_mapper = ResidualMapper(untrained_checkpoint(mapper.ckpt), settings, device, batch_size)
 
     C = len(channel_names)
     checks = InputChecks(mapper, f"nnunetv2_grcsf mae-train -d {src_name}")
-    tmp = raw / f".{dst_name}.incomplete-{os.getpid()}"
+    tmp = incomplete_folder(dst_folder)
     if tmp.exists():
         shutil.rmtree(tmp)
+    for line in (_stale_note(raw, dst_name), _trained_models_warning(dst_folder, dst_id, mae_sha256, mapper)):
+        if line:
+            log(line)
     log(f"{src_name} -> {dst_name}: {sum(len(c) for c in splits.values())} cases, residual channel(s) "
         f"{list(range(C, C + len(settings.mask_ratios)))} at mask ratio(s) {list(settings.mask_ratios)}, "
         f"MAE {ckpt_path}, device {mapper.device}")
@@ -475,27 +593,32 @@ def make_residual_dataset(source, output_id, checkpoint=None, settings: Residual
             "residual_channels": list(range(C, C + len(settings.mask_ratios))),
             "mae_checkpoint": str(Path(ckpt_path).resolve()),
             "mask_ratios": list(settings.mask_ratios),
+            MAE_SHA256_KEY: mae_sha256,
             "source_dataset": src_name,
             "residual_definition": residual_definition(mapper),
         }
         (tmp / "dataset.json").write_text(json.dumps(dst_json, indent=2))
-        if dst_folder.exists() or dst_folder.is_symlink():  # --overwrite checked above; never the source
-            if dst_folder.is_symlink():
-                dst_folder.unlink()
-            else:
-                shutil.rmtree(dst_folder)
+        if dst_folder.is_symlink():  # --overwrite checked above; never the source
+            dst_folder.unlink()
+        replaced = dst_folder.parent / f".{dst_name}.replaced-{os.getpid()}"
+        if dst_folder.exists():  # renamed away, not deleted, until the new data set is in place
+            os.replace(dst_folder, replaced)
         os.replace(tmp, dst_folder)
+        shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     result = {"dataset": dst_name, "folder": str(dst_folder), "checkpoint": str(Path(ckpt_path).resolve()),
               "figures": figures, "spacing_warning": checks.spacing_warning()}
     if rep is not None:
+        saw_test_images, test_warning, test_fix = test_images_warning(mapper.ckpt, result["checkpoint"], src_name)
         result["report"] = rep.write({"source_dataset": src_name, "dataset": dst_name,
-                                      "mae_checkpoint": result["checkpoint"],
+                                      "mae_checkpoint": result["checkpoint"], "mae_saw_test_images": saw_test_images,
                                       "residual_definition": residual_definition(mapper)})
         result["report_folder"] = str(rep.folder)
         _log_report(result["report"], rep.folder, log)
+        if test_warning:
+            log(f"warning: {test_warning}. Fix: {test_fix}.")
     if result["spacing_warning"]:
         log(result["spacing_warning"])
     tr = figures["imagesTr"]
@@ -513,6 +636,11 @@ def _log_report(summary: dict, folder: Path, log) -> None:
             f"case {value(o['mean_case_auroc'])}; foreground only (any channel above its case minimum): pooled "
             f"{value(o['pooled_auroc_foreground'])}, mean per case {value(o['mean_case_auroc_foreground'])} "
             f"({o['cases_with_lesion']} cases with lesion)")
+    for line in format_comparison(summary):  # the residual against maps that need no (trained) MAE; PSNR gap
+        log(line)
+    saw = summary.get("mae_saw_test_images")
+    saw = "unknown (an older checkpoint: it may have)" if saw is None else "yes" if saw else "no"
+    log(f"the MAE saw test images (imagesTs) in training: {saw}")
     log(f"report: {folder / 'report.json'} and {len(summary['panels'])} PNG panel(s)")
 
 
@@ -531,7 +659,32 @@ def settings_from_dataset(dataset) -> tuple:
     return Path(d["mae_checkpoint"]), settings
 
 
+def checkpoint_for_dataset(dataset, checkpoint=None, log=print) -> tuple:
+    """``(checkpoint, ResidualSettings)`` that remake the residual channels of data set ``dataset`` (made by
+    ``residuals -d``) for new images: the recorded checkpoint, or ``checkpoint`` (e.g. a copy shipped with a
+    model), checked against the recorded hash (:func:`recorded_mae_problem`, :class:`MAEError` naming what to do).
+    """
+    recorded, settings = settings_from_dataset(dataset)
+    name, folder = mdata.resolve_raw_dataset(dataset)
+    dataset_json = mdata.load_dataset_json(folder)
+    if checkpoint is None:
+        if not recorded.is_file():
+            digest = dataset_json[DATASET_JSON_KEY].get(MAE_SHA256_KEY)
+            raise MAEError(f"the MAE checkpoint recorded in {name}, {recorded}"
+                           f"{f' (SHA-256 {digest})' if digest else ''}, does not exist: copy that file there or pass "
+                           f"it with -m PATH (its hash is checked). A newly trained MAE would make other residuals "
+                           f"than the model was trained on.")
+        checkpoint = recorded
+    problem, fix, note = recorded_mae_problem(dataset_json, name, checkpoint)
+    if problem:
+        raise MAEError(f"{problem}. Fix: {fix}.")
+    if note:
+        log(f"note: {note}")
+    return Path(checkpoint), settings
+
+
 @_with_torch_threads
+@sigterm_raises()
 def make_residual_folder(input_folder, output_folder, checkpoint, settings: ResidualSettings = None,
                          file_ending: str = None, overwrite: bool = False, labels_folder=None, report_dir=None,
                          report_cases: int = 4, device: str = "auto", batch_size: int = 16, progress: bool = True,
@@ -539,8 +692,11 @@ def make_residual_folder(input_folder, output_folder, checkpoint, settings: Resi
     """Prediction inputs ``CASE_XXXX<ending>`` in ``input_folder`` -> copies + residual channel(s) in ``output_folder``.
 
     The input folder is only read. An existing non-empty output folder is refused unless ``overwrite``
-    (then files of the same names are replaced, nothing is deleted). With ``labels_folder`` (files
-    ``CASE<ending>``) a report is written to ``report_dir`` (default ``<output_folder>_residual_report``).
+    (then files of the same names are replaced, nothing is deleted). The files are written into a hidden
+    sibling ``.<output>.incomplete-<pid>`` first and moved into ``output_folder`` at the end, so a failure,
+    Ctrl-C or SIGTERM leaves the output folder as it was (absent, or with its old files only). With
+    ``labels_folder`` (files ``CASE<ending>``) a report is written to ``report_dir`` (default
+    ``<output_folder>_residual_report``).
     """
     settings = settings or ResidualSettings()
     inp, out = Path(input_folder), Path(output_folder)
@@ -557,7 +713,8 @@ def make_residual_folder(input_folder, output_folder, checkpoint, settings: Resi
         raise MAEError("no file ending: pass --file-ending (e.g. .nii.gz)")
     cases = mdata.list_cases(inp, ending)
     if not cases:
-        raise MAEDatasetError(f"{inp} has no files named CASE_XXXX{ending}; check --file-ending")
+        raise MAEDatasetError(mdata.describe_no_cases(inp, ending))
+    mdata.check_no_misnamed_files(inp, ending)
     mdata.check_case_channels(cases, mapper.num_channels, inp)
     reader = mdata.reader_for(None, file_ending=ending, example_file=next(iter(cases.values()))[0])
     rep = None
@@ -565,25 +722,38 @@ def make_residual_folder(input_folder, output_folder, checkpoint, settings: Resi
         if not Path(labels_folder).is_dir():
             raise MAEDatasetError(f"labels folder {labels_folder} does not exist")
         rdir = Path(report_dir) if report_dir else out.with_name(out.name + "_residual_report")
-        rep = ResidualReport(rdir, settings.mask_ratios, mapper.scale, report_cases)
+        rep = ResidualReport(rdir, settings.mask_ratios, mapper.scale, report_cases, with_untrained=True)
+        rep.untrained_mapper = ResidualMapper(untrained_checkpoint(mapper.ckpt), settings, device, batch_size)
     checks = InputChecks(mapper, "nnunetv2_grcsf mae-train -d DATASET")
-    created = not out.exists()
+    stale = _stale_note(out.parent, out.name)
+    if stale:
+        log(stale)
     log(f"{inp} -> {out}: {len(cases)} cases, residual channel(s) "
         f"{list(range(mapper.num_channels, mapper.num_channels + len(settings.mask_ratios)))} at mask ratio(s) "
         f"{list(settings.mask_ratios)}, device {mapper.device}")
+    tmp = incomplete_folder(out)
     try:
-        figures = _process_cases(cases, reader, mapper, checks, out, ending, rep, labels_folder, progress)
+        figures = _process_cases(cases, reader, mapper, checks, tmp, ending, rep, labels_folder, progress)
+        if out.is_dir():  # --overwrite (or empty): same names are replaced, other files stay
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, out)
     except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     result = {"folder": str(out), "checkpoint": str(mapper.checkpoint_path), "figures": figures,
               "residual_definition": residual_definition(mapper), "spacing_warning": checks.spacing_warning()}
     if rep is not None:
+        saw_test_images, test_warning, test_fix = test_images_warning(mapper.ckpt, result["checkpoint"])
         result["report"] = rep.write({"input_folder": str(inp), "mae_checkpoint": result["checkpoint"],
+                                      "mae_saw_test_images": saw_test_images,
                                       "residual_definition": residual_definition(mapper)})
         result["report_folder"] = str(rep.folder)
         _log_report(result["report"], rep.folder, log)
+        if test_warning:
+            log(f"warning: {test_warning}. Fix: {test_fix}.")
     if result["spacing_warning"]:
         log(result["spacing_warning"])
     log(f"wrote {figures['num_images']} cases to {out} ({figures['images_per_second']} images/s)")

@@ -108,3 +108,64 @@ def test_training_slices_of_a_volume_skip_empty_slices():
     assert slices.shape == (4, 1, 32, 32) and slices.dtype == torch.float16 and hw == (20, 30)
     slices, _ = mdata.training_slices(vol, norm, (2.0, 1.0, 1.0), 32, max_slices=2)
     assert slices.shape[0] == 2
+
+
+def _nifti(path, array):
+    import SimpleITK as sitk
+    sitk.WriteImage(sitk.GetImageFromArray(np.asarray(array, dtype=np.float32)), str(path))
+    return path
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
+def test_truncated_nifti_is_refused_naming_the_file(tmp_path, ending):
+    """SimpleITK reads the first half of a .nii.gz / .nii as an image half zeros; we refuse it."""
+    rng = np.random.default_rng(0)
+    whole = _nifti(tmp_path / f"case_000_0000{ending}", rng.uniform(1, 2, (4, 40, 48)))
+    cut = _nifti(tmp_path / f"case_001_0000{ending}", rng.uniform(1, 2, (4, 40, 48)))
+    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])
+    reader = mdata.reader_for(None, file_ending=ending, example_file=whole)
+    image, _ = mdata.read_case(reader, [whole], "case_000")
+    assert image.shape == (1, 4, 40, 48) and image.min() >= 1
+    with pytest.raises(MAEImageReadError, match=rf"case_001_0000{ending.replace('.', '[.]')} is truncated"):
+        mdata.read_case(reader, [cut], "case_001")
+
+
+def test_mae_training_refuses_a_truncated_image(nnunet_env):
+    from nnunetv2_grcsf.mae.train import TrainConfig, train_mae
+
+    from mae_testutils import tiny_model_config
+
+    folder = make_raw_dataset(nnunet_env["nnUNet_raw"], 9, "Cut", num_cases=3, ending=".nii.gz", shape=(24, 24))
+    cut = folder / "imagesTr" / "case_001_0000.nii.gz"
+    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])
+    with pytest.raises(MAEImageReadError, match="case_001_0000.nii.gz is truncated"):
+        train_mae(9, model_config=tiny_model_config(img_size=32), train_config=TrainConfig(steps=1, batch_size=2),
+                  progress=False, num_threads=1, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".png"])
+def test_channels_of_different_shape_are_named_not_called_corrupt(tmp_path, ending):
+    from mae_testutils import write_image
+
+    write_image(tmp_path / f"a_0000{ending}", np.full((20, 24), 100.0), ending)
+    write_image(tmp_path / f"a_0001{ending}", np.full((16, 24), 100.0), ending)
+    files = [tmp_path / f"a_0000{ending}", tmp_path / f"a_0001{ending}"]
+    reader = mdata.reader_for(None, file_ending=ending, example_file=files[0])
+    with pytest.raises(MAEImageReadError, match=r"channel files \(case 'a'\) differ in shape: a_0000\S* 1 x 20 x 24, "
+                                                r"a_0001\S* 1 x 16 x 24.*onto the grid of a_0000") as raised:
+        mdata.read_case(reader, files, "a")
+    assert "corrupt" not in str(raised.value)
+
+
+def test_misnamed_files_and_missing_channel_suffix_are_named(tmp_path):
+    folder = make_raw_dataset(tmp_path, 3, num_cases=2, shape=(20, 24))
+    images = folder / "imagesTr"
+    (images / "case_000_0000.png").rename(images / "stray.png")
+    (images / "notes.txt").write_text("not an image")
+    assert mdata.misnamed_files(images, ".png") == [images / "stray.png"]
+    with pytest.raises(MAEDatasetError, match=r"1 file\(s\) lack nnU-Net's channel suffix _XXXX: stray.png"):
+        mdata.check_no_misnamed_files(images, ".png")
+    (images / "case_001_0000.png").rename(images / "other.png")
+    assert "none named CASE_XXXX.png (e.g. other.png)" in mdata.describe_no_cases(images, ".png")
+    assert "no *.nii.gz files (it holds .png, .txt); pass the right --file-ending" in \
+        mdata.describe_no_cases(images, ".nii.gz")

@@ -259,7 +259,7 @@ def test_input_folder_mode_matches_the_dataset_and_refuses_overwrites(nnunet_env
         run_command("residuals", ["residuals", "-i", str(inp), "-o", str(tmp_path / "o3")])
     assert snapshot(inp) == before
     # a folder with the wrong channel count / file ending
-    with pytest.raises(MAEDatasetError, match=r"no files named CASE_XXXX\.nii\.gz"):
+    with pytest.raises(MAEDatasetError, match=r"no \*\.nii\.gz files \(it holds \.png\); pass the right --file-ending"):
         make_residual_folder(inp, tmp_path / "o4", ckpt, file_ending=".nii.gz", **QUIET)
     two = tmp_path / "two"
     two.mkdir()
