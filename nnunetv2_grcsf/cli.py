@@ -11,14 +11,14 @@ import sys
 from nnunetv2_grcsf import __version__
 from nnunetv2_grcsf.errors import UserFacingError
 
-COMMAND_MODULES = ("doctor", "mae_train", "residuals", "demo", "evaluate")
+COMMAND_MODULES = ("doctor", "mae_train", "residuals", "predict", "demo", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunetv2_grcsf",
-        description="GRCSF and FIAS for nnU-Net v2: MAE residual maps, checks, the demo and evaluation. "
-                    "Training and prediction use nnU-Net's own commands with -tr GRCSFTrainer (or FIASTrainer...).")
+        description="GRCSF and FIAS for nnU-Net v2: MAE residual maps, prediction with them, checks, the demo and "
+                    "evaluation. Training uses nnU-Net's own commands with -tr GRCSFTrainer (or FIASTrainer...).")
     parser.add_argument("--version", action="version", version=f"nnunetv2-grcsf {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
@@ -27,7 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "takes_nnunet_arguments", False):  # `predict`: nnU-Net's own parser reads them
+        args.nnunet_arguments = unknown
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except UserFacingError as error:
