@@ -1,30 +1,23 @@
-"""nnU-Net's own ``nnUNetTrainer`` with the plugin's short CPU schedules, for the accuracy benchmark's baseline.
+"""nnU-Net's own network with the plugin's short CPU schedules and seed, for the benchmarks' baseline.
 
 nnU-Net ships ``nnUNetTrainer_Xepochs`` variants but none that also shortens epochs, so for an equal budget
 the baseline needs ``nnUNetTrainer_<suffix>`` for the ``iters`` schedules of
 :data:`nnunetv2_grcsf.trainers.schedules.SCHEDULES` (the same table the plugin's trainers are generated from).
-This directory is given to nnU-Net through ``nnUNet_extTrainer`` by accuracy_busi256.py.
+They are PluginTrainers whose network is the plans' own (exactly nnUNetTrainer's), so they take the plugin's
+schedules and its ``NNUNETV2_GRCSF_SEED`` seed from PluginTrainer itself. This directory is given to nnU-Net
+through ``nnUNet_extTrainer`` by the benchmarks.
 """
-import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-from nnunetv2_grcsf.trainers.schedules import SCHEDULES
+from nnunetv2_grcsf.trainers.base import PluginTrainer
+from nnunetv2_grcsf.trainers.schedules import SCHEDULES, schedule_variants
 
 
-class ScheduledNNUNetTrainer(nnUNetTrainer):
-    """nnUNetTrainer whose class attribute ``schedule`` overrides trainer attributes (as the plugin's trainers)."""
+class PlansNetworkTrainer(PluginTrainer):
+    """nnUNetTrainer's network (the plans' ``network_class_name``) with PluginTrainer's schedule and seed."""
 
-    schedule = {}
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        for name, value in self.schedule.items():
-            setattr(self, name, value)
+    network_class_name = None
 
 
-for _suffix, _schedule in SCHEDULES.items():
-    if "num_iterations_per_epoch" in _schedule:  # nnU-Net has its own nnUNetTrainer_Xepochs
-        _name = f"nnUNetTrainer_{_suffix}"
-        globals()[_name] = type(_name, (ScheduledNNUNetTrainer,), {"schedule": dict(_schedule), "__module__": __name__,
-                                                                    "__doc__": f"nnUNetTrainer with {_schedule}."})
+# nnU-Net has its own nnUNetTrainer_Xepochs: only the schedules that also shorten epochs, under nnUNetTrainer's name
+globals().update(schedule_variants([PlansNetworkTrainer], __name__, base_name="nnUNetTrainer",
+                                   suffixes=[suffix for suffix, schedule in SCHEDULES.items()
+                                             if "num_iterations_per_epoch" in schedule]))

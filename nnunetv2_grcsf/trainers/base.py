@@ -1,4 +1,5 @@
-"""The one base class of our trainers: it chooses the network and a training schedule, nothing else.
+"""The one base class of our trainers: it chooses the network and a training schedule, and for MAE residual
+channels stores their MAE with the model and keeps intensity augmentation off them; nothing else.
 
 nnU-Net does everything else (data loading, augmentation, loss with deep supervision, AMP and
 torch.compile on CUDA, DDP, validation, checkpoints). At inference nnU-Net's predictor never runs
@@ -6,24 +7,62 @@ torch.compile on CUDA, DDP, validation, checkpoints). At inference nnU-Net's pre
 so everything the network needs must be derivable from those plans (see residual_channels.py).
 """
 
+import os
+import random
+
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
+from nnunetv2_grcsf.model_mae import add_to_checkpoint, describe, mae_entry_for_dataset
 from nnunetv2_grcsf.residual_channels import (plans_with_residual_channels, residual_channels_of_dataset,
                                               residual_channels_of_plans)
+from nnunetv2_grcsf.trainers.residual_augmentation import skip_channels_in_image_transforms
+
+#: Environment variable holding the training seed of our trainers (unset: unseeded, as nnU-Net).
+SEED_VARIABLE = "NNUNETV2_GRCSF_SEED"
+
+
+def seed_from_environment():
+    """The integer in ``NNUNETV2_GRCSF_SEED``, or None when it is unset or empty."""
+    value = os.environ.get(SEED_VARIABLE, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"{SEED_VARIABLE}={value!r} is not an integer: set e.g. `export {SEED_VARIABLE}=0`, "
+                         f"or unset it for an unseeded run.") from None
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python's, numpy's and torch's global generators, which nnU-Net's network initialization, its data
+    loader (patch sampling: numpy) and its augmentation (batchgeneratorsv2: numpy and torch) draw from."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 class PluginTrainer(nnUNetTrainer):
     """nnUNetTrainer that builds ``network_class_name`` from the plans' arch_kwargs plus ``network_kwargs``.
 
     Subclasses set class attributes only:
-    - ``network_class_name``: dotted path of a network whose constructor takes the plans' arch_kwargs;
+    - ``network_class_name``: dotted path of a network whose constructor takes the plans' arch_kwargs (None: the
+      plans' own network, exactly nnUNetTrainer's);
     - ``network_kwargs``: extra constructor arguments (ablation switches);
       ``configuration_network_kwargs`` may add some derived from the configuration (e.g. its patch size);
     - ``needs_residual_channels``: the network's Region Compensation Unit needs MAE residual channels;
-      they are read from the data set's dataset.json at training and recorded in the saved plans;
+      they are read from the data set's dataset.json at training and recorded in the saved plans; the MAE that
+      made them is stored in every checkpoint (see model_mae.py), and nnU-Net's intensity augmentations leave
+      them alone (see residual_augmentation.py);
     - ``schedule``: attributes of nnUNetTrainer to override (``num_epochs``, ``num_iterations_per_epoch``...).
+
+    Seed: with ``NNUNETV2_GRCSF_SEED`` set, python, numpy and torch are seeded (with seed + DDP rank, so that
+    ranks sample different batches; DDP copies rank 0's initial weights to all) before nnU-Net builds the network
+    and its data loaders, and the seed is written to the training log. A run is then reproducible on the CPU with
+    ``nnUNet_n_proc_DA=0``; nnU-Net's data-augmentation workers (``NonDetMultiThreadedAugmenter``) seed themselves
+    from the operating system and deliver batches in arrival order, so runs with workers are not.
     """
 
     network_class_name = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
@@ -36,9 +75,40 @@ class PluginTrainer(nnUNetTrainer):
         if self.needs_residual_channels:
             channels = residual_channels_of_dataset(dataset_json, plans.get("dataset_name", "this data set"))
             plans = plans_with_residual_channels(plans, channels)
+        self.seed = seed_from_environment()
+        if self.seed is not None:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            seed_everything(self.seed + rank)
         super().__init__(plans, configuration, fold, dataset_json, device)
         for name, value in self.schedule.items():
             setattr(self, name, value)
+        self.print_to_log_file(f"seed: {self.seed} (from {SEED_VARIABLE})" if self.seed is not None else
+                               f"seed: none ({SEED_VARIABLE} is unset), as nnU-Net: this run is not reproducible")
+
+    #: The MAE entry stored in every checkpoint (model_mae.py); set at training start, None without an MAE.
+    mae_entry = None
+
+    def on_train_start(self):
+        if self.needs_residual_channels:
+            name = self.plans_manager.dataset_name
+            self.mae_entry = mae_entry_for_dataset(self.dataset_json, name)
+            self.print_to_log_file(
+                f"storing the {describe(self.mae_entry)} in every checkpoint" if self.mae_entry else
+                f"note: {name}'s dataset.json names no MAE checkpoint, so this model cannot make its own residual "
+                f"channels: `nnunetv2_grcsf predict` will need inputs that already have them")
+        super().on_train_start()
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.mae_entry is not None and self.local_rank == 0 and not self.disable_checkpointing:
+            add_to_checkpoint(filename, self.mae_entry)
+
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's training augmentation; its intensity transforms skip the residual channels (fixed scale)."""
+        transforms = super().get_training_transforms(*args, **kwargs)
+        if not self.needs_residual_channels:
+            return transforms
+        return skip_channels_in_image_transforms(transforms, residual_channels_of_dataset(self.dataset_json))
 
     @classmethod
     def configuration_network_kwargs(cls, configuration_manager) -> dict:
@@ -52,7 +122,7 @@ class PluginTrainer(nnUNetTrainer):
         if cls.needs_residual_channels:
             extra_kwargs["residual_channels"] = residual_channels_of_plans(plans_manager.plans, num_input_channels,
                                                                            cls.__name__)
-        return get_network_from_plans(cls.network_class_name,
+        return get_network_from_plans(cls.network_class_name or configuration_manager.network_arch_class_name,
                                       {**configuration_manager.network_arch_init_kwargs, **extra_kwargs},
                                       configuration_manager.network_arch_init_kwargs_req_import,
                                       num_input_channels, num_output_channels, allow_init=True,

@@ -1,0 +1,38 @@
+"""float16 AMP as nnU-Net trains on CUDA, on the CPU: nnUNetTrainer.train_step (deep-supervision loss, backward,
+GradScaler unscale + clip + step) of every shipped network under float16 autocast.
+
+On CUDA nnU-Net wraps the forward pass and loss in ``torch.autocast("cuda")`` (float16) and scales the loss with a
+``GradScaler``; on the CPU it does neither. Here the real train_step runs inside ``torch.autocast("cpu",
+dtype=torch.float16)`` with a CPU ``GradScaler`` given to the trainer, so the same code path runs in float16.
+"""
+import pytest
+import torch
+from gpu_path import CASES, TRAINERS, synthetic_batch, tiny_trainer
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+
+def test_installed_torch_runs_cpu_autocast_in_float16():
+    """The premise of this module: CPU autocast casts convolutions to float16 (torch >= 2.4 supports it)."""
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = torch.nn.functional.conv2d(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 3, 3))
+    assert out.dtype == torch.float16
+
+
+@pytest.mark.parametrize("dimension", list(CASES))
+@pytest.mark.parametrize("name", TRAINERS)
+def test_float16_train_step_has_finite_loss_and_gradients(name, dimension, tmp_path):
+    trainer = tiny_trainer(name, dimension, tmp_path)
+    trainer.grad_scaler = torch.amp.GradScaler("cpu")
+    initial_scale = trainer.grad_scaler.get_scale()
+    weights_before = [p.detach().clone() for p in trainer.network.parameters()]
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = trainer.train_step(synthetic_batch(trainer))["loss"]
+    assert torch.isfinite(torch.as_tensor(loss)), loss
+    gradients = {n: p.grad for n, p in trainer.network.named_parameters() if p.grad is not None}
+    assert gradients
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in gradients.values()), \
+        [n for n, g in gradients.items() if not torch.isfinite(g).all()]
+    # the scaler found no inf/NaN at the full loss scale (it would have halved it and skipped the step)
+    assert trainer.grad_scaler.get_scale() == initial_scale
+    assert any(not torch.equal(a, b) for a, b in zip(weights_before, trainer.network.parameters()))
