@@ -1,28 +1,41 @@
-"""Accuracy side by side on real data: BUSI256 fold 0, every trainer at one equal CPU budget.
+"""Accuracy side by side on real data: BUSI256, a held-out test set, every row at several seeds, one CPU budget.
 
-Each trainer is trained by nnU-Net's own ``nnUNetv2_train DATASET 2d_bs<B> FOLD -tr <Trainer>_<budget>
--device cpu`` on the same nnU-Net plans and the same fold split, and its fold-0 validation predictions
-(``fold_0/validation``, written by nnU-Net at the end of training) are scored against the raw labels with
-``nnunetv2_grcsf evaluate``: Dice, HD95, lesion-wise F1 (and nnU-Net's own validation Dice beside them).
+Each row's trainer is trained by nnU-Net's own ``nnUNetv2_train DATASET 2d_bs<B> 0 -tr <Trainer>_<budget>
+-device cpu`` once per seed (``NNUNETV2_GRCSF_SEED``, each seed in its own ``nnUNet_results``), on the same
+nnU-Net plans and fold split; the held-out test images are predicted by ``nnUNetv2_predict`` and scored against
+their labels by ``nnunetv2_grcsf evaluate``.
 
 - Data: ../shared/data/Dataset802_BUSI256 (or $GRCSF_SHARED_DATA), linked (never modified) into the work
   folder's own nnUNet_raw; all nnU-Net folders live below ``--work-dir``.
-- Budget: configuration ``2d_bs<B>`` = nnU-Net's 2d plans with batch size B, added by plans inheritance
-  (``{"inherits_from": "2d", "batch_size": B}``) to the work folder's copy of nnUNetPlans.json, and the
-  schedule ``<budget>`` of nnunetv2_grcsf.trainers.schedules (default 10epochs_25iters: 10 epochs of 25
-  iterations, 5 validation iterations). The baseline ``nnUNetTrainer`` gets the same schedule from
-  benchmarks/trainers/ (passed to nnU-Net through nnUNet_extTrainer).
-- GRCSF trainers with the Region Compensation Unit need the MAE residual channel: ``nnunetv2_grcsf mae-train
-  -d 802`` and ``nnunetv2_grcsf residuals -d 802 -o 803`` make Dataset803 (same cases + residual channel),
-  planned and preprocessed by nnU-Net. nnU-Net's fold split is seeded on the sorted case names, which the two
-  data sets share, so every trainer validates on the same cases (checked: the table says so if not).
-- Resumable: a trainer whose result is in the output JSON is skipped (``--overwrite`` to redo); an
-  interrupted training continues from nnU-Net's latest checkpoint (``--c``). One trainer at a time, in the
-  background: ``nohup python benchmarks/accuracy_busi256.py --trainers FIASTrainer > fias.log 2>&1 &``.
+- Test split: ``--test-fraction`` (default 0.2) of the cases, chosen by scikit-learn's ``train_test_split``
+  with ``random_state=--split-seed`` (default 0) stratified by empty / non-empty lesion mask, in ``imagesTs`` /
+  ``labelsTs``. Nothing trained sees them: ``nnunetv2_grcsf mae-train`` reads ``imagesTr`` only (checked on
+  the checkpoint), and the trainers train on nnU-Net's fold 0 of the other cases (4/5 train, 1/5 validation).
+  Fold 0, not ``all``: at this budget (250 steps of batch 2 = 500 patches) the network sees fewer patches
+  than there are training images either way, and nnU-Net's end-of-training validation of fold 0 (1/5 of the
+  training cases) costs a fraction of fold ``all``'s (every training case).
+- Residual channel: ``mae-train -d 802`` and ``residuals -d 802 -o 803`` make Dataset803 (same cases + residual
+  channel) for the rows that read it; the test images get theirs as a user's new images do:
+  ``nnunetv2_grcsf residuals -i imagesTs -o OUT --from-dataset 803``. One MAE for every seed (the seeds vary
+  the segmentation training only).
+- Budget: configuration ``2d_bs<B>`` = nnU-Net's 2d plans with batch size B (plans inheritance), schedule
+  ``<budget>`` of nnunetv2_grcsf.trainers.schedules (default 10epochs_25iters); the baseline ``nnUNetTrainer``
+  gets the same schedule from benchmarks/trainers/ (through nnUNet_extTrainer).
+- Rows (``--rows``): a trainer name, ``TRAINER+residual`` (trained and tested on the residual data set;
+  ``nnUNetTrainer+residual`` is the plain-extra-channel control) or ``TRAINER+shuffled_residual`` (the models
+  of ``TRAINER``'s row, tested with each test image's residual replaced by the residual of another test image:
+  a fixed derangement, ``benchmark_statistics.derangement`` with ``--split-seed``, the partner's residual
+  resampled to the image's size; it costs predictions only).
+- Statistics: per row the mean and standard deviation over seeds of the mean per-image Dice, pooled Dice, HD95
+  and lesion F1, and the paired bootstrap 95 % interval of the per-image Dice difference to ``nnUNetTrainer``
+  (each image's Dice averaged over the seeds of each row first; 10000 resamples over images, seeded):
+  ``benchmark_statistics.summarize_rows``.
+- Resumable per (row, seed): a result in the output JSON is kept (``--overwrite`` to redo), an interrupted
+  training continues from nnU-Net's latest checkpoint; a results file made with other settings is refused.
 
-    python benchmarks/accuracy_busi256.py                              # all default trainers (~10 min each here)
-    python benchmarks/accuracy_busi256.py --trainers GRCSFTrainer_noRCU  # one of them
-    python benchmarks/accuracy_busi256.py --smoke                      # 2epochs_4iters on 24 cases: minutes
+    python benchmarks/accuracy_busi256.py                          # every default row at seeds 0 1 2 (hours)
+    python benchmarks/accuracy_busi256.py --rows GRCSFTrainer --seeds 3   # one more seed of one row
+    python benchmarks/accuracy_busi256.py --smoke                  # 2epochs_4iters on 24 cases, 2 seeds
 
 Writes <output>.json, <output>.md and <output>.png (Dice vs training-step time; step times from
 results/speed_cpu.json when present, else from this run's epoch times).
@@ -33,72 +46,81 @@ import sys
 import time
 from pathlib import Path
 from subprocess import CalledProcessError
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from nnunet_workspace import (BENCHMARKS, Workspace, epoch_times, error_row, evaluate_lesions, finished_trainers,
-                              link_dataset, locked, make_residual_dataset, needs_residuals, plan_and_preprocess,
-                              record_result, shared_dataset, subset_cases, train)
+from benchmark_statistics import DEFAULT_SEED, derangement, summarize_rows
+from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, error_row, finished_results,
+                              held_out_test_split, link_dataset, locked, make_residual_dataset, plan_and_preprocess,
+                              record_result, residual_test_inputs, shared_dataset, shuffled_residual_inputs,
+                              subset_cases, train_and_score)
 
 RESULTS = BENCHMARKS / "results"
-SOURCE_ID, RESIDUAL_ID, DATASET_NAME = 802, 803, "BUSI256"
-DEFAULT_TRAINERS = ["nnUNetTrainer", "GRCSFTrainer", "FIASTrainer", "GRCSF_FIASTrainer", "GRCSFTrainer_noRCU",
-                    "GRCSFTrainer_noGCU", "FIASTrainerAdamW", "GRCSF_FIASTrainerAdamW"]
-SMOKE = {"budget": "2epochs_4iters", "num_cases": 24, "batch_size": 2, "mae_steps": 10,
-         "work_dir": BENCHMARKS / "work" / "accuracy_smoke", "output": RESULTS / "accuracy_busi256_smoke"}
-__all__ = ["subset_cases", "format_table", "plot", "main"]
+SOURCE_ID, RESIDUAL_ID, DATASET_NAME, FILE_ENDING = 802, 803, "BUSI256", ".png"
+BASELINE = "nnUNetTrainer"
+DEFAULT_ROWS = ["nnUNetTrainer", "nnUNetTrainer+residual", "GRCSFTrainer", "GRCSFTrainer_noRCU", "GRCSFTrainer_noGCU",
+                "GRCSFTrainer+shuffled_residual", "FIASTrainer", "FIASTrainerAdamW", "GRCSF_FIASTrainerAdamW"]
+ROW_NOTES = {"nnUNetTrainer+residual": "residual as a plain extra input channel",
+             "GRCSFTrainer_noRCU": "GCU only", "GRCSFTrainer_noGCU": "RCU only",
+             "GRCSFTrainer+shuffled_residual": "GRCSFTrainer's models, each test image with another's residual"}
+DEFAULT_SEEDS = [0, 1, 2]
+BOOTSTRAP_RESAMPLES = 10000
+#: The whole pipeline in small (minutes): every kind of row (the reference, the plain-channel control, a residual
+#: trainer and its shuffled-residual control) at two seeds; other rows run the same code (``--smoke --rows ...``).
+SMOKE = {"budget": "2epochs_4iters", "num_cases": 24, "batch_size": 2, "mae_steps": 10, "seeds": [0, 1],
+         "rows": ["nnUNetTrainer", "GRCSFTrainer", "GRCSFTrainer+shuffled_residual", "nnUNetTrainer+residual"],
+         "work_dir": BENCHMARKS / "work" / "accuracy_heldout_smoke",
+         "output": RESULTS / "accuracy_busi256_heldout_smoke"}
+__all__ = ["subset_cases", "format_table", "plot", "mean_sd", "interval", "report_seeds", "row_summaries", "main"]
 
 
-# ------------------------------------------------------------------------------------------ train and score
-def score(workspace: Workspace, dataset_id: int, folder: Path, trainer: str, schedule: dict) -> dict:
-    """Dice, HD95, lesion F1 (ours), nnU-Net's validation Dice and the training time of one trained trainer."""
-    summary = evaluate_lesions(workspace, folder / "validation", workspace.dataset_folder(dataset_id) / "labelsTr",
-                               trainer)
-    mean, pooled = summary["mean"]["1"], summary["pooled"]["1"]
-    nnunet = json.loads((folder / "validation" / "summary.json").read_text())
-    epochs = epoch_times(folder)
-    iterations = schedule["num_iterations_per_epoch"] + schedule["num_val_iterations_per_epoch"]
-    return {"dataset": workspace.folder_name(dataset_id), "fold_folder": str(folder),
-            "validation_cases": mean["n_cases"],
-            "validation_case_ids": [c["case"] for c in summary["metric_per_case"]],
-            "Dice": mean["Dice"], "HD95": mean["HD95"],
-            "lesion_F1": pooled["lesion_F1"], "lesion_precision": pooled["lesion_precision"],
-            "lesion_recall": pooled["lesion_recall"], "nnunet_validation_dice": nnunet["foreground_mean"]["Dice"],
-            "train_time_s": sum(epochs), "epochs_done": len(epochs),
-            "seconds_per_iteration": sum(epochs) / (len(epochs) * iterations) if epochs else None,
-            "evaluation": summary["files"]["json"]}
-
-
-def run_trainer(workspace: Workspace, args, trainer: str, configurations: dict) -> dict:
-    """Train and score one trainer at the budget; an error (e.g. a missing command) is returned, not raised."""
-    from nnunetv2_grcsf.trainers.schedules import SCHEDULES
-
-    dataset_id = RESIDUAL_ID if needs_residuals(trainer) else SOURCE_ID
-    full_name = f"{trainer}_{args.budget}"
-    started = time.perf_counter()
-    try:
-        if dataset_id not in configurations:
-            raise RuntimeError(f"Dataset{dataset_id} could not be prepared (see {workspace.logs})")
-        folder = train(workspace, dataset_id, full_name, configurations[dataset_id], args.fold, args.device)
-        result = {"status": "ok", **score(workspace, dataset_id, folder, full_name, SCHEDULES[args.budget])}
-    except (RuntimeError, CalledProcessError, OSError) as error:
-        result = {"status": "error", "error": f"{type(error).__name__}: {error}"}
-    return {"trainer": trainer, "trained_as": full_name, "wall_s": time.perf_counter() - started, **result}
-
-
-def prepare(workspace: Workspace, args, trainers: List[str]) -> dict:
-    """The data sets the trainers need, planned and preprocessed: ``{dataset_id: configuration}``."""
-    configurations = {}
+# ------------------------------------------------------------------------------------------ prepare
+def prepare(workspace: Workspace, args, rows: List[Row]) -> Tuple[dict, dict, dict]:
+    """The data sets and test inputs the rows need: ``({dataset_id: configuration}, {"source" | "residual" |
+    "shuffled": test input folder}, MAE record)``."""
+    configurations, inputs, mae = {}, {}, {}
     with locked(workspace.root / ".prepare.lock"):
         link_dataset(workspace, shared_dataset(f"Dataset{SOURCE_ID}_{DATASET_NAME}", args.data), SOURCE_ID,
-                     args.num_cases)
+                     args.num_cases, args.test_fraction, args.split_seed)
         configurations[SOURCE_ID] = plan_and_preprocess(workspace, SOURCE_ID, "2d", args.batch_size)
-        if any(needs_residuals(t) for t in trainers):
+        inputs["source"] = workspace.dataset_folder(SOURCE_ID) / "imagesTs"
+        if any(row.residual_data for row in rows):
             try:
-                make_residual_dataset(workspace, SOURCE_ID, RESIDUAL_ID, args.mae_steps, args.device)
+                mae = make_residual_dataset(workspace, SOURCE_ID, RESIDUAL_ID, args.mae_steps, args.device)
                 configurations[RESIDUAL_ID] = plan_and_preprocess(workspace, RESIDUAL_ID, "2d", args.batch_size)
-            except RuntimeError as error:
+                inputs["residual"] = residual_test_inputs(workspace, SOURCE_ID, RESIDUAL_ID, args.device)
+                if any(row.shuffled for row in rows):
+                    inputs["shuffled"] = shuffled_residual_inputs(
+                        inputs["residual"], inputs["residual"].with_name(inputs["residual"].name + "_shuffled"),
+                        residual_pairing(workspace, args.split_seed), mae["residual_channels"], FILE_ENDING)
+            except RuntimeError as error:  # the other rows still run; these report the error
                 print(f"  the residual data set could not be made: {error}", flush=True)
-    return configurations
+    return configurations, inputs, mae
+
+
+def residual_pairing(workspace: Workspace, seed: int) -> Dict[str, str]:
+    """``{test case: the test case whose residual it gets}`` in the shuffled-residual control (a derangement)."""
+    labels = workspace.dataset_folder(SOURCE_ID) / "labelsTs"
+    cases = sorted(p.name[: -len(FILE_ENDING)] for p in labels.glob(f"*{FILE_ENDING}"))
+    return {case: cases[j] for case, j in zip(cases, derangement(len(cases), seed))}
+
+
+def run_row(workspace: Workspace, args, row: Row, seed: int, configurations: dict, inputs: dict) -> dict:
+    """Train (or reuse), predict the test images and score one row at one seed; an error is returned, not raised."""
+    dataset_id = RESIDUAL_ID if row.residual_data else SOURCE_ID
+    full_name = f"{row.trainer}_{args.budget}"
+    kind = "shuffled" if row.shuffled else "residual" if row.residual_data else "source"
+    started = time.perf_counter()
+    result = {"trainer": row.trainer, "trained_as": full_name, "test_inputs_kind": kind}
+    try:
+        if dataset_id not in configurations or kind not in inputs:
+            raise RuntimeError(f"Dataset{dataset_id} or its test inputs could not be prepared (see {workspace.logs})")
+        result.update(status="ok", **train_and_score(
+            workspace, dataset_id, full_name, configurations[dataset_id], args.fold, args.device, seed, inputs[kind],
+            f"{full_name}_{kind}", workspace.dataset_folder(SOURCE_ID) / "labelsTs"))
+    except (RuntimeError, CalledProcessError, OSError, KeyError) as error:
+        result.update(status="error", error=f"{type(error).__name__}: {error}")
+    result["wall_s"] = time.perf_counter() - started
+    return result
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -132,55 +154,110 @@ def speed_step_times(speed_file: Path) -> Tuple[dict, str]:
     return {name: r[f"train_step{clock}_median_s"] for name, r in rows.items()}, "CPU" if clock else "wall"
 
 
-def format_table(report: dict) -> str:
-    """Markdown table of the trainers' scores at the stated budget."""
+def mean_sd(figure: dict, digits: int) -> str:
+    if figure["mean"] is None:
+        return ""
+    return f"{figure['mean']:.{digits}f} ± {figure['sd']:.{digits}f}" if figure["n"] > 1 else \
+        f"{figure['mean']:.{digits}f}"
+
+
+def interval(summary: dict) -> str:
+    d = summary["vs_baseline"]
+    return "(reference)" if d is None else f"{d['mean_difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
+def report_seeds(report: dict) -> List[int]:
+    """Every seed that some row of a results report was run with."""
+    return sorted({int(seed) for runs in report["rows"].values() for seed in runs})
+
+
+def row_summaries(report: dict) -> dict:
+    """:func:`benchmark_statistics.summarize_rows` of a results report (bootstrap seeded as the report says)."""
     s = report["settings"]
-    lines = [f"# Accuracy on BUSI256, fold {s['fold']} validation",
-             "", f"Budget: schedule `{s['budget']}` ({s['schedule']}), configuration `{s['configuration']}` "
-                 f"(nnU-Net's 2d plans, batch {s['batch_size']}), device {s['device']}, "
-                 f"{'all' if not s['num_cases'] else s['num_cases']} training cases. Dice, HD95 (pixels): mean "
-                 "over validation cases, `nnunetv2_grcsf evaluate` conventions (a normal case with empty reference "
-                 "and empty prediction scores Dice 1); lesion F1 pooled over all lesions; nnU-Net Dice: nnU-Net's "
-                 "own validation summary (empty cases left out). Training time: wall time of each run as it happened, "
-                 "on a machine that other jobs may have shared; compare costs with `speed.py`'s figures.", "",
-             "| trainer | trained as | data set | cases | Dice | HD95 | lesion F1 | nnU-Net Dice "
-             "| train wall time (min) |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, r in report["trainers"].items():
-        if r["status"] != "ok":
-            lines.append(error_row([name, r["trained_as"], "", ""], r["error"], 9))
+    return summarize_rows(report["rows"], BASELINE, s["bootstrap"]["n_resamples"], s["bootstrap"]["seed"])
+
+
+def format_table(report: dict) -> str:
+    """Markdown: the rows' test scores over seeds with the paired interval to nnUNetTrainer, then every run."""
+    s = report["settings"]
+    split, summaries = s["test_split"], row_summaries(report)
+    lines = [f"# Accuracy on BUSI256: held-out test images, seeds {report_seeds(report)}", "",
+             f"Budget: schedule `{s['budget']}` ({s['schedule']}), configuration `{s['configuration']}` (nnU-Net's 2d "
+             f"plans, batch {s['batch_size']}), fold {s['fold']} of the {split['training_count']} training cases, "
+             f"device {s['device']}; seeds set by `{SEED_VARIABLE}`, one model per row and seed. Test: "
+             f"{split['test_count']} held-out images ({split['test_cases_with_empty_reference']} without lesion), "
+             f"{split['rule']}; never seen by the MAE (trained on {s['mae'].get('trained_on_images', '-')} images, "
+             f"`imagesTr`) nor by any segmentation model. Dice: mean over test images of the per-image Dice (an image "
+             "with empty reference and empty prediction scores 1); pooled Dice: 2TP / (2TP + FP + FN) over all test "
+             "pixels; HD95 (pixels): mean over images; lesion F1: pooled over all lesions; each as mean ± standard "
+             "deviation over seeds. ΔDice: mean per-image Dice difference to nnUNetTrainer, each image's Dice first "
+             f"averaged over the row's seeds, with its paired bootstrap 95 % interval over the test images "
+             f"({s['bootstrap']['n_resamples']} resamples, seed {s['bootstrap']['seed']}, percentile); it "
+             "measures which images were drawn, the ± the spread between runs. Shuffled residual: "
+             f"{s['shuffled_residual']}. Train time: wall minutes per run as it happened on a machine other jobs "
+             "may have shared (compare costs with `speed.py`).", "",
+             "| row | control | data set | seeds | Dice | pooled Dice | HD95 | lesion F1 | lesion precision "
+             "| ΔDice vs nnUNetTrainer [95 % CI] | train min/run |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, runs in report["rows"].items():
+        summary = summaries.get(name)
+        if summary is None:
+            failed = next(iter(runs.values()))
+            lines.append(error_row([name, ROW_NOTES.get(name, ""), "", "0"], failed.get("error", "no run"), 11))
             continue
-        lines.append(f"| {name} | {r['trained_as']} | {r['dataset']} | {r['validation_cases']} | {r['Dice']:.4f} "
-                     f"| {r['HD95']:.1f} | {r['lesion_F1']:.3f} | {r['nnunet_validation_dice']:.4f} "
-                     f"| {r['train_time_s'] / 60:.1f} |")
-    case_sets = {tuple(r["validation_case_ids"]) for r in report["trainers"].values() if r["status"] == "ok"}
-    if len(case_sets) > 1:
-        lines += ["", "**Warning: the trainers were validated on different cases** (different data sets or splits)."]
+        first = runs[summary["seeds"][0]]
+        train = summary["train_time_s"]
+        lines.append(f"| {name} | {ROW_NOTES.get(name, '')} | {first['dataset']} | {len(summary['seeds'])} "
+                     f"| {mean_sd(summary['Dice'], 3)} | {mean_sd(summary['pooled_Dice'], 3)} "
+                     f"| {mean_sd(summary['HD95'], 1)} | {mean_sd(summary['lesion_F1'], 3)} "
+                     f"| {mean_sd(summary['lesion_precision'], 3)} | {interval(summary)} "
+                     f"| {train['mean'] / 60:.1f} |")
+    lines += ["", "## Every run", "", "| row | seed | seed in training log | Dice | pooled Dice | HD95 | lesion F1 "
+              "| nnU-Net fold validation Dice | train min |", "| --- |" + " ---: |" * 8]
+    for name, runs in report["rows"].items():
+        for seed, r in sorted(runs.items(), key=lambda item: int(item[0])):
+            if r["status"] != "ok":
+                lines.append(error_row([name, seed], r["error"], 9))
+                continue
+            logged = "not recorded" if r["seed_in_training_log"] is None else str(r["seed_in_training_log"])
+            lines.append(f"| {name} | {seed} | {logged} | {r['Dice']:.4f} | {r['pooled_Dice']:.4f} | {r['HD95']:.1f} "
+                         f"| {r['lesion_F1']:.3f} | {r['validation_dice']:.4f} | {r['train_time_s'] / 60:.1f} |")
+    unlogged = [f"{n} seed {s}" for n, runs in report["rows"].items() for s, r in runs.items()
+                if r["status"] == "ok" and r["seed_in_training_log"] != int(s)]
+    if unlogged:
+        lines += ["", f"**Warning: the training logs of {', '.join(unlogged)} do not record the seed they were run "
+                      f"with** (trainers that do not read `{SEED_VARIABLE}`: those runs are not seeded)."]
     return "\n".join(lines) + "\n"
 
 
 def plot(report: dict, speed_file: Path, png: Path) -> Optional[Path]:
-    """Dice vs training-step time, one point per scored trainer; None when nothing is scored."""
+    """Dice (mean ± sd over seeds) vs training-step time, one point per scored row; None when nothing is scored."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = {n: r for n, r in report["trainers"].items() if r["status"] == "ok"}
-    if not scored:
+    summaries = row_summaries(report)
+    if not summaries:
         return None
     speed, clock = speed_step_times(speed_file)
-    from_speed = all(speed_row_name(n) in speed for n in scored)
+    trainers = {name: report["rows"][name][s["seeds"][0]]["trainer"] for name, s in summaries.items()}
+    from_speed = all(speed_row_name(t) in speed for t in trainers.values())
     figure, axes = plt.subplots(figsize=(8, 5))
-    markers = "osD^vP*X"
-    for i, (name, r) in enumerate(scored.items()):  # a legend, not labels: close points stay readable
-        x = speed[speed_row_name(name)] if from_speed else r["seconds_per_iteration"]
-        axes.scatter(x, r["Dice"], marker=markers[i % len(markers)], s=50, label=name)
+    markers = "osD^vP*X<>"
+    for i, (name, s) in enumerate(summaries.items()):  # a legend, not labels: close points stay readable
+        runs = [report["rows"][name][seed] for seed in s["seeds"]]
+        x = speed[speed_row_name(trainers[name])] if from_speed else \
+            sum(r["train_time_s"] for r in runs) / sum(r["epochs_done"] * report["settings"]["iterations_per_epoch"]
+                                                       for r in runs)
+        axes.errorbar(x, s["Dice"]["mean"], yerr=s["Dice"]["sd"], marker=markers[i % len(markers)], ms=7,
+                      capsize=3, linestyle="none", label=name)
     axes.legend(fontsize=8, loc="best")
     axes.set_xlabel(f"training step time, {clock} s ({speed_file.name}, 2d BUSI256)" if from_speed
                     else "training time per iteration in this run, wall s")
-    axes.set_ylabel(f"Dice, fold {report['settings']['fold']} validation")
-    axes.set_title(f"BUSI256, budget {report['settings']['budget']}, batch {report['settings']['batch_size']}")
+    axes.set_ylabel("Dice on the held-out test images (mean ± sd over seeds)")
+    axes.set_title(f"BUSI256, budget {report['settings']['budget']}, batch {report['settings']['batch_size']}, "
+                   f"seeds {report_seeds(report)}")
     figure.tight_layout()
     figure.savefig(png, dpi=120)
     plt.close(figure)
@@ -191,60 +268,100 @@ def plot(report: dict, speed_file: Path, png: Path) -> Optional[Path]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS,
-                        help="base trainer names (nnUNetTrainer or one of nnunetv2_grcsf.trainers)")
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
+                        help="TRAINER, TRAINER+residual or TRAINER+shuffled_residual (TRAINER: nnUNetTrainer or one of "
+                             "nnunetv2_grcsf.trainers, without the budget suffix)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS, help=f"values of {SEED_VARIABLE}")
     parser.add_argument("--budget", default="10epochs_25iters", help="schedule suffix (trainers/schedules.py)")
     parser.add_argument("--batch-size", type=int, default=2, help="batch size of the 2d_bs<B> configuration")
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--num-cases", type=int, default=None, help="train on a subset of this many cases")
+    parser.add_argument("--num-cases", type=int, default=None, help="use an evenly spread subset of this many cases")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="fraction of the cases held out for testing")
+    parser.add_argument("--split-seed", type=int, default=DEFAULT_SEED,
+                        help="seed of the test split and of the shuffled-residual pairing")
     parser.add_argument("--mae-steps", type=int, default=None, help="mae-train --steps (default: its own)")
     parser.add_argument("--n-proc-da", type=int, default=2, help="nnUNet_n_proc_DA for training")
     parser.add_argument("--data", default=None, help="folder holding Dataset802_BUSI256 (default ../shared/data)")
-    parser.add_argument("--work-dir", default=str(BENCHMARKS / "work" / "accuracy"))
-    parser.add_argument("--output", default=str(RESULTS / "accuracy_busi256"), help="output path without suffix")
+    parser.add_argument("--work-dir", default=str(BENCHMARKS / "work" / "accuracy_heldout"))
+    parser.add_argument("--output", default=str(RESULTS / "accuracy_busi256_heldout"),
+                        help="output path without suffix")
     parser.add_argument("--speed", default=str(RESULTS / "speed_cpu.json"), help="speed results for the plot")
-    parser.add_argument("--overwrite", action="store_true", help="redo trainers whose results exist")
+    parser.add_argument("--overwrite", action="store_true", help="redo runs whose results exist")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny end-to-end check: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items()
                                                                    if k not in ("work_dir", "output")))
     args = parser.parse_args(argv)
-    if args.smoke:
-        vars(args).update({k: str(v) if isinstance(v, Path) else v for k, v in SMOKE.items()})
+    if args.smoke:  # the smoke settings, except those given on the command line
+        vars(args).update({k: str(v) if isinstance(v, Path) else v for k, v in SMOKE.items()
+                           if getattr(args, k) == parser.get_default(k)})
     return args
+
+
+def check_rows(names: List[str]) -> List[Row]:
+    """The rows, parsed; unknown trainers are refused naming the known ones."""
+    import nnunetv2_grcsf.trainers as trainers
+
+    known = ["nnUNetTrainer"] + [t.__name__ for t in trainers.BASE_TRAINERS + trainers.OPTIMIZER_VARIANTS]
+    unknown = [n for n in names if n.partition("+")[0] not in known]
+    if unknown:
+        raise SystemExit(f"unknown trainer(s) in {unknown}; choose from {', '.join(known)} (the budget's schedule "
+                         f"suffix is added)")
+    return [Row.parse(n) for n in names]
+
+
+def run_settings(args, workspace: Workspace, split: dict) -> dict:
+    """What every result of one results file shares (checked on resuming) and what the report states."""
+    from nnunetv2_grcsf.trainers.schedules import SCHEDULES
+
+    schedule = SCHEDULES[args.budget]
+    return {"budget": args.budget, "schedule": schedule, "batch_size": args.batch_size,
+            "iterations_per_epoch": schedule["num_iterations_per_epoch"] + schedule["num_val_iterations_per_epoch"],
+            "configuration": f"2d_bs{args.batch_size}", "fold": args.fold, "device": args.device,
+            "num_cases": args.num_cases, "work_dir": str(workspace.root),
+            "data": str(shared_dataset(f"Dataset{SOURCE_ID}_{DATASET_NAME}", args.data)),
+            "test_split": {"rule": split["rule"], "seed": split["seed"], "fraction": args.test_fraction,
+                           "training_count": len(split["training_cases"]), "test_count": len(split["test_cases"]),
+                           "test_cases_with_empty_reference": split["test_cases_with_empty_reference"],
+                           "test_cases": split["test_cases"]},
+            "shuffled_residual": f"benchmark_statistics.derangement(n_test, seed={args.split_seed}) over the sorted "
+                                 f"test cases (a seeded cyclic shift: no image keeps its own residual); the partner's "
+                                 f"residual resampled (linear) to the image's size; pairs in the work folder's "
+                                 f"test_inputs/*_shuffled/pairing.json",
+            "commands": commands(args),
+            "bootstrap": {"n_resamples": BOOTSTRAP_RESAMPLES, "seed": DEFAULT_SEED, "confidence": 0.95,
+                          "method": "percentile, over test images, per-image Dice averaged over each row's seeds"}}
 
 
 def main(argv=None) -> int:
     from nnunetv2_grcsf.trainers.schedules import SCHEDULES
 
-    import nnunetv2_grcsf.trainers as trainers
-
     args = parse_args(argv)
     if args.budget not in SCHEDULES:
         raise SystemExit(f"unknown budget {args.budget}; choose from {sorted(SCHEDULES)}")
-    known = ["nnUNetTrainer"] + [t.__name__ for t in trainers.BASE_TRAINERS + trainers.OPTIMIZER_VARIANTS]
-    unknown = [t for t in args.trainers if t not in known]
-    if unknown:
-        raise SystemExit(f"unknown trainer(s) {unknown}; choose from {', '.join(known)} (the budget's schedule "
-                         f"suffix is added)")
+    rows = check_rows(args.rows)
     workspace = Workspace(Path(args.work_dir), DATASET_NAME, args.n_proc_da)
     output = Path(args.output)
     results_file = output.with_suffix(".json")
-    settings = {"budget": args.budget, "schedule": SCHEDULES[args.budget], "batch_size": args.batch_size,
-                "configuration": f"2d_bs{args.batch_size}", "fold": args.fold, "device": args.device,
-                "num_cases": args.num_cases, "work_dir": str(workspace.root)}
-    done = finished_trainers(workspace, results_file, settings)
-    todo = [t for t in args.trainers if args.overwrite or done.get(t, {}).get("status") != "ok"]
-    print(f"trainers to run: {todo or 'none'} (skipped, results exist: "
-          f"{[t for t in args.trainers if t not in todo] or 'none'})", flush=True)
-    configurations = prepare(workspace, args, todo) if todo else {}
-    for trainer in todo:
-        print(f"[{trainer}] {trainer}_{args.budget} on {settings['configuration']}, fold {args.fold}", flush=True)
-        result = run_trainer(workspace, args, trainer, configurations)
-        print(f"[{trainer}] " + (f"Dice {result['Dice']:.4f}, HD95 {result['HD95']:.1f}, lesion F1 "
-                                 f"{result['lesion_F1']:.3f}" if result["status"] == "ok" else result["error"]),
-              flush=True)
-        record_result(workspace, results_file, settings, trainer, result)
+    split = held_out_test_split(shared_dataset(f"Dataset{SOURCE_ID}_{DATASET_NAME}", args.data), args.num_cases,
+                                args.test_fraction, args.split_seed)
+    settings = run_settings(args, workspace, split)
+    done = finished_results(workspace, results_file, settings)
+    if results_file.is_file():  # the MAE of earlier runs (the same work folder keeps it) stays recorded
+        settings["mae"] = json.loads(results_file.read_text())["settings"].get("mae", {})
+    todo = [(row, seed) for row in rows for seed in args.seeds
+            if args.overwrite or done.get(row.name, {}).get(str(seed), {}).get("status") != "ok"]
+    print(f"runs to do: {[f'{r.name} seed {s}' for r, s in todo] or 'none'}", flush=True)
+    if todo:
+        configurations, inputs, mae = prepare(workspace, args, [row for row, _ in todo])
+        settings["mae"] = mae or settings.get("mae", {})
+        for row, seed in todo:
+            print(f"[{row.name} seed {seed}] {row.trainer}_{args.budget} on {settings['configuration']}, "
+                  f"fold {args.fold}", flush=True)
+            result = run_row(workspace, args, row, seed, configurations, inputs)
+            print(f"[{row.name} seed {seed}] " + (f"Dice {result['Dice']:.4f}, pooled Dice {result['pooled_Dice']:.4f}"
+                                                  if result["status"] == "ok" else result["error"]), flush=True)
+            record_result(workspace, results_file, settings, row.name, seed, result)
     if not results_file.is_file():
         return 1
     report = json.loads(results_file.read_text())
@@ -253,6 +370,18 @@ def main(argv=None) -> int:
     png = plot(report, Path(args.speed), output.with_suffix(".png"))
     print("\n" + table + f"\nwrote {results_file}, {output.with_suffix('.md')}" + (f", {png}" if png else ""))
     return 0
+
+
+def commands(args) -> List[str]:
+    """The commands each run is made of (as the logs under the work folder's logs/ show them in full)."""
+    return ["nnunetv2_grcsf mae-train -d 802 --device DEVICE (imagesTr only)", "nnunetv2_grcsf residuals -d 802 -o 803",
+            "nnUNetv2_plan_and_preprocess -d 802|803 -c 2d; 2d_bs<B> added by plans inheritance",
+            "nnunetv2_grcsf residuals -i Dataset802/imagesTs -o test_inputs/Dataset803_BUSI256 --from-dataset 803",
+            f"{SEED_VARIABLE}=S nnUNet_results=seeds/seed_S/nnUNet_results nnUNetv2_train 802|803 "
+            f"2d_bs{args.batch_size} {args.fold} -tr TRAINER_{args.budget} -device {args.device}",
+            f"nnUNetv2_predict -i TEST_INPUTS -o predictions/seed_S/... -d 802|803 -c 2d_bs{args.batch_size} "
+            f"-tr TRAINER_{args.budget} -f {args.fold}",
+            "nnunetv2_grcsf evaluate -ref Dataset802/labelsTs -pred PREDICTIONS"]
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ Runs, in order, each as its own process and each resumable:
 1. ``speed.py --dims 2d 3d`` (2d BUSI256 plans and 3d plans of a generated volume data set): train step,
    sliding-window inference, peak memory and parameters of PlainConvUNet, ResEncUNet-M and the network of
    every trainer, as ratios to PlainConvUNet. ``--reuse-speed`` keeps an existing results file instead.
-2. ``accuracy_busi256.py``: every trainer at one equal budget on Dataset802_BUSI256 fold 0, scored by
-   ``nnunetv2_grcsf evaluate`` (Dice, HD95, lesion F1); trainers already scored are not run again. Its PNG
-   plots Dice against the training-step time of step 1.
-3. This script joins the two per trainer (an optimizer variant such as FIASTrainerAdamW takes the cost of its
-   network's row, nnUNetTrainer that of PlainConvUNet) and writes ``results/comparison.json`` and ``.md``.
+2. ``accuracy_busi256.py``: every row at one equal budget and several seeds on the held-out test images of
+   Dataset802_BUSI256, scored by ``nnunetv2_grcsf evaluate`` (Dice, HD95, lesion F1; mean over seeds and the
+   paired interval to nnUNetTrainer); runs already scored are not run again. Its PNG plots Dice against the
+   training-step time of step 1.
+3. This script joins the two per row (a row takes the cost of its trainer's network: an optimizer variant such
+   as FIASTrainerAdamW that of its network's row, nnUNetTrainer that of PlainConvUNet) and writes
+   ``results/comparison.json`` and ``.md``.
 
     python benchmarks/compare.py                      # everything (hours on a 2-core CPU; resumable)
     python benchmarks/compare.py --reuse-speed        # keep results/speed_<device>.json, fill in the accuracy
@@ -20,7 +22,7 @@ import json
 import subprocess
 import sys
 
-from accuracy_busi256 import speed_row_name, speed_rows
+from accuracy_busi256 import row_summaries, speed_row_name, speed_rows
 from nnunet_workspace import BENCHMARKS
 
 RESULTS = BENCHMARKS / "results"
@@ -29,14 +31,21 @@ COST_KEYS = ("params", "train_step_ratio", "inference_ratio", "peak_tensors_trai
 
 
 def join(speed: dict, accuracy: dict) -> dict:
-    """Per trainer of the accuracy results: its scores and the cost of its network on each speed case."""
+    """Per row of the accuracy results: its scores (means over seeds, the interval to nnUNetTrainer) and the cost
+    of its trainer's network on each speed case."""
     cases = [c["case"]["name"] for c in speed["cases"]]
     rows = {case: speed_rows(speed, case) for case in cases}
+    summaries = row_summaries(accuracy)
     trainers = {}
-    for name, result in accuracy["trainers"].items():
-        entry = {"scores": {k: result.get(k) for k in ("Dice", "HD95", "lesion_F1", "lesion_precision",
-                                                       "lesion_recall")} if result["status"] == "ok" else None,
-                 "speed_row": speed_row_name(name), "cost": {}}
+    for name, runs in accuracy["rows"].items():
+        summary = summaries.get(name)
+        scores = None
+        if summary:
+            scores = {k: summary[k]["mean"] for k in ("Dice", "pooled_Dice", "HD95", "lesion_F1", "lesion_precision",
+                                                      "lesion_recall")}
+            scores.update(seeds=summary["seeds"], Dice_sd=summary["Dice"]["sd"], vs_baseline=summary["vs_baseline"])
+        trainer = next(iter(runs.values()))["trainer"]
+        entry = {"scores": scores, "speed_row": speed_row_name(trainer), "cost": {}}
         for case in cases:
             row = rows[case].get(entry["speed_row"])
             entry["cost"][case] = {k: row.get(k) for k in COST_KEYS} if row else None
@@ -53,22 +62,26 @@ def format_table(report: dict) -> str:
     """Markdown: one row per trainer, accuracy on BUSI256 and cost ratios per speed case."""
     s = report["accuracy_settings"]
     memory = "tensors" if report["device"] == "cpu" else "memory"
-    header = ["trainer", "Dice", "HD95 (px)", "lesion F1", "params (M)"]
+    header = ["row", "Dice", "ΔDice vs nnUNetTrainer [95 % CI]", "HD95 (px)", "lesion F1", "params (M)"]
     for case in report["cases"]:
         header += [f"{case}: train step", f"{case}: inference", f"{case}: train {memory}"]
     lines = ["# Every network side by side", "",
-             f"Accuracy: BUSI256 fold {s['fold']} validation, schedule `{s['budget']}`, `{s['configuration']}`, "
-             f"scored by `nnunetv2_grcsf evaluate` (results/accuracy_busi256.md). Cost: ratios to PlainConvUNet "
+             f"Accuracy: BUSI256, {s['test_split']['test_count']} held-out test images, schedule `{s['budget']}`, "
+             f"`{s['configuration']}`, fold {s['fold']}, mean over seeds, scored by `nnunetv2_grcsf evaluate` "
+             f"(results/accuracy_busi256_heldout.md). Cost: ratios to PlainConvUNet "
              f"(nnU-Net's default) on the same plans, {report['device']}, {report['speed_date']} "
              "(results/speed_" + report["device"] + ".md: times are " + ("CPU time, memory the peak of live tensors"
                                                                          if report["device"] == "cpu" else
                                                                          "wall time with AMP, memory CUDA's peak")
-             + "); an optimizer variant costs what its network does.", "",
+             + "); a row costs what its trainer's network does.", "",
              "| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
     for name, t in report["trainers"].items():
         scores = t["scores"]
-        cells = [name] + ([f"{scores['Dice']:.3f}", f"{scores['HD95']:.0f}", f"{scores['lesion_F1']:.2f}"]
-                          if scores else ["not scored", "", ""])
+        difference = scores and scores["vs_baseline"]
+        cells = [name] + ([f"{scores['Dice']:.3f}",
+                           f"{difference['mean_difference']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]"
+                           if difference else "", f"{scores['HD95']:.0f}", f"{scores['lesion_F1']:.2f}"]
+                          if scores else ["not scored", "", "", ""])
         first = next((c for c in t["cost"].values() if c), None)
         cells.append(f"{first['params'] / 1e6:.1f}" if first else "")
         for case in report["cases"]:
@@ -91,10 +104,10 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse-speed", action="store_true", help="keep an existing results/speed_<device>.json")
     parser.add_argument("--table-only", action="store_true", help="run nothing; join the existing results")
     parser.add_argument("--accuracy-args", nargs=argparse.REMAINDER, default=[],
-                        help="passed on to accuracy_busi256.py (e.g. --trainers ... --budget ...)")
+                        help="passed on to accuracy_busi256.py (e.g. --rows ... --seeds ... --budget ...)")
     args = parser.parse_args(argv)
     speed_file = RESULTS / f"speed_{args.device}.json"
-    accuracy_file = RESULTS / "accuracy_busi256.json"
+    accuracy_file = RESULTS / "accuracy_busi256_heldout.json"
     if not args.table_only:
         if not (args.reuse_speed and speed_file.is_file()):
             run([sys.executable, str(BENCHMARKS / "speed.py"), "--device", args.device, "--dims", "2d", "3d",

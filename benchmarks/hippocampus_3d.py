@@ -1,31 +1,34 @@
-"""The 3D path on real volumes: Hippocampus 3d_fullres through nnU-Net's own commands, every 3D trainer.
+"""The 3D path on real volumes: Hippocampus 3d_fullres through nnU-Net's own commands, every 3D trainer, 2 seeds.
 
-For each trainer, at one equal short CPU budget:
-``nnUNetv2_train 804|807 3d_fullres_bs<B> 0 -tr <Trainer>_<budget> -device cpu``, then
-``nnUNetv2_predict`` of held-out test cases, nnU-Net's ``nnUNetv2_evaluate_folder`` (Dice per label) and
-``nnunetv2_grcsf evaluate`` (HD95 in mm, lesion-wise F1, with best/worst overlay PNGs).
+For each row and seed (``NNUNETV2_GRCSF_SEED``, each seed in its own ``nnUNet_results``), at one equal short
+CPU budget: ``nnUNetv2_train 804|807 3d_fullres_bs<B> 0 -tr <Trainer>_<budget> -device cpu``, then
+``nnUNetv2_predict`` of the held-out test cases and ``nnunetv2_grcsf evaluate`` (Dice per label, HD95 in mm,
+lesion-wise F1, with best/worst overlay PNGs of the first seed).
 
 - Data: ../shared/data/Dataset804_Hippocampus (208 T1 crops of about 35 x 50 x 35 voxels, labels 1 =
   anterior, 2 = posterior), linked (never modified) into the work folder's own nnUNet_raw. By default an
-  evenly spread subset of 60 cases (``--num-cases``; 0 for all): 10 held out as imagesTs/labelsTs
-  (``--num-test``), 50 as nnU-Net's training cases (5 folds: fold 0 trains on 40, validates on 10). The
-  subset keeps what the budget does not use off the clock: 250 steps of batch 2 see 500 patches, and
-  nnU-Net's end-of-training validation (mirroring on) of 42 cases would cost more than the training.
-- Residual channel: ``nnunetv2_grcsf mae-train -d 804`` and ``residuals -d 804 -o 807`` make
-  Dataset807_Hippocampus (same cases, training and test, + the MAE residual channel), which the trainers with the
-  RCU (GRCSF...) train on and predict from; the others use Dataset804. Both are planned
-  by nnU-Net (patch 40 x 56 x 40); the fold split is seeded on the shared case names, so all trainers
-  validate and test on the same cases.
+  evenly spread subset of 60 cases (``--num-cases``; 0 for all), of which ``--num-test`` (10) are held out as
+  imagesTs/labelsTs by the rule of accuracy_busi256.py (scikit-learn ``train_test_split``, ``random_state=
+  --split-seed``, stratified by empty / non-empty mask: here every mask has both labels, so a seeded random
+  split), 50 are nnU-Net's training cases (fold 0 trains on 40, validates on 10). The subset keeps what the
+  budget does not use off the clock: 250 steps of batch 2 see 500 patches, and nnU-Net's end-of-training
+  validation (mirroring on) of 42 cases would cost more than the training.
+- Residual channel: ``nnunetv2_grcsf mae-train -d 804`` (imagesTr only: checked on the checkpoint, so the MAE
+  never sees a test case) and ``residuals -d 804 -o 807`` make Dataset807_Hippocampus for the rows that read
+  the residual; their test cases get it by ``residuals -i imagesTs --from-dataset 807``, as a user's new images.
 - Budget: configuration ``3d_fullres_bs<B>`` (the planned batch 7 is far too slow for this CPU; added by
   nnU-Net's plans inheritance) and schedule ``<budget>`` (default 10epochs_25iters: 250 training steps; at
   5epochs_20iters, 100 steps, nnU-Net's own network still predicted nothing: Dice 0 on both labels).
   This is a functional run of the real 3D path, far from nnU-Net's 1000 epochs x 250 steps: its Dice is the
   Dice of 250 steps, not of the method.
+- Statistics as accuracy_busi256.py: mean ± sd over seeds, paired bootstrap 95 % interval of the per-case Dice
+  (mean of both labels) difference to nnUNetTrainer.
 
-    python benchmarks/hippocampus_3d.py                         # all six trainers (~10 min each here)
-    python benchmarks/hippocampus_3d.py --trainers FIASTrainer  # one of them (results are merged)
+    python benchmarks/hippocampus_3d.py                               # all rows at seeds 0 1 (hours)
+    python benchmarks/hippocampus_3d.py --rows FIASTrainer --seeds 2  # one more run (results are merged)
+    python benchmarks/hippocampus_3d.py --smoke                       # 12 cases, 2epochs_4iters, 3 rows
 
-Writes results/hippocampus_3d.json and .md; resumable like accuracy_busi256.py.
+Writes results/hippocampus_3d_heldout.json and .md; resumable per (row, seed) like accuracy_busi256.py.
 """
 import argparse
 import json
@@ -34,105 +37,136 @@ import time
 from pathlib import Path
 from subprocess import CalledProcessError
 
-from nnunet_workspace import (BENCHMARKS, Workspace, epoch_times, error_row, evaluate_lesions, evaluate_nnunet,
-                              finished_trainers, link_dataset, locked, make_residual_dataset, needs_residuals,
-                              plan_and_preprocess, predict, record_result, shared_dataset, train)
+from accuracy_busi256 import check_rows, interval, mean_sd, report_seeds, row_summaries
+from benchmark_statistics import DEFAULT_SEED
+from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, error_row, finished_results,
+                              held_out_test_split, link_dataset, locked, make_residual_dataset, plan_and_preprocess,
+                              record_result, residual_test_inputs, shared_dataset, train_and_score)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME = 804, 807, "Hippocampus"
-DEFAULT_TRAINERS = ["nnUNetTrainer", "GRCSFTrainer", "FIASTrainerAdamW", "GRCSF_FIASTrainerAdamW", "FIASTrainer",
-                    "GRCSF_FIASTrainer"]
+DEFAULT_ROWS = ["nnUNetTrainer", "GRCSFTrainer", "GRCSFTrainer_noRCU", "FIASTrainerAdamW", "GRCSF_FIASTrainerAdamW",
+                "FIASTrainer", "GRCSF_FIASTrainer"]
 LABELS = {"1": "anterior", "2": "posterior"}
+BOOTSTRAP_RESAMPLES = 10000
+SMOKE = {"budget": "2epochs_4iters", "num_cases": 12, "num_test": 2, "mae_steps": 10, "seeds": [0, 1],
+         "rows": ["nnUNetTrainer", "GRCSFTrainer", "GRCSFTrainer_noRCU"],
+         "work_dir": BENCHMARKS / "work" / "hippocampus_3d_heldout_smoke",
+         "output": RESULTS / "hippocampus_3d_heldout_smoke"}
 
 
-def prepare(workspace: Workspace, args, trainers) -> dict:
-    """The data sets the trainers need, planned and preprocessed: ``{dataset_id: configuration}``."""
-    configurations = {}
+def prepare(workspace: Workspace, args, rows) -> tuple:
+    """``({dataset_id: configuration}, {"source" | "residual": test input folder}, MAE record)``."""
+    configurations, inputs, mae = {}, {}, {}
     with locked(workspace.root / ".prepare.lock"):
         link_dataset(workspace, shared_dataset(f"Dataset{SOURCE_ID}_{DATASET_NAME}", args.data), SOURCE_ID,
-                     args.num_cases, args.num_test)
+                     args.num_cases, args.num_test, args.split_seed)
         configurations[SOURCE_ID] = plan_and_preprocess(workspace, SOURCE_ID, "3d_fullres", args.batch_size)
-        if any(needs_residuals(t) for t in trainers):
-            make_residual_dataset(workspace, SOURCE_ID, RESIDUAL_ID, args.mae_steps, args.device)
-            configurations[RESIDUAL_ID] = plan_and_preprocess(workspace, RESIDUAL_ID, "3d_fullres", args.batch_size)
-    return configurations
+        inputs["source"] = workspace.dataset_folder(SOURCE_ID) / "imagesTs"
+        if any(row.residual_data for row in rows):
+            try:
+                mae = make_residual_dataset(workspace, SOURCE_ID, RESIDUAL_ID, args.mae_steps, args.device)
+                configurations[RESIDUAL_ID] = plan_and_preprocess(workspace, RESIDUAL_ID, "3d_fullres",
+                                                                  args.batch_size)
+                inputs["residual"] = residual_test_inputs(workspace, SOURCE_ID, RESIDUAL_ID, args.device)
+            except RuntimeError as error:  # the other rows still run; these report the error
+                print(f"  the residual data set could not be made: {error}", flush=True)
+    return configurations, inputs, mae
 
 
-def run_trainer(workspace: Workspace, args, trainer: str, configurations: dict) -> dict:
-    """Train, predict the test cases and score one trainer; an error is returned, not raised."""
-    dataset_id = RESIDUAL_ID if needs_residuals(trainer) else SOURCE_ID
-    full_name = f"{trainer}_{args.budget}"
-    configuration = configurations[dataset_id]
-    result = {"trainer": trainer, "trained_as": full_name, "dataset": workspace.folder_name(dataset_id),
-              "configuration": configuration}
+def run_row(workspace: Workspace, args, row: Row, seed: int, configurations: dict, inputs: dict) -> dict:
+    """Train (or reuse), predict the test cases and score one row at one seed; an error is returned, not raised."""
+    dataset_id = RESIDUAL_ID if row.residual_data else SOURCE_ID
+    full_name = f"{row.trainer}_{args.budget}"
+    kind = "residual" if row.residual_data else "source"
+    started = time.perf_counter()
+    result = {"trainer": row.trainer, "trained_as": full_name, "test_inputs_kind": kind}
     try:
-        folder = train(workspace, dataset_id, full_name, configuration, args.fold, args.device)
-        started = time.perf_counter()
-        predictions = predict(workspace, dataset_id, full_name, configuration, [args.fold], args.device)
-        predict_s = time.perf_counter() - started
-        labels = workspace.dataset_folder(dataset_id) / "labelsTs"
-        nnunet = evaluate_nnunet(workspace, dataset_id, predictions, labels, workspace.plans_file(dataset_id))
-        ours = evaluate_lesions(workspace, predictions, labels, full_name,
-                                images=workspace.dataset_folder(dataset_id) / "imagesTs")
-        validation = json.loads((folder / "validation" / "summary.json").read_text())
-        epochs = epoch_times(folder)
-        result.update({
-            "status": "ok", "test_cases": len(nnunet["metric_per_case"]),
-            "test_dice": {LABELS[k]: v["Dice"] for k, v in nnunet["mean"].items()},
-            "test_dice_mean": nnunet["foreground_mean"]["Dice"],
-            "test_hd95_mm": {LABELS[k]: ours["mean"][k]["HD95"] for k in LABELS},
-            "validation_dice": {LABELS[k]: v["Dice"] for k, v in validation["mean"].items()},
-            "validation_dice_mean": validation["foreground_mean"]["Dice"],
-            "validation_cases": len(validation["metric_per_case"]),
-            "train_time_s": sum(epochs), "epochs_done": len(epochs), "predict_wall_s": predict_s,
-            "evaluation": ours["files"]["json"], "predictions": str(predictions)})
+        if row.shuffled:
+            raise RuntimeError("the shuffled-residual control needs test images of one grid size; it is run on "
+                               "BUSI256 (accuracy_busi256.py)")
+        if dataset_id not in configurations or kind not in inputs:
+            raise RuntimeError(f"Dataset{dataset_id} or its test inputs could not be prepared (see {workspace.logs})")
+        overlays = inputs[kind] if seed == args.seeds[0] else None
+        result.update(status="ok", **train_and_score(
+            workspace, dataset_id, full_name, configurations[dataset_id], args.fold, args.device, seed, inputs[kind],
+            full_name, workspace.dataset_folder(SOURCE_ID) / "labelsTs", overlays))
     except (RuntimeError, CalledProcessError, OSError, KeyError) as error:
-        result.update({"status": "error", "error": f"{type(error).__name__}: {error}"})
+        result.update(status="error", error=f"{type(error).__name__}: {error}")
+    result["wall_s"] = time.perf_counter() - started
     return result
 
 
 def format_table(report: dict) -> str:
-    """Markdown table of the trainers' test and validation Dice at the stated budget."""
+    """Markdown table of the rows' test scores over seeds, the paired interval to nnUNetTrainer, then every run."""
     s = report["settings"]
-    lines = ["# Hippocampus 3d_fullres on this CPU: every 3D trainer through nnU-Net's commands", "",
+    split, summaries = s["test_split"], row_summaries(report)
+    lines = [f"# Hippocampus 3d_fullres on this CPU: held-out test cases, seeds {report_seeds(report)}", "",
              f"Budget: schedule `{s['budget']}` ({s['schedule']}), configuration `{s['configuration']}` (nnU-Net's "
-             f"3d_fullres plans, patch {s['patch_size']}, batch {s['batch_size']}), device {s['device']}; "
-             f"{s['training_cases']} training cases (fold {s['fold']} trains on 4/5 of them), {s['test_cases']} "
-             f"held-out test cases predicted by `nnUNetv2_predict` and scored by `nnUNetv2_evaluate_folder` "
-             f"(Dice) and `nnunetv2_grcsf evaluate` (HD95, mm). A functional run: nnU-Net's published result on "
-             f"the full task (1000 epochs) is about 0.90 Dice. Training time: wall time as it happened, on a machine "
-             f"that other jobs may have shared (compare costs with `speed.py`).", "",
-             "| trainer | data set | test Dice anterior | test Dice posterior | test Dice mean | HD95 mm (ant/post) "
-             "| fold-0 val Dice | train wall time (min) | predict (s) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, r in report["trainers"].items():
-        if r["status"] != "ok":
-            lines.append(error_row([name, r["dataset"]], r["error"], 9))
+             f"3d_fullres plans, patch {s['patch_size']}, batch {s['batch_size']}), device {s['device']}; seeds set "
+             f"by `{SEED_VARIABLE}`; {split['training_count']} training cases (fold {s['fold']} trains on "
+             f"4/5 of them), {split['test_count']} held-out test cases ({split['rule']}), never seen by the MAE "
+             f"(trained on {s['mae'].get('trained_on_images', '-')} images, `imagesTr`) nor by any segmentation model, "
+             "predicted by `nnUNetv2_predict` and scored by `nnunetv2_grcsf evaluate` (Dice, HD95 in mm). Dice: mean "
+             "over test cases of the per-case Dice (mean of both labels); ± standard deviation over seeds; ΔDice: "
+             "mean per-case Dice difference to nnUNetTrainer (each case averaged over the row's seeds first) with its "
+             f"paired bootstrap 95 % interval over the test cases ({s['bootstrap']['n_resamples']} resamples, "
+             f"percentile). A functional run: nnU-Net's published result on the full task (1000 epochs) is about "
+             f"0.90 Dice. Train time: wall minutes per run as it happened, on a machine other jobs may have shared.",
+             "", "| row | data set | seeds | Dice anterior | Dice posterior | Dice | pooled Dice | HD95 mm "
+             "| ΔDice vs nnUNetTrainer [95 % CI] | fold-0 val Dice | train min/run |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, runs in report["rows"].items():
+        summary = summaries.get(name)
+        if summary is None:
+            lines.append(error_row([name, "", "0"], next(iter(runs.values())).get("error", "no run"), 11))
             continue
-        d, h = r["test_dice"], r["test_hd95_mm"]
-        lines.append(f"| {name} | {r['dataset']} | {d['anterior']:.3f} | {d['posterior']:.3f} | "
-                     f"{r['test_dice_mean']:.3f} | {h['anterior']:.1f} / {h['posterior']:.1f} | "
-                     f"{r['validation_dice_mean']:.3f} | {r['train_time_s'] / 60:.1f} | {r['predict_wall_s']:.0f} |")
+        ok = [runs[seed] for seed in summary["seeds"]]
+        label_dice = {k: sum(r["Dice_per_label"][k] for r in ok) / len(ok) for k in LABELS}
+        validation = sum(r["validation_dice"] for r in ok) / len(ok)
+        lines.append(f"| {name} | {ok[0]['dataset']} | {len(ok)} | {label_dice['1']:.3f} | {label_dice['2']:.3f} "
+                     f"| {mean_sd(summary['Dice'], 3)} | {mean_sd(summary['pooled_Dice'], 3)} "
+                     f"| {mean_sd(summary['HD95'], 1)} | {interval(summary)} | {validation:.3f} "
+                     f"| {summary['train_time_s']['mean'] / 60:.1f} |")
+    lines += ["", "## Every run", "", "| row | seed | seed in training log | Dice | pooled Dice | HD95 mm "
+              "| fold-0 val Dice | train min | predict s |", "| --- |" + " ---: |" * 8]
+    for name, runs in report["rows"].items():
+        for seed, r in sorted(runs.items(), key=lambda item: int(item[0])):
+            if r["status"] != "ok":
+                lines.append(error_row([name, seed], r["error"], 9))
+                continue
+            logged = "not recorded" if r["seed_in_training_log"] is None else str(r["seed_in_training_log"])
+            lines.append(f"| {name} | {seed} | {logged} | {r['Dice']:.4f} | {r['pooled_Dice']:.4f} | {r['HD95']:.1f} "
+                         f"| {r['validation_dice']:.4f} | {r['train_time_s'] / 60:.1f} | {r['predict_wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS)
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="TRAINER or TRAINER+residual")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help=f"values of {SEED_VARIABLE}")
     parser.add_argument("--budget", default="10epochs_25iters", help="schedule suffix (trainers/schedules.py)")
     parser.add_argument("--batch-size", type=int, default=2, help="batch size of the 3d_fullres_bs<B> configuration")
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-cases", type=int, default=60, help="use this many cases (0: all 208)")
     parser.add_argument("--num-test", type=int, default=10, help="of which this many are held out as imagesTs")
+    parser.add_argument("--split-seed", type=int, default=DEFAULT_SEED, help="seed of the test split")
     parser.add_argument("--mae-steps", type=int, default=None, help="mae-train --steps (default: its own)")
     parser.add_argument("--n-proc-da", type=int, default=2, help="nnUNet_n_proc_DA for training")
     parser.add_argument("--data", default=None, help="folder holding Dataset804_Hippocampus (default ../shared/data)")
-    parser.add_argument("--work-dir", default=str(BENCHMARKS / "work" / "hippocampus_3d"))
-    parser.add_argument("--output", default=str(RESULTS / "hippocampus_3d"), help="output path without suffix")
-    parser.add_argument("--overwrite", action="store_true", help="redo trainers whose results exist")
-    return parser.parse_args(argv)
+    parser.add_argument("--work-dir", default=str(BENCHMARKS / "work" / "hippocampus_3d_heldout"))
+    parser.add_argument("--output", default=str(RESULTS / "hippocampus_3d_heldout"), help="output path without suffix")
+    parser.add_argument("--overwrite", action="store_true", help="redo runs whose results exist")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny end-to-end check: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items()
+                                                                   if k not in ("work_dir", "output")))
+    args = parser.parse_args(argv)
+    if args.smoke:  # the smoke settings, except those given on the command line
+        vars(args).update({k: str(v) if isinstance(v, Path) else v for k, v in SMOKE.items()
+                           if getattr(args, k) == parser.get_default(k)})
+    return args
 
 
 def main(argv=None) -> int:
@@ -141,27 +175,45 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.budget not in SCHEDULES:
         raise SystemExit(f"unknown budget {args.budget}; choose from {sorted(SCHEDULES)}")
+    rows = check_rows(args.rows)
     workspace = Workspace(Path(args.work_dir), DATASET_NAME, args.n_proc_da)
     output = Path(args.output)
     results_file = output.with_suffix(".json")
-    done = finished_trainers(workspace, results_file, {"budget": args.budget, "batch_size": args.batch_size,
-                                                       "fold": args.fold, "device": args.device})
-    todo = [t for t in args.trainers if args.overwrite or done.get(t, {}).get("status") != "ok"]
-    print(f"trainers to run: {todo or 'none'}", flush=True)
-    configurations = prepare(workspace, args, todo) if todo else {}
-    plans = json.loads(workspace.plans_file(SOURCE_ID).read_text())
-    dataset = workspace.dataset_folder(SOURCE_ID)
+    shared = shared_dataset(f"Dataset{SOURCE_ID}_{DATASET_NAME}", args.data)
+    split = held_out_test_split(shared, args.num_cases or None, args.num_test, args.split_seed)
     settings = {"budget": args.budget, "schedule": SCHEDULES[args.budget], "batch_size": args.batch_size,
                 "configuration": f"3d_fullres_bs{args.batch_size}", "fold": args.fold, "device": args.device,
-                "patch_size": "x".join(map(str, plans["configurations"]["3d_fullres"]["patch_size"])),
-                "training_cases": len(list((dataset / "labelsTr").iterdir())),
-                "test_cases": len(list((dataset / "labelsTs").iterdir())), "work_dir": str(workspace.root)}
-    for trainer in todo:
-        print(f"[{trainer}] {trainer}_{args.budget} on {settings['configuration']}, fold {args.fold}", flush=True)
-        result = run_trainer(workspace, args, trainer, configurations)
-        print(f"[{trainer}] " + (f"test Dice {result['test_dice']}" if result["status"] == "ok" else result["error"]),
-              flush=True)
-        record_result(workspace, results_file, settings, trainer, result)
+                "work_dir": str(workspace.root), "data": str(shared),
+                "test_split": {"rule": split["rule"], "seed": split["seed"],
+                               "training_count": len(split["training_cases"]), "test_count": len(split["test_cases"]),
+                               "test_cases": split["test_cases"]},
+                "bootstrap": {"n_resamples": BOOTSTRAP_RESAMPLES, "seed": DEFAULT_SEED, "confidence": 0.95,
+                              "method": "percentile, over test cases, per-case Dice averaged over each row's seeds"},
+                "commands": [f"{SEED_VARIABLE}=S nnUNet_results=seeds/seed_S/nnUNet_results nnUNetv2_train 804|807 "
+                             f"3d_fullres_bs{args.batch_size} {args.fold} -tr TRAINER_{args.budget} -device "
+                             f"{args.device}", "nnunetv2_grcsf residuals -i Dataset804/imagesTs -o "
+                             "test_inputs/Dataset807_Hippocampus --from-dataset 807",
+                             f"nnUNetv2_predict -i TEST_INPUTS -d 804|807 -c 3d_fullres_bs{args.batch_size} "
+                             f"-tr TRAINER_{args.budget} -f {args.fold}",
+                             "nnunetv2_grcsf evaluate -ref Dataset804/labelsTs -pred PREDICTIONS"]}
+    done = finished_results(workspace, results_file, settings)
+    if results_file.is_file():
+        settings.update({k: v for k, v in json.loads(results_file.read_text())["settings"].items()
+                         if k in ("mae", "patch_size")})
+    todo = [(row, seed) for row in rows for seed in args.seeds
+            if args.overwrite or done.get(row.name, {}).get(str(seed), {}).get("status") != "ok"]
+    print(f"runs to do: {[f'{r.name} seed {s}' for r, s in todo] or 'none'}", flush=True)
+    if todo:
+        configurations, inputs, mae = prepare(workspace, args, [row for row, _ in todo])
+        plans = json.loads(workspace.plans_file(SOURCE_ID).read_text())
+        settings["patch_size"] = "x".join(map(str, plans["configurations"]["3d_fullres"]["patch_size"]))
+        settings["mae"] = mae or settings.get("mae", {})
+        for row, seed in todo:
+            print(f"[{row.name} seed {seed}] {row.trainer}_{args.budget} on {settings['configuration']}", flush=True)
+            result = run_row(workspace, args, row, seed, configurations, inputs)
+            print(f"[{row.name} seed {seed}] " + (f"test Dice {result['Dice']:.4f}" if result["status"] == "ok"
+                                                  else result["error"]), flush=True)
+            record_result(workspace, results_file, settings, row.name, seed, result)
     if not results_file.is_file():
         return 1
     table = format_table(json.loads(results_file.read_text()))

@@ -47,16 +47,37 @@ def test_accuracy_subset_keeps_every_class_of_cases():
     assert accuracy_busi256.subset_cases(cases, None) == cases
 
 
+def _accuracy_report(rows: dict) -> dict:
+    """A results report of accuracy_busi256.py as it writes one (settings of a smoke run)."""
+    split = {"rule": "train_test_split", "seed": 0, "fraction": 0.2, "training_count": 19, "test_count": 5,
+             "test_cases_with_empty_reference": 1, "test_cases": ["a", "b", "c", "d", "e"]}
+    return {"settings": {"budget": "2epochs_4iters", "schedule": {}, "batch_size": 2, "configuration": "2d_bs2",
+                         "iterations_per_epoch": 6, "fold": 0, "device": "cpu", "num_cases": 24, "test_split": split,
+                         "mae": {"trained_on_images": 19}, "shuffled_residual": "derangement",
+                         "bootstrap": {"n_resamples": 1000, "seed": 0}}, "rows": rows}
+
+
+def _run(trainer: str, dice: list, **figures) -> dict:
+    return {"status": "ok", "trainer": trainer, "trained_as": f"{trainer}_2epochs_4iters",
+            "dataset": "Dataset802_BUSI256",
+            "per_image_dice": dict(zip("abcde", dice)), "Dice": sum(dice) / len(dice), "pooled_Dice": 0.5,
+            "HD95": 12.0, "lesion_F1": 0.6, "lesion_precision": 0.5, "lesion_recall": 0.75, "validation_dice": 0.4,
+            "train_time_s": 60.0, "epochs_done": 2, "seed_in_training_log": 0, **figures}
+
+
 def test_accuracy_table_and_plot_from_a_report(tmp_path):
-    ok = {"status": "ok", "trained_as": "X_2epochs_4iters", "dataset": "Dataset802_BUSI256", "validation_cases": 5,
-          "validation_case_ids": ["a", "b"], "Dice": 0.5, "HD95": 12.0, "lesion_F1": 0.6,
-          "nnunet_validation_dice": 0.4, "train_time_s": 60.0, "seconds_per_iteration": 3.0}
-    report = {"settings": {"budget": "2epochs_4iters", "schedule": {}, "batch_size": 2, "configuration": "2d_bs2",
-                           "fold": 0, "device": "cpu", "num_cases": 24},
-              "trainers": {"nnUNetTrainer": ok, "GRCSFTrainer": {"status": "error", "trained_as": "G",
-                                                                 "error": "RuntimeError: no residuals"}}}
+    report = _accuracy_report({
+        "nnUNetTrainer": {"0": _run("nnUNetTrainer", [0.1, 0.2, 0.3, 0.4, 0.5]),
+                          "1": _run("nnUNetTrainer", [0.3, 0.4, 0.5, 0.6, 0.7], seed_in_training_log=1)},
+        "GRCSFTrainer+shuffled_residual": {"0": _run("GRCSFTrainer", [0.3, 0.4, 0.5, 0.6, 0.7]),
+                                           "1": _run("GRCSFTrainer", [0.3, 0.4, 0.5, 0.6, 0.7],
+                                                     seed_in_training_log=None)},
+        "GRCSFTrainer": {"0": {"status": "error", "trainer": "GRCSFTrainer", "error": "RuntimeError: no residuals"}}})
     table = accuracy_busi256.format_table(report)
-    assert "| nnUNetTrainer |" in table and "error: RuntimeError" in table
+    assert "| nnUNetTrainer |  | Dataset802_BUSI256 | 2 | 0.400 ± 0.141 |" in table
+    assert "| +0.100 [+0.100, +0.100] |" in table  # each image averaged over seeds: +0.1 on every image
+    assert "| GRCSFTrainer | " in table and "error: RuntimeError" in table
+    assert "Warning: the training logs of GRCSFTrainer+shuffled_residual seed 1 do not record" in table
     png = accuracy_busi256.plot(report, tmp_path / "missing_speed.json", tmp_path / "plot.png")
     assert png.is_file() and png.stat().st_size > 0
 
@@ -71,30 +92,34 @@ def test_comparison_joins_scores_with_the_cost_of_each_trainers_network():
         {"case": {"name": "busi256"}, "rows": [row("PlainConvUNet", 1.0), row("ResEncUNet-M", 2.0, "resenc"),
                                                row("FIASTrainer", 1.4)]},
         {"case": {"name": "volume"}, "rows": [row("PlainConvUNet", 1.0)]}]}
-    scores = {"status": "ok", "Dice": 0.5, "HD95": 10.0, "lesion_F1": 0.6, "lesion_precision": 0.5,
-              "lesion_recall": 0.75}
-    accuracy = {"settings": {"fold": 0, "budget": "b", "configuration": "2d_bs2"},
-                "trainers": {"nnUNetTrainer": scores, "FIASTrainerAdamW": scores,
-                             "GRCSFTrainer": {"status": "error", "error": "x"}}}
+    accuracy = _accuracy_report({"nnUNetTrainer": {"0": _run("nnUNetTrainer", [0.5] * 5)},
+                                 "FIASTrainerAdamW": {"0": _run("FIASTrainerAdamW", [0.5] * 5)},
+                                 "nnUNetTrainer+residual": {"0": _run("nnUNetTrainer", [0.6] * 5)},
+                                 "GRCSFTrainer": {"0": {"status": "error", "trainer": "GRCSFTrainer", "error": "x"}}})
     report = compare.join(speed_report, accuracy)
     assert report["trainers"]["FIASTrainerAdamW"]["speed_row"] == "FIASTrainer"
     assert report["trainers"]["FIASTrainerAdamW"]["cost"]["busi256"]["train_step_ratio"] == 1.4
     assert report["trainers"]["FIASTrainerAdamW"]["cost"]["volume"] is None
-    assert report["trainers"]["nnUNetTrainer"]["cost"]["volume"]["train_step_ratio"] == 1.0
+    assert report["trainers"]["nnUNetTrainer+residual"]["cost"]["volume"]["train_step_ratio"] == 1.0
     assert report["trainers"]["GRCSFTrainer"]["scores"] is None
     table = compare.format_table(report)
-    assert "| FIASTrainerAdamW | 0.500 | 10 | 0.60 | 20.0 | 1.40x | 1.00x | 1.50x |  |  |  |" in table
+    assert ("| FIASTrainerAdamW | 0.500 | +0.000 [+0.000, +0.000] | 12 | 0.60 | 20.0 | 1.40x | 1.00x | 1.50x "
+            "|  |  |  |") in table
+    assert "| nnUNetTrainer+residual | 0.600 | +0.100 [+0.100, +0.100] |" in table
     assert "| GRCSFTrainer | not scored |" in table
 
 
-def test_results_of_another_budget_are_not_mixed_into_one_table(tmp_path):
-    import nnunet_workspace
+def test_hippocampus_table_from_a_report():
+    import hippocampus_3d
 
-    workspace = nnunet_workspace.Workspace(tmp_path / "work", "Demo", 0)
-    results = tmp_path / "results.json"
-    nnunet_workspace.record_result(workspace, results, {"budget": "5epochs_20iters", "fold": 0}, "A", {"status": "ok"})
-    assert nnunet_workspace.finished_trainers(workspace, results, {"budget": "5epochs_20iters", "fold": 0}) == {
-        "A": {"status": "ok"}}
-    with pytest.raises(SystemExit, match="budget: '5epochs_20iters' there, '10epochs_25iters' now"):
-        nnunet_workspace.finished_trainers(workspace, results, {"budget": "10epochs_25iters", "fold": 0})
-    assert nnunet_workspace.finished_trainers(workspace, tmp_path / "none.json", {"budget": "x"}) == {}
+    def run(dice, seed):
+        return {**_run("nnUNetTrainer", dice, seed_in_training_log=seed), "dataset": "Dataset804_Hippocampus",
+                "Dice_per_label": {"1": 0.7, "2": 0.8}, "predict_wall_s": 30.0}
+
+    report = _accuracy_report({"nnUNetTrainer": {"0": run([0.7] * 5, 0), "1": run([0.8] * 5, 1)},
+                               "GRCSFTrainer_noRCU": {"0": run([0.8] * 5, 0), "1": run([0.9] * 5, 1)}})
+    report["settings"].update(configuration="3d_fullres_bs2", patch_size="40x56x40")
+    table = hippocampus_3d.format_table(report)
+    assert "seeds [0, 1]" in table
+    assert ("| GRCSFTrainer_noRCU | Dataset804_Hippocampus | 2 | 0.700 | 0.800 | 0.850 ± 0.071 | 0.500 ± 0.000 "
+            "| 12.0 ± 0.0 | +0.100 [+0.100, +0.100] | 0.400 | 1.0 |") in table
