@@ -49,7 +49,8 @@ from subprocess import CalledProcessError
 from typing import Dict, List, Optional, Tuple
 
 from benchmark_statistics import DEFAULT_SEED, derangement, summarize_rows
-from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, error_row, finished_results,
+from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, apply_smoke_settings, error_row,
+                              every_run_rows, finished_results,
                               held_out_test_split, link_dataset, locked, make_residual_dataset, plan_and_preprocess,
                               record_result, residual_test_inputs, shared_dataset, shuffled_residual_inputs,
                               subset_cases, train_and_score)
@@ -214,14 +215,9 @@ def format_table(report: dict) -> str:
                      f"| {train['mean'] / 60:.1f} |")
     lines += ["", "## Every run", "", "| row | seed | seed in training log | Dice | pooled Dice | HD95 | lesion F1 "
               "| nnU-Net fold validation Dice | train min |", "| --- |" + " ---: |" * 8]
-    for name, runs in report["rows"].items():
-        for seed, r in sorted(runs.items(), key=lambda item: int(item[0])):
-            if r["status"] != "ok":
-                lines.append(error_row([name, seed], r["error"], 9))
-                continue
-            logged = "not recorded" if r["seed_in_training_log"] is None else str(r["seed_in_training_log"])
-            lines.append(f"| {name} | {seed} | {logged} | {r['Dice']:.4f} | {r['pooled_Dice']:.4f} | {r['HD95']:.1f} "
-                         f"| {r['lesion_F1']:.3f} | {r['validation_dice']:.4f} | {r['train_time_s'] / 60:.1f} |")
+    lines += every_run_rows(report, lambda r: f"| {r['Dice']:.4f} | {r['pooled_Dice']:.4f} | {r['HD95']:.1f} "
+                                              f"| {r['lesion_F1']:.3f} | {r['validation_dice']:.4f} "
+                                              f"| {r['train_time_s'] / 60:.1f} |", 9)
     unlogged = [f"{n} seed {s}" for n, runs in report["rows"].items() for s, r in runs.items()
                 if r["status"] == "ok" and r["seed_in_training_log"] != int(s)]
     if unlogged:
@@ -291,11 +287,7 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="tiny end-to-end check: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items()
                                                                    if k not in ("work_dir", "output")))
-    args = parser.parse_args(argv)
-    if args.smoke:  # the smoke settings, except those given on the command line
-        vars(args).update({k: str(v) if isinstance(v, Path) else v for k, v in SMOKE.items()
-                           if getattr(args, k) == parser.get_default(k)})
-    return args
+    return apply_smoke_settings(parser, parser.parse_args(argv), SMOKE)
 
 
 def check_rows(names: List[str]) -> List[Row]:

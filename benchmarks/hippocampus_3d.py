@@ -39,7 +39,8 @@ from subprocess import CalledProcessError
 
 from accuracy_busi256 import check_rows, interval, mean_sd, report_seeds, row_summaries
 from benchmark_statistics import DEFAULT_SEED
-from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, error_row, finished_results,
+from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, apply_smoke_settings, error_row,
+                              every_run_rows, finished_results,
                               held_out_test_split, link_dataset, locked, make_residual_dataset, plan_and_preprocess,
                               record_result, residual_test_inputs, shared_dataset, train_and_score)
 
@@ -130,14 +131,9 @@ def format_table(report: dict) -> str:
                      f"| {summary['train_time_s']['mean'] / 60:.1f} |")
     lines += ["", "## Every run", "", "| row | seed | seed in training log | Dice | pooled Dice | HD95 mm "
               "| fold-0 val Dice | train min | predict s |", "| --- |" + " ---: |" * 8]
-    for name, runs in report["rows"].items():
-        for seed, r in sorted(runs.items(), key=lambda item: int(item[0])):
-            if r["status"] != "ok":
-                lines.append(error_row([name, seed], r["error"], 9))
-                continue
-            logged = "not recorded" if r["seed_in_training_log"] is None else str(r["seed_in_training_log"])
-            lines.append(f"| {name} | {seed} | {logged} | {r['Dice']:.4f} | {r['pooled_Dice']:.4f} | {r['HD95']:.1f} "
-                         f"| {r['validation_dice']:.4f} | {r['train_time_s'] / 60:.1f} | {r['predict_wall_s']:.0f} |")
+    lines += every_run_rows(report, lambda r: f"| {r['Dice']:.4f} | {r['pooled_Dice']:.4f} | {r['HD95']:.1f} "
+                                              f"| {r['validation_dice']:.4f} | {r['train_time_s'] / 60:.1f} "
+                                              f"| {r['predict_wall_s']:.0f} |", 9)
     return "\n".join(lines) + "\n"
 
 
@@ -162,11 +158,7 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="tiny end-to-end check: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items()
                                                                    if k not in ("work_dir", "output")))
-    args = parser.parse_args(argv)
-    if args.smoke:  # the smoke settings, except those given on the command line
-        vars(args).update({k: str(v) if isinstance(v, Path) else v for k, v in SMOKE.items()
-                           if getattr(args, k) == parser.get_default(k)})
-    return args
+    return apply_smoke_settings(parser, parser.parse_args(argv), SMOKE)
 
 
 def main(argv=None) -> int:

@@ -483,6 +483,28 @@ def score_predictions(workspace: Workspace, predictions: Path, labels: Path, nam
             "lesion_recall": detection["lesion_recall"], "evaluation": summary["files"]["json"]}
 
 
+def apply_smoke_settings(parser, args, smoke: dict):
+    """With ``--smoke``, the ``smoke`` settings replace every argument left at its default (given ones stay)."""
+    if args.smoke:
+        vars(args).update({k: str(v) if isinstance(v, Path) else v for k, v in smoke.items()
+                           if getattr(args, k) == parser.get_default(k)})
+    return args
+
+
+def every_run_rows(report: dict, ok_cells, columns: int) -> List[str]:
+    """One markdown row per (row, seed) of ``report``: row, seed, the seed in its training log, then
+    ``ok_cells(result)`` (a string of ``| ...`` cells); failed runs as error rows of ``columns`` cells."""
+    lines = []
+    for name, runs in report["rows"].items():
+        for seed, r in sorted(runs.items(), key=lambda item: int(item[0])):
+            if r["status"] != "ok":
+                lines.append(error_row([name, seed], r["error"], columns))
+                continue
+            logged = "not recorded" if r["seed_in_training_log"] is None else str(r["seed_in_training_log"])
+            lines.append(f"| {name} | {seed} | {logged} {ok_cells(r)}")
+    return lines
+
+
 def error_row(cells: list, error: str, columns: int) -> str:
     """A Markdown table row for a trainer that failed: its leading ``cells``, the error (shortened, without the
     table's ``|``), then empty cells up to ``columns``."""
