@@ -6,7 +6,7 @@ the image) through a *patch-based cross-attention* that integrates regional (pat
 features, and a *patch-level importance score* computed from the backbone's global spatial features
 weights the fusion.
 
-Everything below that level is our design (an unofficial 3D reimplementation, see /work/shared/papers.md,
+Everything below that level is our design (an unofficial 3D reimplementation, GitHub parvezamu/MICCAI2026_Submission,
 reads the abstract similarly: residual maps enter several decoder levels, cross-attention with decoder
 queries, a sigmoid importance; none of its code is used here):
 
