@@ -51,18 +51,6 @@ def sha256_of_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def residual_settings(block: dict):
-    """The :class:`~nnunetv2_grcsf.mae.residuals.ResidualSettings` recorded in a data set's ``nnunetv2_grcsf`` block."""
-    from nnunetv2_grcsf.mae.residuals import ResidualSettings
-
-    definition = block.get("residual_definition", {})
-    defaults = ResidualSettings()
-    return ResidualSettings(mask_ratios=tuple(block.get("mask_ratios", defaults.mask_ratios)),
-                            smoothing_sigma=definition.get("smoothing_sigma", defaults.smoothing_sigma),
-                            repeats=definition.get("repeats", defaults.repeats),
-                            seed=definition.get("seed", defaults.seed))
-
-
 def entry_settings(entry: dict):
     """The :class:`~nnunetv2_grcsf.mae.residuals.ResidualSettings` of a stored MAE entry."""
     from nnunetv2_grcsf.mae.residuals import ResidualSettings
@@ -80,7 +68,7 @@ def mae_entry_for_dataset(dataset_json: dict, dataset_name: str):
     block = dataset_json.get(DATASET_JSON_KEY, {})
     if not block.get("mae_checkpoint"):
         return None
-    from nnunetv2_grcsf.mae.residuals import recorded_mae_problem
+    from nnunetv2_grcsf.mae.residuals import recorded_mae_problem, settings_from_block
     from nnunetv2_grcsf.mae.train import load_checkpoint
 
     path = Path(block["mae_checkpoint"])
@@ -95,7 +83,7 @@ def mae_entry_for_dataset(dataset_json: dict, dataset_name: str):
     if problem:
         raise ModelMAEError(f"{problem}. Fix: {fix}")
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "checkpoint_bytes": data,
-            "sha256": sha256_of_bytes(data), "settings": residual_settings(block).to_dict(),
+            "sha256": sha256_of_bytes(data), "settings": settings_from_block(block).to_dict(),
             "residual_channels": list(block.get("residual_channels", [])),
             "scale": load_checkpoint(path).get("residual_scale"), "source_dataset": block.get("source_dataset"),
             "file_name": path.name}

@@ -645,6 +645,16 @@ def _log_report(summary: dict, folder: Path, log) -> None:
 
 
 # ---- a folder of prediction inputs -----------------------------------------------------------------------
+def settings_from_block(block: dict) -> ResidualSettings:
+    """The :class:`ResidualSettings` recorded in a residual data set's ``nnunetv2_grcsf`` dataset.json block
+    (settings it does not record take their defaults)."""
+    definition, defaults = block.get("residual_definition", {}), ResidualSettings()
+    return ResidualSettings(mask_ratios=tuple(block.get("mask_ratios", defaults.mask_ratios)),
+                            smoothing_sigma=definition.get("smoothing_sigma", defaults.smoothing_sigma),
+                            repeats=definition.get("repeats", defaults.repeats),
+                            seed=definition.get("seed", defaults.seed))
+
+
 def settings_from_dataset(dataset) -> tuple:
     """``(checkpoint, ResidualSettings)`` recorded in the dataset.json of a data set made by ``residuals -d``."""
     name, folder = mdata.resolve_raw_dataset(dataset)
@@ -652,11 +662,7 @@ def settings_from_dataset(dataset) -> tuple:
     if not d or "mae_checkpoint" not in d:
         raise MAEDatasetError(f"{folder / 'dataset.json'} has no '{DATASET_JSON_KEY}' entry: {name} was not made by "
                               f"`nnunetv2_grcsf residuals -d`; pass -m and --mask-ratios instead")
-    definition = d.get("residual_definition", {})
-    settings = ResidualSettings(mask_ratios=tuple(d.get("mask_ratios", (0.75,))),
-                                smoothing_sigma=definition.get("smoothing_sigma", ResidualSettings.smoothing_sigma),
-                                repeats=definition.get("repeats", 1), seed=definition.get("seed", 0))
-    return Path(d["mae_checkpoint"]), settings
+    return Path(d["mae_checkpoint"]), settings_from_block(d)
 
 
 def checkpoint_for_dataset(dataset, checkpoint=None, log=print) -> tuple:
