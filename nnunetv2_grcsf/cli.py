@@ -11,7 +11,7 @@ import sys
 from nnunetv2_grcsf import __version__
 from nnunetv2_grcsf.errors import UserFacingError
 
-COMMAND_MODULES = ("doctor", "mae_train", "residuals", "predict", "demo", "evaluate")
+COMMAND_MODULES = ("doctor", "mae_train", "residuals", "predict", "pretrained_weights", "demo", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:

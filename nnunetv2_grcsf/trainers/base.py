@@ -16,6 +16,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunetv2_grcsf.model_mae import add_to_checkpoint, describe, mae_entry_for_dataset
+from nnunetv2_grcsf.pretrained import check_pretrained_weights_argument
 from nnunetv2_grcsf.residual_channels import (plans_with_residual_channels, residual_channels_of_dataset,
                                               residual_channels_of_plans)
 from nnunetv2_grcsf.trainers.residual_augmentation import skip_channels_in_image_transforms
@@ -56,6 +57,8 @@ class PluginTrainer(nnUNetTrainer):
       they are read from the data set's dataset.json at training and recorded in the saved plans; the MAE that
       made them is stored in every checkpoint (see model_mae.py), and nnU-Net's intensity augmentations leave
       them alone (see residual_augmentation.py);
+    - fine-tuning from a plain nnU-Net model: ``-pretrained_weights`` needs a start checkpoint made by
+      ``nnunetv2_grcsf pretrained-weights`` (pretrained.py); given the plain model, ``initialize`` says so.
     - ``schedule``: attributes of nnUNetTrainer to override (``num_epochs``, ``num_iterations_per_epoch``...).
 
     Seed: with ``NNUNETV2_GRCSF_SEED`` set, python, numpy and torch are seeded (with seed + DDP rank, so that
@@ -87,6 +90,11 @@ class PluginTrainer(nnUNetTrainer):
 
     #: The MAE entry stored in every checkpoint (model_mae.py); set at training start, None without an MAE.
     mae_entry = None
+
+    def initialize(self):
+        super().initialize()
+        check_pretrained_weights_argument(self.network, type(self).__name__, self.plans_manager.dataset_name,
+                                          self.configuration_name, self.plans_manager.plans_name)
 
     def on_train_start(self):
         if self.needs_residual_channels:
