@@ -40,7 +40,6 @@ their labels by ``nnunetv2_grcsf evaluate``.
 Writes <output>.json, <output>.md and <output>.png (Dice vs training-step time; step times from
 results/speed_cpu.json when present, else from this run's epoch times).
 """
-import argparse
 import json
 import sys
 import time
@@ -49,11 +48,11 @@ from subprocess import CalledProcessError
 from typing import Dict, List, Optional, Tuple
 
 from benchmark_statistics import DEFAULT_SEED, derangement, summarize_rows
-from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, apply_smoke_settings, error_row,
-                              every_run_rows, finished_results,
-                              held_out_test_split, link_dataset, locked, make_residual_dataset, plan_and_preprocess,
+from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_sentence, error_row, every_run_section,
+                              finished_results, held_out_test_split, link_dataset, locked, make_residual_dataset, plan_and_preprocess,
                               record_result, residual_test_inputs, shared_dataset, shuffled_residual_inputs,
-                              subset_cases, train_and_score)
+                              parse_with_smoke_settings, run_argument_parser, seed_statistics_cells, subset_cases,
+                              train_and_score)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME, FILE_ENDING = 802, 803, "BUSI256", ".png"
@@ -71,7 +70,7 @@ SMOKE = {"budget": "2epochs_4iters", "num_cases": 24, "batch_size": 2, "mae_step
          "rows": ["nnUNetTrainer", "GRCSFTrainer", "GRCSFTrainer+shuffled_residual", "nnUNetTrainer+residual"],
          "work_dir": BENCHMARKS / "work" / "accuracy_heldout_smoke",
          "output": RESULTS / "accuracy_busi256_heldout_smoke"}
-__all__ = ["subset_cases", "format_table", "plot", "mean_sd", "interval", "report_seeds", "row_summaries", "main"]
+__all__ = ["subset_cases", "format_table", "plot", "interval", "report_seeds", "row_summaries", "main"]
 
 
 # ------------------------------------------------------------------------------------------ prepare
@@ -155,13 +154,6 @@ def speed_step_times(speed_file: Path) -> Tuple[dict, str]:
     return {name: r[f"train_step{clock}_median_s"] for name, r in rows.items()}, "CPU" if clock else "wall"
 
 
-def mean_sd(figure: dict, digits: int) -> str:
-    if figure["mean"] is None:
-        return ""
-    return f"{figure['mean']:.{digits}f} ± {figure['sd']:.{digits}f}" if figure["n"] > 1 else \
-        f"{figure['mean']:.{digits}f}"
-
-
 def interval(summary: dict) -> str:
     d = summary["vs_baseline"]
     return "(reference)" if d is None else f"{d['mean_difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
@@ -183,10 +175,8 @@ def format_table(report: dict) -> str:
     s = report["settings"]
     split, summaries = s["test_split"], row_summaries(report)
     lines = [f"# Accuracy on BUSI256: held-out test images, seeds {report_seeds(report)}", "",
-             f"Budget: schedule `{s['budget']}` ({s['schedule']}), configuration `{s['configuration']}` (nnU-Net's 2d "
-             f"plans, batch {s['batch_size']}), fold {s['fold']} of the {split['training_count']} training cases, "
-             f"device {s['device']}; seeds set by `{SEED_VARIABLE}`, one model per row and seed. Test: "
-             f"{split['test_count']} held-out images ({split['test_cases_with_empty_reference']} without lesion), "
+             budget_sentence(s, "2d plans") + f" Training: fold {s['fold']} of the {split['training_count']} "
+             f"training cases. Test: {split['test_count']} held-out images ({split['test_cases_with_empty_reference']} without lesion), "
              f"{split['rule']}; never seen by the MAE (trained on {s['mae'].get('trained_on_images', '-')} images, "
              f"`imagesTr`) nor by any segmentation model. Dice: mean over test images of the per-image Dice (an image "
              "with empty reference and empty prediction scores 1); pooled Dice: 2TP / (2TP + FP + FN) over all test "
@@ -209,15 +199,14 @@ def format_table(report: dict) -> str:
         first = runs[summary["seeds"][0]]
         train = summary["train_time_s"]
         lines.append(f"| {name} | {ROW_NOTES.get(name, '')} | {first['dataset']} | {len(summary['seeds'])} "
-                     f"| {mean_sd(summary['Dice'], 3)} | {mean_sd(summary['pooled_Dice'], 3)} "
-                     f"| {mean_sd(summary['HD95'], 1)} | {mean_sd(summary['lesion_F1'], 3)} "
-                     f"| {mean_sd(summary['lesion_precision'], 3)} | {interval(summary)} "
-                     f"| {train['mean'] / 60:.1f} |")
-    lines += ["", "## Every run", "", "| row | seed | seed in training log | Dice | pooled Dice | HD95 | lesion F1 "
-              "| nnU-Net fold validation Dice | train min |", "| --- |" + " ---: |" * 8]
-    lines += every_run_rows(report, lambda r: f"| {r['Dice']:.4f} | {r['pooled_Dice']:.4f} | {r['HD95']:.1f} "
-                                              f"| {r['lesion_F1']:.3f} | {r['validation_dice']:.4f} "
-                                              f"| {r['train_time_s'] / 60:.1f} |", 9)
+                     + seed_statistics_cells(summary, [("Dice", 3), ("pooled_Dice", 3), ("HD95", 1),
+                                                       ("lesion_F1", 3), ("lesion_precision", 3)])
+                     + f"| {interval(summary)} | {train['mean'] / 60:.1f} |")
+    lines += every_run_section(report, ["Dice", "pooled Dice", "HD95", "lesion F1", "nnU-Net fold validation Dice",
+                                        "train min"],
+                               lambda r: f"| {r['Dice']:.4f} | {r['pooled_Dice']:.4f} | {r['HD95']:.1f} "
+                                         f"| {r['lesion_F1']:.3f} | {r['validation_dice']:.4f} "
+                                         f"| {r['train_time_s'] / 60:.1f} |")
     unlogged = [f"{n} seed {s}" for n, runs in report["rows"].items() for s, r in runs.items()
                 if r["status"] == "ok" and r["seed_in_training_log"] != int(s)]
     if unlogged:
@@ -262,32 +251,17 @@ def plot(report: dict, speed_file: Path, png: Path) -> Optional[Path]:
 
 # ------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS,
-                        help="TRAINER, TRAINER+residual or TRAINER+shuffled_residual (TRAINER: nnUNetTrainer or one of "
-                             "nnunetv2_grcsf.trainers, without the budget suffix)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=DEFAULT_SEEDS, help=f"values of {SEED_VARIABLE}")
-    parser.add_argument("--budget", default="10epochs_25iters", help="schedule suffix (trainers/schedules.py)")
-    parser.add_argument("--batch-size", type=int, default=2, help="batch size of the 2d_bs<B> configuration")
-    parser.add_argument("--fold", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser = run_argument_parser(
+        __doc__.split("\n\n")[0], rows=DEFAULT_ROWS, seeds=DEFAULT_SEEDS, configuration="2d",
+        dataset_folder=f"Dataset{SOURCE_ID}_{DATASET_NAME}", work_dir=BENCHMARKS / "work" / "accuracy_heldout",
+        output=RESULTS / "accuracy_busi256_heldout", split_seed_help="seed of the test split and of the "
+                                                                     "shuffled-residual pairing",
+        rows_help="TRAINER, TRAINER+residual or TRAINER+shuffled_residual (TRAINER: nnUNetTrainer or one of "
+                  "nnunetv2_grcsf.trainers, without the budget suffix)")
     parser.add_argument("--num-cases", type=int, default=None, help="use an evenly spread subset of this many cases")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="fraction of the cases held out for testing")
-    parser.add_argument("--split-seed", type=int, default=DEFAULT_SEED,
-                        help="seed of the test split and of the shuffled-residual pairing")
-    parser.add_argument("--mae-steps", type=int, default=None, help="mae-train --steps (default: its own)")
-    parser.add_argument("--n-proc-da", type=int, default=2, help="nnUNet_n_proc_DA for training")
-    parser.add_argument("--data", default=None, help="folder holding Dataset802_BUSI256 (default ../shared/data)")
-    parser.add_argument("--work-dir", default=str(BENCHMARKS / "work" / "accuracy_heldout"))
-    parser.add_argument("--output", default=str(RESULTS / "accuracy_busi256_heldout"),
-                        help="output path without suffix")
     parser.add_argument("--speed", default=str(RESULTS / "speed_cpu.json"), help="speed results for the plot")
-    parser.add_argument("--overwrite", action="store_true", help="redo runs whose results exist")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny end-to-end check: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items()
-                                                                   if k not in ("work_dir", "output")))
-    return apply_smoke_settings(parser, parser.parse_args(argv), SMOKE)
+    return parse_with_smoke_settings(parser, argv, SMOKE)
 
 
 def check_rows(names: List[str]) -> List[Row]:

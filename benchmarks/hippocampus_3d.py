@@ -30,19 +30,18 @@ lesion-wise F1, with best/worst overlay PNGs of the first seed).
 
 Writes results/hippocampus_3d_heldout.json and .md; resumable per (row, seed) like accuracy_busi256.py.
 """
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 from subprocess import CalledProcessError
 
-from accuracy_busi256 import check_rows, interval, mean_sd, report_seeds, row_summaries
+from accuracy_busi256 import check_rows, interval, report_seeds, row_summaries
 from benchmark_statistics import DEFAULT_SEED
-from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, apply_smoke_settings, error_row,
-                              every_run_rows, finished_results,
-                              held_out_test_split, link_dataset, locked, make_residual_dataset, plan_and_preprocess,
-                              record_result, residual_test_inputs, shared_dataset, train_and_score)
+from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_sentence, error_row, every_run_section,
+                              finished_results, held_out_test_split, link_dataset, locked, make_residual_dataset, plan_and_preprocess,
+                              parse_with_smoke_settings, record_result, residual_test_inputs, run_argument_parser,
+                              seed_statistics_cells, shared_dataset, train_and_score)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME = 804, 807, "Hippocampus"
@@ -103,10 +102,8 @@ def format_table(report: dict) -> str:
     s = report["settings"]
     split, summaries = s["test_split"], row_summaries(report)
     lines = [f"# Hippocampus 3d_fullres on this CPU: held-out test cases, seeds {report_seeds(report)}", "",
-             f"Budget: schedule `{s['budget']}` ({s['schedule']}), configuration `{s['configuration']}` (nnU-Net's "
-             f"3d_fullres plans, patch {s['patch_size']}, batch {s['batch_size']}), device {s['device']}; seeds set "
-             f"by `{SEED_VARIABLE}`; {split['training_count']} training cases (fold {s['fold']} trains on "
-             f"4/5 of them), {split['test_count']} held-out test cases ({split['rule']}), never seen by the MAE "
+             budget_sentence(s, f"3d_fullres plans, patch {s['patch_size']}") + f" Training: "
+             f"{split['training_count']} cases (fold {s['fold']} trains on 4/5 of them). Test: {split['test_count']} held-out test cases ({split['rule']}), never seen by the MAE "
              f"(trained on {s['mae'].get('trained_on_images', '-')} images, `imagesTr`) nor by any segmentation model, "
              "predicted by `nnUNetv2_predict` and scored by `nnunetv2_grcsf evaluate` (Dice, HD95 in mm). Dice: mean "
              "over test cases of the per-case Dice (mean of both labels); ± standard deviation over seeds; ΔDice: "
@@ -126,39 +123,25 @@ def format_table(report: dict) -> str:
         label_dice = {k: sum(r["Dice_per_label"][k] for r in ok) / len(ok) for k in LABELS}
         validation = sum(r["validation_dice"] for r in ok) / len(ok)
         lines.append(f"| {name} | {ok[0]['dataset']} | {len(ok)} | {label_dice['1']:.3f} | {label_dice['2']:.3f} "
-                     f"| {mean_sd(summary['Dice'], 3)} | {mean_sd(summary['pooled_Dice'], 3)} "
-                     f"| {mean_sd(summary['HD95'], 1)} | {interval(summary)} | {validation:.3f} "
-                     f"| {summary['train_time_s']['mean'] / 60:.1f} |")
-    lines += ["", "## Every run", "", "| row | seed | seed in training log | Dice | pooled Dice | HD95 mm "
-              "| fold-0 val Dice | train min | predict s |", "| --- |" + " ---: |" * 8]
-    lines += every_run_rows(report, lambda r: f"| {r['Dice']:.4f} | {r['pooled_Dice']:.4f} | {r['HD95']:.1f} "
-                                              f"| {r['validation_dice']:.4f} | {r['train_time_s'] / 60:.1f} "
-                                              f"| {r['predict_wall_s']:.0f} |", 9)
+                     + seed_statistics_cells(summary, [("Dice", 3), ("pooled_Dice", 3), ("HD95", 1)])
+                     + f"| {interval(summary)} | {validation:.3f} | {summary['train_time_s']['mean'] / 60:.1f} |")
+    lines += every_run_section(report, ["Dice", "pooled Dice", "HD95 mm", "fold-0 val Dice", "train min",
+                                        "predict s"],
+                               lambda r: f"| {r['Dice']:.4f} | {r['pooled_Dice']:.4f} | {r['HD95']:.1f} "
+                                         f"| {r['validation_dice']:.4f} | {r['train_time_s'] / 60:.1f} "
+                                         f"| {r['predict_wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="TRAINER or TRAINER+residual")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help=f"values of {SEED_VARIABLE}")
-    parser.add_argument("--budget", default="10epochs_25iters", help="schedule suffix (trainers/schedules.py)")
-    parser.add_argument("--batch-size", type=int, default=2, help="batch size of the 3d_fullres_bs<B> configuration")
-    parser.add_argument("--fold", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser = run_argument_parser(
+        __doc__.split("\n\n")[0], rows=DEFAULT_ROWS, seeds=[0, 1], configuration="3d_fullres",
+        dataset_folder="Dataset804_Hippocampus", work_dir=BENCHMARKS / "work" / "hippocampus_3d_heldout",
+        output=RESULTS / "hippocampus_3d_heldout", split_seed_help="seed of the test split",
+        rows_help="TRAINER or TRAINER+residual")
     parser.add_argument("--num-cases", type=int, default=60, help="use this many cases (0: all 208)")
     parser.add_argument("--num-test", type=int, default=10, help="of which this many are held out as imagesTs")
-    parser.add_argument("--split-seed", type=int, default=DEFAULT_SEED, help="seed of the test split")
-    parser.add_argument("--mae-steps", type=int, default=None, help="mae-train --steps (default: its own)")
-    parser.add_argument("--n-proc-da", type=int, default=2, help="nnUNet_n_proc_DA for training")
-    parser.add_argument("--data", default=None, help="folder holding Dataset804_Hippocampus (default ../shared/data)")
-    parser.add_argument("--work-dir", default=str(BENCHMARKS / "work" / "hippocampus_3d_heldout"))
-    parser.add_argument("--output", default=str(RESULTS / "hippocampus_3d_heldout"), help="output path without suffix")
-    parser.add_argument("--overwrite", action="store_true", help="redo runs whose results exist")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny end-to-end check: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items()
-                                                                   if k not in ("work_dir", "output")))
-    return apply_smoke_settings(parser, parser.parse_args(argv), SMOKE)
+    return parse_with_smoke_settings(parser, argv, SMOKE)
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,7 @@ exactly what a user gets:
 Trainers named ``nnUNetTrainer_<schedule>`` come from ``benchmarks/trainers/`` (given to nnU-Net through
 ``nnUNet_extTrainer``), the plugin's from its installed start-up hook.
 """
+import argparse
 import collections
 import contextlib
 import fcntl
@@ -483,12 +484,67 @@ def score_predictions(workspace: Workspace, predictions: Path, labels: Path, nam
             "lesion_recall": detection["lesion_recall"], "evaluation": summary["files"]["json"]}
 
 
-def apply_smoke_settings(parser, args, smoke: dict):
-    """With ``--smoke``, the ``smoke`` settings replace every argument left at its default (given ones stay)."""
+def run_argument_parser(description: str, *, rows: List[str], rows_help: str, seeds: List[int],
+                        configuration: str, dataset_folder: str, work_dir: Path, output: Path,
+                        split_seed_help: str) -> argparse.ArgumentParser:
+    """The arguments every accuracy benchmark takes (rows, seeds, budget, batch, fold, device, split seed, MAE steps,
+    workers, data, folders, --overwrite, --smoke); the script adds its own and parses with
+    :func:`parse_with_smoke_settings`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=rows, help=rows_help)
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds, help=f"values of {SEED_VARIABLE}")
+    parser.add_argument("--budget", default="10epochs_25iters", help="schedule suffix (trainers/schedules.py)")
+    parser.add_argument("--batch-size", type=int, default=2, help=f"batch size of the {configuration}_bs<B> "
+                                                                   f"configuration")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--split-seed", type=int, default=DEFAULT_SEED, help=split_seed_help)
+    parser.add_argument("--mae-steps", type=int, default=None, help="mae-train --steps (default: its own)")
+    parser.add_argument("--n-proc-da", type=int, default=2, help="nnUNet_n_proc_DA for training")
+    parser.add_argument("--data", default=None, help=f"folder holding {dataset_folder} (default ../shared/data)")
+    parser.add_argument("--work-dir", default=str(work_dir))
+    parser.add_argument("--output", default=str(output), help="output path without suffix")
+    parser.add_argument("--overwrite", action="store_true", help="redo runs whose results exist")
+    parser.add_argument("--smoke", action="store_true", help="tiny end-to-end check (see SMOKE in the script)")
+    return parser
+
+
+def parse_with_smoke_settings(parser, argv, smoke: dict):
+    """Parse; with ``--smoke``, the ``smoke`` settings replace every argument left at its default (given ones
+    stay)."""
+    args = parser.parse_args(argv)
     if args.smoke:
         vars(args).update({k: str(v) if isinstance(v, Path) else v for k, v in smoke.items()
                            if getattr(args, k) == parser.get_default(k)})
     return args
+
+
+def budget_sentence(settings: dict, plans: str) -> str:
+    """What every run of a results table was trained with: schedule, configuration, batch, device, seeds."""
+    return (f"Budget: schedule `{settings['budget']}` ({settings['schedule']}), configuration "
+            f"`{settings['configuration']}` (nnU-Net's {plans}, batch {settings['batch_size']}), device "
+            f"{settings['device']}; seeds set by `{SEED_VARIABLE}`, one model per row and seed.")
+
+
+def seed_statistics_cells(summary: dict, metrics: Sequence[tuple]) -> str:
+    """``| mean ± sd`` cells over seeds of each ``(metric, decimals)`` of a row summary (one value: no ±)."""
+    return "".join(f"| {mean_sd(summary[metric], digits)} " for metric, digits in metrics)
+
+
+def mean_sd(figure: dict, digits: int) -> str:
+    """``mean ± sd`` of a summarized figure (``mean`` alone for one value, empty when there is none)."""
+    if figure["mean"] is None:
+        return ""
+    return f"{figure['mean']:.{digits}f} ± {figure['sd']:.{digits}f}" if figure["n"] > 1 else \
+        f"{figure['mean']:.{digits}f}"
+
+
+def every_run_section(report: dict, columns: List[str], ok_cells) -> List[str]:
+    """The "## Every run" table: row, seed, the seed in its training log, then ``columns``, whose cells
+    ``ok_cells(result)`` gives as a string of ``| ...`` cells (failed runs: error rows)."""
+    header = ["row", "seed", "seed in training log", *columns]
+    return ["", "## Every run", "", "| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1),
+            *every_run_rows(report, ok_cells, len(header))]
 
 
 def every_run_rows(report: dict, ok_cells, columns: int) -> List[str]:

@@ -12,11 +12,26 @@ from nnunetv2_grcsf.residual_channels import DATASET_JSON_KEY
 from nnunetv2_grcsf.synthetic import write_synthetic_dataset
 
 
-def nnunet_env(root: Path, **extra) -> dict:
-    """A fresh shell's environment: PATH, HOME and the three nnU-Net folders below ``root``, nothing else."""
-    folders = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+def make_nnunet_folders(root: Path) -> dict:
+    """``{variable: folder}``: nnUNet_raw, nnUNet_preprocessed and nnUNet_results made below ``root``."""
+    folders = {name: Path(root) / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
+    return folders
+
+
+def set_nnunet_folders(monkeypatch, root: Path) -> dict:
+    """Make the three nnU-Net folders below ``root`` and point this process's environment at them (undone with
+    ``monkeypatch``); returns them as :func:`make_nnunet_folders` does."""
+    folders = make_nnunet_folders(root)
+    for name, folder in folders.items():
+        monkeypatch.setenv(name, str(folder))
+    return folders
+
+
+def nnunet_env(root: Path, **extra) -> dict:
+    """A fresh shell's environment: PATH, HOME and the three nnU-Net folders below ``root``, nothing else."""
+    folders = make_nnunet_folders(root)
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(root))}
     env.update({name: str(folder) for name, folder in folders.items()})
     env.update(extra)

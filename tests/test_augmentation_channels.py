@@ -37,6 +37,13 @@ def training_transforms(get_training_transforms, spatial: bool):
     return transforms
 
 
+def grcsf_and_nnunet_transforms(tmp_path, monkeypatch, spatial: bool):
+    """(a GRCSFTrainer's training transforms, nnUNetTrainer's own), with or without the spatial ones."""
+    trainer = make_trainer(GRCSFTrainer, tmp_path, monkeypatch)
+    return (training_transforms(trainer.get_training_transforms, spatial),
+            training_transforms(nnUNetTrainer.get_training_transforms, spatial))
+
+
 def augmented(transforms, seed: int, constant_residual: bool):
     """(input image, augmented image) of one sample: channel 0 an image, channel 1 a residual map (8-bit levels
     / 255 as nnU-Net's rgb_to_0_1 normalization gives them, or the constant RESIDUAL_VALUE)."""
@@ -48,9 +55,7 @@ def augmented(transforms, seed: int, constant_residual: bool):
 
 
 def test_intensity_augmentations_change_image_channels_only(tmp_path, monkeypatch):
-    trainer = make_trainer(GRCSFTrainer, tmp_path, monkeypatch)
-    ours = training_transforms(trainer.get_training_transforms, spatial=False)
-    nnunet = training_transforms(nnUNetTrainer.get_training_transforms, spatial=False)
+    ours, nnunet = grcsf_and_nnunet_transforms(tmp_path, monkeypatch, spatial=False)
     image_changed = residual_changed_by_nnunet = 0
     for seed in range(RUNS):
         before, after = augmented(ours, seed, constant_residual=False)
@@ -63,9 +68,7 @@ def test_intensity_augmentations_change_image_channels_only(tmp_path, monkeypatc
 
 
 def test_spatial_augmentations_still_move_the_residual_channel(tmp_path, monkeypatch):
-    trainer = make_trainer(GRCSFTrainer, tmp_path, monkeypatch)
-    ours = training_transforms(trainer.get_training_transforms, spatial=True)
-    nnunet = training_transforms(nnUNetTrainer.get_training_transforms, spatial=True)
+    ours, nnunet = grcsf_and_nnunet_transforms(tmp_path, monkeypatch, spatial=True)
     residual_moved = nnunet_outside_range = 0
     for seed in range(RUNS):
         _, after = augmented(ours, seed, constant_residual=True)

@@ -16,6 +16,7 @@ from nnunetv2_grcsf.model_mae import (ModelMAEError, add_to_checkpoint, entry_se
                                       mae_entry_of_model)
 from nnunetv2_grcsf.residual_channels import DATASET_JSON_KEY
 from nnunetv2_grcsf.synthetic import write_synthetic_dataset
+from nnunet_runs import set_nnunet_folders
 
 SETTINGS = ResidualSettings(mask_ratios=(0.5,), smoothing_sigma=1.0, repeats=1, seed=3)  # none of them the default
 
@@ -25,9 +26,7 @@ def residual_dataset(tmp_path_factory):
     """(dataset.json of a residual data set made by `residuals -d`, its MAE checkpoint), in a module-wide env."""
     root = tmp_path_factory.mktemp("model_mae")
     with pytest.MonkeyPatch.context() as env:
-        for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            (root / variable).mkdir()
-            env.setenv(variable, str(root / variable))
+        set_nnunet_folders(env, root)
         write_synthetic_dataset(root / "nnUNet_raw", 991, "Tiny", 4, 0, shape=(32, 32), progress=False)
         config = MAEConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16,
                            decoder_depth=1, decoder_num_heads=2)

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nnunet_runs import set_nnunet_folders
+
 
 def smooth_background(rng, shape):
     """A smooth image: a random linear ramp plus a few broad Gaussian bumps, values about 60..160."""
@@ -85,13 +87,7 @@ def tiny_model_config(in_channels=1, img_size=64):
 @pytest.fixture
 def nnunet_env(tmp_path, monkeypatch):
     """nnUNet_raw / _preprocessed / _results pointing to fresh tmp folders; returns them as Paths."""
-    paths = {}
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        p = tmp_path / var
-        p.mkdir()
-        monkeypatch.setenv(var, str(p))
-        paths[var] = p
-    return paths
+    return set_nnunet_folders(monkeypatch, tmp_path)
 
 
 def snapshot(folder) -> dict:
@@ -132,9 +128,7 @@ def _train_blob_free(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("blob_free_mae")
     with pytest.MonkeyPatch.context() as mp:
-        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            (root / var).mkdir()
-            mp.setenv(var, str(root / var))
+        set_nnunet_folders(mp, root)
         make_raw_dataset(root / "nnUNet_raw", 1, "Smooth", num_cases=16, blobs=False, seed=1)
         ckpt = train_mae(1, model_config=tiny_model_config(), train_config=TrainConfig(steps=80, batch_size=8),
                          progress=False, num_threads=1, log=lambda *a: None)

@@ -17,6 +17,7 @@ from nnunetv2_grcsf.mae.residuals import (SPACING_WARNING_FACTOR, SPACING_WARNIN
                                           make_residual_folder)
 from nnunetv2_grcsf.mae.train import TrainConfig, dataset_images, load_checkpoint, load_training_slices, train_mae
 
+from nnunet_runs import set_nnunet_folders
 from mae_testutils import make_raw_dataset, nnunet_env, one_thread, snapshot, tiny_model_config, write_image  # noqa: F401
 
 QUIET = dict(progress=False, num_threads=1, log=lambda *a: None)
@@ -31,9 +32,7 @@ VOLUME = (4, 32, 32)
 def _train_tiny(root, dataset_id, **dataset):
     """A 2-step tiny MAE (img_size 32, patch 8) on a fresh raw data set under ``root``; returns its checkpoint."""
     with pytest.MonkeyPatch.context() as mp:
-        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            (root / var).mkdir()
-            mp.setenv(var, str(root / var))
+        set_nnunet_folders(mp, root)
         make_raw_dataset(root / "nnUNet_raw", dataset_id, "Train", num_cases=3, **dataset)
         return train_mae(dataset_id, root / "mae", tiny_model_config(img_size=32), TrainConfig(steps=2, batch_size=4),
                          **QUIET)
