@@ -35,9 +35,10 @@ ResidualEncoderUNet form; ``conv_op`` alone decides 2D or 3D):
   two finest) by GRCSF's RegionCompensationUnit (blocks/rcu.py), before the stage's convolutions, exactly as
   GRCSFUNet does (input_routing.py). Without ``use_rcu`` every input channel is an image channel.
 
-Memory and speed (what is ours, none of it changes the function): every encoder dual-path unit is
-activation-checkpointed, and the decoder's token mixing at 'msda' levels too (``activation_checkpointing``, on by
-default). On CUDA the MSDA runs as one fused flex_attention kernel with a block-sparse mask, everything else as
+Memory and speed (what is ours, none of it changes the function): at 'msda' stages, the high-resolution ones,
+every encoder dual-path unit is activation-checkpointed, and the decoder's token mixing there too
+(``activation_checkpointing``, on by default); 'global' stages hold a quarter or less of the positions, where
+recomputing would cost as much compute as at 'msda' stages for little memory, so they are not. On CUDA the MSDA runs as one fused flex_attention kernel with a block-sparse mask, everything else as
 plain PyTorch ops (cuDNN); on the CPU the MSDA and the depthwise convs use custom autograd functions with faster
 backward passes (blocks/msda.py, helpers.depthwise_conv). Measured cost: README and benchmarks/results.
 
@@ -214,7 +215,8 @@ class FIASEncoder(nn.Module):
             if kind != "conv":
                 stage = DualPathStage(max(1, depths[s] - 1), conv_op, stage_input, features_per_stage[s],
                                       kernel_sizes[s], strides[s], kind, num_heads[s], dilations, dmk_kernel_sizes,
-                                      mlp_ratio, conv_kwargs, nonlin_first, checkpointing, head_dim)
+                                      mlp_ratio, conv_kwargs, nonlin_first, checkpointing and kind == "msda",
+                                      head_dim)
             elif residual_blocks is None:
                 stage = StackedConvBlocks(depths[s], conv_op, stage_input, features_per_stage[s], kernel_sizes[s],
                                           strides[s], nonlin_first=nonlin_first, **conv_kwargs)
@@ -368,9 +370,9 @@ class FIASUNet(ResidualMapRoutingUNet):
     - mlp_ratio: transformer MLP width relative to the features.
     - mc_pool_sizes, mc_shuffle_positions: Monte Carlo attention grid sizes and position shuffling.
     - activation_checkpointing: recompute in the backward pass, instead of storing their activations,
-      (1) every encoder dual-path unit (attention block, DMK and CAF; about 30 feature maps of the stage fewer
-      per unit, for one more forward pass of it), (2) the decoder's token mixing at 'msda' levels. The same
-      function and gradients either way.
+      (1) every encoder dual-path unit at 'msda' stages (attention block, DMK and CAF; about 30 feature maps of
+      the stage fewer per unit, for one more forward pass of it), (2) the decoder's token mixing at 'msda'
+      levels. The same function and gradients either way.
     - residual_channels, use_rcu, rcu_stages, rcu_patch_size, rcu_num_heads, rcu_window: as GRCSFUNet's (MAE
       residual channels fused by the RegionCompensationUnit; residual_channels is ignored without use_rcu).
 

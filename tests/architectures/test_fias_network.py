@@ -153,6 +153,16 @@ def test_feature_map_size_counts_what_checkpointing_saves(plans_networks):
             without_checkpointing.compute_conv_feature_map_size(patch_size))
 
 
+def test_checkpointing_recomputes_the_msda_stages_only(plans_networks):
+    """High-resolution 'msda' units are recomputed; 'global' units (few positions: little memory saved for a full
+    forward pass more) keep their activations."""
+    network = plans_networks[BUSI]
+    assert network.encoder.stage_attention == ["conv", "conv", "msda", "msda", "global", "global"]
+    for stage, kind in zip(network.encoder.stages, network.encoder.stage_attention):
+        if kind != "conv":
+            assert [unit.checkpointing for unit in stage.units] == [kind == "msda"] * len(stage.units)
+
+
 def saved_for_backward_bytes(network, x) -> int:
     """Bytes of the distinct storages autograd keeps for the backward pass of one training forward (parameters
     excluded; activation checkpointing keeps only the inputs of what it recomputes)."""
