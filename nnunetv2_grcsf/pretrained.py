@@ -147,8 +147,9 @@ def pretrained_weights_argument(argv: Sequence[str]):
 
 def check_pretrained_weights_argument(network: nn.Module, trainer_name: str, dataset_name: str, configuration: str,
                                       plans_name: str, argv: Sequence[str] = None) -> None:
-    """Before nnU-Net loads ``-pretrained_weights``: if the file lacks the network's compensation units (a plain
-    nnU-Net model), stop with the command that makes a start checkpoint from it."""
+    """Before nnU-Net loads ``-pretrained_weights``: if the file holds everything but the network's compensation
+    units (a plain nnU-Net model of the same plans), stop with the command that makes a start checkpoint from it.
+    Any other mismatch is left to nnU-Net's loader, which names the key."""
     pretrained_file = pretrained_weights_argument(sys.argv if argv is None else argv)
     if isinstance(network, DistributedDataParallel):
         network = network.module
@@ -158,7 +159,8 @@ def check_pretrained_weights_argument(network: nn.Module, trainer_name: str, dat
     if pretrained_file is None or not unit_prefixes or not Path(pretrained_file).is_file():
         return
     source_weights = load_network_weights(pretrained_file)
-    if any(key.startswith(unit_prefixes) for key in source_weights):
+    missing = [key for key in network.state_dict() if key not in source_weights and SEGMENTATION_LAYER_KEY not in key]
+    if not missing or not all(key.startswith(unit_prefixes) for key in missing):
         return
     suggested = Path(pretrained_file).with_name(f"{Path(pretrained_file).stem}_for_{trainer_name}.pth")
     raise PretrainedWeightsError(

@@ -116,6 +116,10 @@ def test_the_trainer_names_the_command_when_given_a_plain_nnunet_model(tmp_path,
     argv[-1] = str(tmp_path / "start.pth")
     check_pretrained_weights_argument(network, "GRCSFTrainer", "Dataset803_X", "2d", "nnUNetPlans", argv)
     check_pretrained_weights_argument(network, "GRCSFTrainer", "Dataset803_X", "2d", "nnUNetPlans", argv[:5])
+    _, hippocampus = nnunet_model_weights("Dataset804_Hippocampus_nnUNetPlans")  # other plans: nnU-Net's error
+    torch.save({"network_weights": hippocampus}, tmp_path / "other_plans.pth")
+    argv[-1] = str(tmp_path / "other_plans.pth")
+    check_pretrained_weights_argument(network, "GRCSFTrainer", "Dataset803_X", "2d", "nnUNetPlans", argv)
 
 
 def test_command_writes_a_new_file_only(tmp_path, monkeypatch, capsys, one_cpu_thread):
