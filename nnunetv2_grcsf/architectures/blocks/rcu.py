@@ -69,7 +69,7 @@ from torch.nn.modules.conv import _ConvNd
 from nnunetv2_grcsf.architectures.helpers import feature_map_estimate
 
 DEFAULT_TOKEN_PATCH_EDGE = 8  # the MAE's patch edge (nnunetv2_grcsf.mae presets)
-EXCLUDED_LOG_WEIGHT = -1000.0  # exp() of it is 0 in float32; divided by sqrt(head channels) it fits float16
+EXCLUDED_LOG_WEIGHT = -1000.0  # exp() of it is 0 in float32, and it fits float16
 
 
 def default_token_patch_size(strides: Sequence[Sequence[int]], edge: int = DEFAULT_TOKEN_PATCH_EDGE) -> List[int]:
@@ -157,26 +157,22 @@ def windowed_cross_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     (1, h, prod(q), window^d) added to the logits by position (pixel within its patch, window patch).
     Tokens beyond the border do not exist (weight 0). Returns (B, C, *(T * q)).
 
-    Head h: softmax_j(q_h . k_hj / sqrt(C / h) + log_prior_j + bias_hj) v_hj. The log prior travels as one more
-    channel per head (1 in the query, log_prior * sqrt(C / h) in the key; values get a zero channel, dropped
-    afterwards), so SDPA needs no per-token mask and its fused kernels apply.
+    Head h: softmax_j(q_h . k_hj / sqrt(C / h) + log_prior_j + bias_hj) v_hj. The additive mask of SDPA carries
+    both the bias and the window's log priors ((B * M, h, prod(q), window^d), small: window^d keys per pixel);
+    tokens beyond the border get EXCLUDED_LOG_WEIGHT.
     """
     batch, channels, *size = query.shape
     grid = list(key.shape[2:])
     within = [s // g for s, g in zip(size, grid)]
-    head_channels = channels // num_heads
-    scale = head_channels ** -0.5
     pad = [(window - 1) // 2] * (2 * len(grid))
-    per_head = [batch, num_heads, head_channels, *grid]
-    prior = F.pad(log_prior.clamp(min=EXCLUDED_LOG_WEIGHT) / scale, pad, value=EXCLUDED_LOG_WEIGHT / scale)
-    key = torch.cat([F.pad(key.reshape(per_head), pad),
-                     prior.unsqueeze(1).expand(batch, num_heads, 1, *prior.shape[2:])], dim=2)
-    value = F.pad(F.pad(value.reshape(per_head), pad), [0, 0] * len(grid) + [0, 1])
-    query = F.pad(group_pixels_by_patch(query, grid, num_heads), [0, 1], value=1.0)
-    attended = F.scaled_dot_product_attention(query, gather_windows(key, window, num_heads),
-                                              gather_windows(value, window, num_heads),
-                                              attn_mask=bias.to(query.dtype), scale=scale)
-    return ungroup_pixels(attended[..., :head_channels], batch, grid, within)
+    per_head = [batch, num_heads, channels // num_heads, *grid]
+    prior = F.pad(log_prior.clamp(min=EXCLUDED_LOG_WEIGHT), pad, value=EXCLUDED_LOG_WEIGHT)  # (B, 1, *(T + w - 1))
+    window_prior = gather_windows(prior.unsqueeze(1), window, 1).transpose(-1, -2)  # (B * M, 1, 1, window^d)
+    attended = F.scaled_dot_product_attention(group_pixels_by_patch(query, grid, num_heads),
+                                              gather_windows(F.pad(key.reshape(per_head), pad), window, num_heads),
+                                              gather_windows(F.pad(value.reshape(per_head), pad), window, num_heads),
+                                              attn_mask=(bias + window_prior).to(query.dtype))
+    return ungroup_pixels(attended, batch, grid, within)
 
 
 class ResidualTokenizer(nn.Module):
