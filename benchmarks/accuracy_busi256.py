@@ -49,10 +49,10 @@ from typing import Dict, List, Optional, Tuple
 
 from benchmark_statistics import DEFAULT_SEED, derangement, summarize_rows
 from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_sentence, error_row, every_run_section,
-                              finished_results, held_out_test_split, link_dataset, locked, make_residual_dataset, plan_and_preprocess,
-                              record_result, residual_test_inputs, shared_dataset, shuffled_residual_inputs,
-                              parse_with_smoke_settings, run_argument_parser, seed_statistics_cells, subset_cases,
-                              train_and_score)
+                              finished_results, held_out_test_split, link_dataset, locked, make_residual_dataset,
+                              parse_with_smoke_settings, plan_and_preprocess, record_result, residual_test_inputs,
+                              run_argument_parser, seed_statistics_cells, shared_dataset, shuffled_residual_inputs,
+                              subset_cases, train_and_score)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME, FILE_ENDING = 802, 803, "BUSI256", ".png"
@@ -176,7 +176,8 @@ def format_table(report: dict) -> str:
     split, summaries = s["test_split"], row_summaries(report)
     lines = [f"# Accuracy on BUSI256: held-out test images, seeds {report_seeds(report)}", "",
              budget_sentence(s, "2d plans") + f" Training: fold {s['fold']} of the {split['training_count']} "
-             f"training cases. Test: {split['test_count']} held-out images ({split['test_cases_with_empty_reference']} without lesion), "
+             f"training cases. Test: {split['test_count']} held-out images "
+             f"({split['test_cases_with_empty_reference']} without lesion), "
              f"{split['rule']}; never seen by the MAE (trained on {s['mae'].get('trained_on_images', '-')} images, "
              f"`imagesTr`) nor by any segmentation model. Dice: mean over test images of the per-image Dice (an image "
              "with empty reference and empty prediction scores 1); pooled Dice: 2TP / (2TP + FP + FN) over all test "

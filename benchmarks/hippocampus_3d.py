@@ -39,9 +39,9 @@ from subprocess import CalledProcessError
 from accuracy_busi256 import check_rows, interval, report_seeds, row_summaries
 from benchmark_statistics import DEFAULT_SEED
 from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_sentence, error_row, every_run_section,
-                              finished_results, held_out_test_split, link_dataset, locked, make_residual_dataset, plan_and_preprocess,
-                              parse_with_smoke_settings, record_result, residual_test_inputs, run_argument_parser,
-                              seed_statistics_cells, shared_dataset, train_and_score)
+                              finished_results, held_out_test_split, link_dataset, locked, make_residual_dataset,
+                              parse_with_smoke_settings, plan_and_preprocess, record_result, residual_test_inputs,
+                              run_argument_parser, seed_statistics_cells, shared_dataset, train_and_score)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME = 804, 807, "Hippocampus"
@@ -103,7 +103,8 @@ def format_table(report: dict) -> str:
     split, summaries = s["test_split"], row_summaries(report)
     lines = [f"# Hippocampus 3d_fullres on this CPU: held-out test cases, seeds {report_seeds(report)}", "",
              budget_sentence(s, f"3d_fullres plans, patch {s['patch_size']}") + f" Training: "
-             f"{split['training_count']} cases (fold {s['fold']} trains on 4/5 of them). Test: {split['test_count']} held-out test cases ({split['rule']}), never seen by the MAE "
+             f"{split['training_count']} cases (fold {s['fold']} trains on 4/5 of them). Test: {split['test_count']} "
+             f"held-out test cases ({split['rule']}), never seen by the MAE "
              f"(trained on {s['mae'].get('trained_on_images', '-')} images, `imagesTr`) nor by any segmentation model, "
              "predicted by `nnUNetv2_predict` and scored by `nnunetv2_grcsf evaluate` (Dice, HD95 in mm). Dice: mean "
              "over test cases of the per-case Dice (mean of both labels); ± standard deviation over seeds; ΔDice: "

@@ -38,9 +38,10 @@ ResidualEncoderUNet form; ``conv_op`` alone decides 2D or 3D):
 Memory and speed (what is ours, none of it changes the function): at 'msda' stages, the high-resolution ones,
 every encoder dual-path unit is activation-checkpointed, and the decoder's token mixing there too
 (``activation_checkpointing``, on by default); 'global' stages hold a quarter or less of the positions, where
-recomputing would cost as much compute as at 'msda' stages for little memory, so they are not. On CUDA the MSDA runs as one fused flex_attention kernel with a block-sparse mask, everything else as
-plain PyTorch ops (cuDNN); on the CPU the MSDA and the depthwise convs use custom autograd functions with faster
-backward passes (blocks/msda.py, helpers.depthwise_conv). Measured cost: README and benchmarks/results.
+recomputing would cost as much compute as at 'msda' stages for little memory, so they are not. On CUDA the
+MSDA runs as one fused flex_attention kernel with a block-sparse mask, everything else as plain PyTorch ops
+(cuDNN); on the CPU the MSDA and the depthwise convs use custom autograd functions with faster backward passes
+(blocks/msda.py, helpers.depthwise_conv). Measured cost: README and benchmarks/results.
 
 torch.compile: TorchDynamo captures the whole network in one graph, 2D and 3D, with and without the RCU; no graph
 break is needed, the fused attention included (flex_attention is traced as a higher-order op, its block mask is
