@@ -136,7 +136,7 @@ def format_table(report: dict) -> str:
 
 def parse_args(argv=None):
     parser = run_argument_parser(
-        __doc__.split("\n\n")[0], rows=DEFAULT_ROWS, seeds=[0, 1], configuration="3d_fullres",
+        __doc__.split("\n\n")[0], rows=DEFAULT_ROWS, seeds=[0, 1], budget="10epochs_25iters", configuration="3d_fullres",
         dataset_folder="Dataset804_Hippocampus", work_dir=BENCHMARKS / "work" / "hippocampus_3d_heldout",
         output=RESULTS / "hippocampus_3d_heldout", split_seed_help="seed of the test split",
         rows_help="TRAINER or TRAINER+residual")

@@ -484,7 +484,7 @@ def score_predictions(workspace: Workspace, predictions: Path, labels: Path, nam
             "lesion_recall": detection["lesion_recall"], "evaluation": summary["files"]["json"]}
 
 
-def run_argument_parser(description: str, *, rows: List[str], rows_help: str, seeds: List[int],
+def run_argument_parser(description: str, *, rows: List[str], rows_help: str, seeds: List[int], budget: str,
                         configuration: str, dataset_folder: str, work_dir: Path, output: Path,
                         split_seed_help: str) -> argparse.ArgumentParser:
     """The arguments every accuracy benchmark takes (rows, seeds, budget, batch, fold, device, split seed, MAE steps,
@@ -493,7 +493,7 @@ def run_argument_parser(description: str, *, rows: List[str], rows_help: str, se
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=rows, help=rows_help)
     parser.add_argument("--seeds", type=int, nargs="+", default=seeds, help=f"values of {SEED_VARIABLE}")
-    parser.add_argument("--budget", default="10epochs_25iters", help="schedule suffix (trainers/schedules.py)")
+    parser.add_argument("--budget", default=budget, help="schedule suffix (trainers/schedules.py)")
     parser.add_argument("--batch-size", type=int, default=2, help=f"batch size of the {configuration}_bs<B> "
                                                                    f"configuration")
     parser.add_argument("--fold", type=int, default=0)
