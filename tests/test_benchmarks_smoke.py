@@ -123,3 +123,13 @@ def test_hippocampus_table_from_a_report():
     assert "seeds [0, 1]" in table
     assert ("| GRCSFTrainer_noRCU | Dataset804_Hippocampus | 2 | 0.700 | 0.800 | 0.850 ± 0.071 | 0.500 ± 0.000 "
             "| 12.0 ± 0.0 | +0.100 [+0.100, +0.100] | 0.400 | 1.0 |") in table
+
+
+def test_accuracy_benchmarks_take_their_own_budget_and_smoke_settings():
+    import hippocampus_3d
+
+    assert accuracy_busi256.parse_args([]).budget == "20epochs_25iters"
+    assert hippocampus_3d.parse_args([]).budget == "10epochs_25iters"
+    smoke = accuracy_busi256.parse_args(["--smoke", "--seeds", "5"])
+    assert (smoke.budget, smoke.num_cases, smoke.seeds) == ("2epochs_4iters", 24, [5])  # given arguments stay
+    assert hippocampus_3d.parse_args(["--smoke"]).work_dir.endswith("hippocampus_3d_heldout_smoke")
