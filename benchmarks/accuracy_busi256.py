@@ -20,10 +20,9 @@ their labels by ``nnunetv2_grcsf evaluate``.
   the segmentation training only).
 - Budget: configuration ``2d_bs<B>`` = nnU-Net's 2d plans with batch size B (plans inheritance), schedule
   ``<budget>`` of nnunetv2_grcsf.trainers.schedules (default 20epochs_25iters); the baseline ``nnUNetTrainer``
-  gets the same schedule from benchmarks/trainers/ (through nnUNet_extTrainer). Not 10 epochs: there nnU-Net
-  starts predicting lesions between epoch 3 and after epoch 10 depending on the seed (seed 1 of 3 still
-  predicted no lesion at its end, held-out Dice 0.17 against 0.40), so the rows would compare when training
-  took off, not the networks.
+  gets the same schedule from benchmarks/trainers/ (through nnUNet_extTrainer). Not 10 epochs: there, whether nnU-Net
+  starts predicting lesions before the end depends on the seed (results/accuracy_busi256_heldout_10epochs.md),
+  so the rows would compare when training took off, not the networks.
 - Rows (``--rows``): a trainer name, ``TRAINER+residual`` (trained and tested on the residual data set;
   ``nnUNetTrainer+residual`` is the plain-extra-channel control) or ``TRAINER+shuffled_residual`` (the models
   of ``TRAINER``'s row, tested with each test image's residual replaced by the residual of another test image:
