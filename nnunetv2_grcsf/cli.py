@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunetv2_grcsf",
         description="GRCSF and FIAS for nnU-Net v2: MAE residual maps, prediction with them, start checkpoints for "
-                    "fine-tuning GRCSF from nnU-Net models, checks, the demo and evaluation. Training uses nnU-Net's own commands with -tr GRCSFTrainer (or FIASTrainer...).")
+                    "fine-tuning GRCSF from nnU-Net models, checks, the demo and evaluation. Training uses nnU-Net's "
+                    "own commands with -tr GRCSFTrainer (or FIASTrainer...).")
     parser.add_argument("--version", action="version", version=f"nnunetv2-grcsf {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:

@@ -25,15 +25,12 @@ def nnunet_folder(variable: str) -> Path:
     return Path(value)
 
 
-def find_raw_dataset(dataset) -> Path:
-    """The folder of a raw data set given as id (``500``) or name (``Dataset500_X``); checks dataset.json.
-
-    Ids are resolved as nnU-Net resolves them (``maybe_convert_to_dataset_name``: raw, preprocessed and
-    results folders), then the data set must be in ``$nnUNet_raw``.
-    """
+def dataset_name(dataset) -> str:
+    """The ``DatasetXXX_Name`` of a data set given as id (``500``) or name, resolved as nnU-Net resolves it
+    (``maybe_convert_to_dataset_name``: raw, preprocessed and results folders); errors say where it looked."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    raw = nnunet_folder("nnUNet_raw")
+    raw = os.environ.get("nnUNet_raw", "$nnUNet_raw (unset)")
     text = str(dataset).strip()
     try:
         name = str(maybe_convert_to_dataset_name(int(text) if text.isdigit() else text))  # nnU-Net returns np.str_
@@ -50,6 +47,17 @@ def find_raw_dataset(dataset) -> Path:
             if text.isdigit() else
             f"data set {text!r} is neither an id nor a DatasetXXX_Name name (searched nnUNet_raw={raw}). "
             f"(nnU-Net: {first_line})") from error
+    return name
+
+
+def find_raw_dataset(dataset) -> Path:
+    """The folder of a raw data set given as id (``500``) or name (``Dataset500_X``); checks dataset.json.
+
+    Ids are resolved by :func:`dataset_name`, then the data set must be in ``$nnUNet_raw``.
+    """
+    raw = nnunet_folder("nnUNet_raw")
+    text = str(dataset).strip()
+    name = dataset_name(text)
     folder = raw / name
     if not folder.is_dir():
         raise DatasetNotFoundError(

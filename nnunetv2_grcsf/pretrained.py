@@ -151,17 +151,22 @@ def check_pretrained_weights_argument(network: nn.Module, trainer_name: str, dat
     units (a plain nnU-Net model of the same plans), stop with the command that makes a start checkpoint from it.
     Any other mismatch is left to nnU-Net's loader, which names the key."""
     pretrained_file = pretrained_weights_argument(sys.argv if argv is None else argv)
+    if pretrained_file is None or not Path(pretrained_file).is_file():
+        return
     if isinstance(network, DistributedDataParallel):
         network = network.module
     if isinstance(network, OptimizedModule):  # torch.compile
         network = network._orig_mod
     unit_prefixes = compensation_unit_prefixes(network)
-    if pretrained_file is None or not unit_prefixes or not Path(pretrained_file).is_file():
+    if not unit_prefixes:
         return
     source_weights = load_network_weights(pretrained_file)
-    missing = [key for key in network.state_dict() if key not in source_weights and SEGMENTATION_LAYER_KEY not in key]
-    if not missing or not all(key.startswith(unit_prefixes) for key in missing):
-        return
+    if any(key.startswith(unit_prefixes) for key in source_weights):
+        return  # a start checkpoint (or a model of this network): nnU-Net's loader takes it as it is
+    try:
+        start_weights(source_weights, network, pretrained_file)
+    except PretrainedWeightsError:
+        return  # not this network's backbone either: nnU-Net's loader names the key
     suggested = Path(pretrained_file).with_name(f"{Path(pretrained_file).stem}_for_{trainer_name}.pth")
     raise PretrainedWeightsError(
         f"-pretrained_weights {pretrained_file} has no weights for {trainer_name}'s compensation units (it is a plain "

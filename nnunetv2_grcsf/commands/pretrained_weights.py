@@ -41,21 +41,17 @@ def run(args) -> int:
     from pathlib import Path
 
     import torch
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    from nnunetv2_grcsf.datasets import nnunet_folder
+    from nnunetv2_grcsf.datasets import dataset_name, nnunet_folder
     from nnunetv2_grcsf.pretrained import (PretrainedWeightsError, load_network_weights, network_for_training,
                                            save_start_checkpoint, start_weights)
 
     output = Path(args.output)
     source_weights = load_network_weights(args.input)
     text = str(args.dataset).strip()
-    try:
-        dataset_name = str(maybe_convert_to_dataset_name(int(text) if text.isdigit() else text))
-    except (RuntimeError, ValueError) as error:
-        raise PretrainedWeightsError(f"data set {text!r} not found ({str(error).splitlines()[0]})") from error
-    folder = nnunet_folder("nnUNet_preprocessed") / dataset_name
+    name = dataset_name(text)
+    folder = nnunet_folder("nnUNet_preprocessed") / name
     plans_file = folder / f"{args.plans}.json"
     if not plans_file.is_file():
         raise PretrainedWeightsError(f"{plans_file} does not exist: plan the data set first "
@@ -69,7 +65,7 @@ def run(args) -> int:
     network = network_for_training(trainer_class, json.loads(plans_file.read_text()), args.configuration,
                                    json.loads((folder / "dataset.json").read_text()))
     weights, units = start_weights(source_weights, network, args.input)
-    provenance = {"source": str(Path(args.input).resolve()), "trainer": args.trainer, "dataset": dataset_name,
+    provenance = {"source": str(Path(args.input).resolve()), "trainer": args.trainer, "dataset": name,
                   "configuration": args.configuration, "plans": args.plans, "seed": args.seed,
                   "initialized_units": units}
     save_start_checkpoint(output, weights, provenance)
