@@ -40,7 +40,8 @@ their labels by ``nnunetv2_grcsf evaluate``.
     python benchmarks/accuracy_busi256.py --smoke                  # 2epochs_4iters on 24 cases, 2 seeds
 
 Writes <output>.json, <output>.md and <output>.png (Dice vs training-step time; step times from
-results/speed_cpu.json when present, else from this run's epoch times).
+results/speed_cpu_busi256_hippocampus.json (the networks as they are now) when present, else from this run's
+epoch times).
 """
 import json
 import sys
@@ -49,7 +50,7 @@ from pathlib import Path
 from subprocess import CalledProcessError
 from typing import Dict, List, Optional, Tuple
 
-from benchmark_statistics import DEFAULT_SEED, derangement, summarize_rows
+from benchmark_statistics import DEFAULT_SEED, derangement, paired_comparisons, summarize_rows
 from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_sentence, error_row, every_run_section,
                               finished_results, held_out_test_split, link_dataset, locked, make_residual_dataset,
                               parse_with_smoke_settings, plan_and_preprocess, record_result, residual_test_inputs,
@@ -64,6 +65,15 @@ DEFAULT_ROWS = ["nnUNetTrainer", "nnUNetTrainer+residual", "GRCSFTrainer", "GRCS
 ROW_NOTES = {"nnUNetTrainer+residual": "residual as a plain extra input channel",
              "GRCSFTrainer_noRCU": "GCU only", "GRCSFTrainer_noGCU": "RCU only",
              "GRCSFTrainer+shuffled_residual": "GRCSFTrainer's models, each test image with another's residual"}
+#: (row, reference, what the paired difference row - reference answers): the controls an expert reads against
+#: the trainer rather than against nnU-Net; shown for the pairs whose two rows have runs.
+CONTROL_COMPARISONS = [
+    ("GRCSFTrainer", "nnUNetTrainer+residual", "GRCSF against the residual as a plain extra input channel"),
+    ("GRCSFTrainer_noGCU", "nnUNetTrainer+residual", "the RCU against the plain channel"),
+    ("GRCSFTrainer", "GRCSFTrainer+shuffled_residual", "the same models given each image's own residual rather "
+                                                       "than another image's: is the residual read?"),
+    ("GRCSFTrainer", "GRCSFTrainer_noRCU", "what the RCU adds to the GCU"),
+    ("GRCSFTrainer", "GRCSFTrainer_noGCU", "what the GCU adds to the RCU")]
 DEFAULT_SEEDS = [0, 1, 2]
 BOOTSTRAP_RESAMPLES = 10000
 #: The whole pipeline in small (minutes): every kind of row (the reference, the plain-channel control, a residual
@@ -172,6 +182,25 @@ def row_summaries(report: dict) -> dict:
     return summarize_rows(report["rows"], BASELINE, s["bootstrap"]["n_resamples"], s["bootstrap"]["seed"])
 
 
+def control_section(report: dict) -> List[str]:
+    """Markdown lines: the paired per-image Dice interval of each of :data:`CONTROL_COMPARISONS` that has runs."""
+    b = report["settings"]["bootstrap"]
+    comparisons = paired_comparisons(report["rows"], [(row, reference) for row, reference, _ in CONTROL_COMPARISONS],
+                                     b["n_resamples"], b["seed"])
+    if not comparisons:
+        return []
+    questions = {(row, reference): question for row, reference, question in CONTROL_COMPARISONS}
+    lines = ["", "## The trainer against its controls", "",
+             "Paired as ΔDice above (each image's Dice averaged over a row's seeds, bootstrap over the test images), "
+             "with the control as the reference.", "",
+             "| row | reference | seeds | question | ΔDice [95 % CI] |", "| --- | --- | ---: | --- | ---: |"]
+    for c in comparisons:
+        lines.append(f"| {c['row']} | {c['reference']} | {c['seeds'][0]}, {c['seeds'][1]} "
+                     f"| {questions[(c['row'], c['reference'])]} "
+                     f"| {c['mean_difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] |")
+    return lines
+
+
 def format_table(report: dict) -> str:
     """Markdown: the rows' test scores over seeds with the paired interval to nnUNetTrainer, then every run."""
     s = report["settings"]
@@ -205,6 +234,7 @@ def format_table(report: dict) -> str:
                      + seed_statistics_cells(summary, [("Dice", 3), ("pooled_Dice", 3), ("HD95", 1),
                                                        ("lesion_F1", 3), ("lesion_precision", 3)])
                      + f"| {interval(summary)} | {train['mean'] / 60:.1f} |")
+    lines += control_section(report)
     lines += every_run_section(report, ["Dice", "pooled Dice", "HD95", "lesion F1", "nnU-Net fold validation Dice",
                                         "train min"],
                                lambda r: f"| {r['Dice']:.4f} | {r['pooled_Dice']:.4f} | {r['HD95']:.1f} "
@@ -263,7 +293,8 @@ def parse_args(argv=None):
                   "nnunetv2_grcsf.trainers, without the budget suffix)")
     parser.add_argument("--num-cases", type=int, default=None, help="use an evenly spread subset of this many cases")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="fraction of the cases held out for testing")
-    parser.add_argument("--speed", default=str(RESULTS / "speed_cpu.json"), help="speed results for the plot")
+    parser.add_argument("--speed", default=str(RESULTS / "speed_cpu_busi256_hippocampus.json"),
+                        help="speed results for the plot")
     return parse_with_smoke_settings(parser, argv, SMOKE)
 
 

@@ -1,5 +1,6 @@
 """The statistics of the accuracy benchmarks: the held-out test split, the shuffled-residual pairing, and the
-seed summary with a paired bootstrap interval against the baseline row.
+seed summary with a paired bootstrap interval against the baseline row, and the paired intervals between other rows
+(a trainer against its controls).
 
 All three are deterministic functions of their inputs and a seed, so that a second run of a benchmark holds out
 the same images, pairs the same residuals and draws the same bootstrap resamples.
@@ -84,6 +85,34 @@ def seed_summary(per_seed: Mapping[str, float]) -> Dict[str, float]:
 RUN_FIGURES = ("Dice", "pooled_Dice", "HD95", "lesion_F1", "lesion_precision", "lesion_recall", "train_time_s")
 
 
+def successful_runs(rows: Mapping[str, Mapping[str, dict]]) -> Dict[str, Dict[str, dict]]:
+    """``{row: {seed: run}}`` of the runs with ``status`` "ok"; rows without one are left out."""
+    ok = {name: {s: r for s, r in runs.items() if r.get("status") == "ok"} for name, runs in rows.items()}
+    return {name: runs for name, runs in ok.items() if runs}
+
+
+def dice_matrix(runs: Mapping[str, dict], images: Sequence[str]) -> np.ndarray:
+    """(seeds, images) per-image Dice of ``{seed: run}``, images in the given order."""
+    return np.array([[r["per_image_dice"][i] for i in images] for r in runs.values()])
+
+
+def paired_comparisons(rows: Mapping[str, Mapping[str, dict]], pairs: Sequence[Tuple[str, str]],
+                       n_resamples: int = 10000, seed: int = DEFAULT_SEED) -> List[dict]:
+    """:func:`paired_bootstrap` of the per-image Dice of ``row`` against ``reference`` for each ``(row,
+    reference)`` of ``pairs`` whose two rows both have successful runs (others are left out), e.g. a residual
+    trainer against the plain-channel control, or against its own models given shuffled residuals."""
+    ok = successful_runs(rows)
+    comparisons = []
+    for name, reference in pairs:
+        if name not in ok or reference not in ok:
+            continue
+        images = sorted(next(iter(ok[reference].values()))["per_image_dice"])
+        matrices = [dice_matrix(ok[n], images) for n in (name, reference)]
+        comparisons.append({"row": name, "reference": reference, "seeds": (len(ok[name]), len(ok[reference])),
+                            **paired_bootstrap(*matrices, n_resamples, seed=seed)})
+    return comparisons
+
+
 def summarize_rows(rows: Mapping[str, Mapping[str, dict]], baseline: str, n_resamples: int = 10000,
                    seed: int = DEFAULT_SEED) -> Dict[str, dict]:
     """Per row of ``{row: {seed: run result}}`` (runs with ``status`` "ok"; each with ``per_image_dice``
@@ -91,13 +120,9 @@ def summarize_rows(rows: Mapping[str, Mapping[str, dict]], baseline: str, n_resa
     :func:`paired_bootstrap` of its per-image Dice against the ``baseline`` row's (None for the baseline itself,
     or when the baseline has no run). Rows without a successful run are left out; rows scored on other images
     than the baseline's are an error."""
-    ok = {name: {s: r for s, r in runs.items() if r.get("status") == "ok"} for name, runs in rows.items()}
-    ok = {name: runs for name, runs in ok.items() if runs}
+    ok = successful_runs(rows)
     base = ok.get(baseline)
     images = sorted(next(iter(base.values()))["per_image_dice"]) if base else None
-
-    def dice_matrix(runs):
-        return np.array([[r["per_image_dice"][i] for i in images] for r in runs.values()])
 
     summaries = {}
     for name, runs in ok.items():
@@ -107,6 +132,7 @@ def summarize_rows(rows: Mapping[str, Mapping[str, dict]], baseline: str, n_resa
         if base and name != baseline:
             if any(sorted(r["per_image_dice"]) != images for r in runs.values()):
                 raise ValueError(f"{name} was scored on other images than {baseline}")
-            summary["vs_baseline"] = paired_bootstrap(dice_matrix(runs), dice_matrix(base), n_resamples, seed=seed)
+            summary["vs_baseline"] = paired_bootstrap(dice_matrix(runs, images), dice_matrix(base, images),
+                                                     n_resamples, seed=seed)
         summaries[name] = summary
     return summaries

@@ -81,6 +81,20 @@ def test_row_summaries_compare_every_row_with_the_baseline_and_leave_failed_runs
         stats.summarize_rows(rows, "nnUNetTrainer", n_resamples=100)
 
 
+def test_paired_comparisons_difference_row_minus_reference_only_for_pairs_with_runs():
+    rows = {"nnUNetTrainer+residual": {"0": _run({"a": 0.2, "b": 0.4, "c": 0.3})},
+            "GRCSFTrainer": {"0": _run({"a": 0.3, "b": 0.5, "c": 0.4}), "1": _run({"a": 0.5, "b": 0.7, "c": 0.6})},
+            "GRCSFTrainer+shuffled_residual": {"0": {"status": "error", "error": "x"}}}
+    comparisons = stats.paired_comparisons(rows, [("GRCSFTrainer", "nnUNetTrainer+residual"),
+                                                  ("GRCSFTrainer", "GRCSFTrainer+shuffled_residual"),
+                                                  ("GRCSFTrainer_noGCU", "nnUNetTrainer+residual")], n_resamples=500)
+    assert [(c["row"], c["reference"], c["seeds"]) for c in comparisons] == [
+        ("GRCSFTrainer", "nnUNetTrainer+residual", (2, 1))]
+    # GRCSF's images average to reference + 0.2 over its two seeds: every resample's mean difference is 0.2
+    assert comparisons[0]["mean_difference"] == pytest.approx(0.2)
+    assert comparisons[0]["low"] == pytest.approx(0.2) and comparisons[0]["high"] == pytest.approx(0.2)
+
+
 # ------------------------------------------------------------------------------------------ test split
 def _cases():
     cases = [f"case_{i:03d}" for i in range(100)]

@@ -82,6 +82,18 @@ def test_accuracy_table_and_plot_from_a_report(tmp_path):
     assert png.is_file() and png.stat().st_size > 0
 
 
+def test_accuracy_table_reads_the_trainer_against_its_controls():
+    rows = {"nnUNetTrainer": {"0": _run("nnUNetTrainer", [0.1, 0.2, 0.3, 0.4, 0.5])},
+            "GRCSFTrainer": {"0": _run("GRCSFTrainer", [0.3, 0.4, 0.5, 0.6, 0.7])},
+            "GRCSFTrainer+shuffled_residual": {"0": _run("GRCSFTrainer", [0.2, 0.3, 0.4, 0.5, 0.6])}}
+    table = accuracy_busi256.format_table(_accuracy_report(rows))
+    assert "## The trainer against its controls" in table
+    assert "| GRCSFTrainer | GRCSFTrainer+shuffled_residual | 1, 1 |" in table
+    assert table.split("against its controls")[1].split("\n## ")[0].count("| +0.100 [+0.100, +0.100] |") == 1
+    del rows["GRCSFTrainer+shuffled_residual"]
+    assert "against its controls" not in accuracy_busi256.format_table(_accuracy_report(rows))
+
+
 def test_comparison_joins_scores_with_the_cost_of_each_trainers_network():
     """An optimizer variant gets its network's cost row, nnUNetTrainer PlainConvUNet's; a missing row stays empty."""
     def row(name, step, plans="default"):
