@@ -91,25 +91,30 @@ def successful_runs(rows: Mapping[str, Mapping[str, dict]]) -> Dict[str, Dict[st
     return {name: runs for name, runs in ok.items() if runs}
 
 
-def dice_matrix(runs: Mapping[str, dict], images: Sequence[str]) -> np.ndarray:
-    """(seeds, images) per-image Dice of ``{seed: run}``, images in the given order."""
-    return np.array([[r["per_image_dice"][i] for i in images] for r in runs.values()])
+def compare_runs(runs: Mapping[str, dict], reference_runs: Mapping[str, dict], name: str, reference: str,
+                 n_resamples: int = 10000, seed: int = DEFAULT_SEED) -> Dict[str, float]:
+    """:func:`paired_bootstrap` of the per-image Dice of one row's runs ``{seed: run}`` against another row's; a row
+    scored on other images than the reference's is an error naming both."""
+    images = sorted(next(iter(reference_runs.values()))["per_image_dice"])
+    if any(sorted(r["per_image_dice"]) != images for r in runs.values()):
+        raise ValueError(f"{name} was scored on other images than {reference}")
+    row, base = (np.array([[r["per_image_dice"][i] for i in images] for r in rs.values()])
+                 for rs in (runs, reference_runs))
+    return paired_bootstrap(row, base, n_resamples, seed=seed)
 
 
 def paired_comparisons(rows: Mapping[str, Mapping[str, dict]], pairs: Sequence[Tuple[str, str]],
                        n_resamples: int = 10000, seed: int = DEFAULT_SEED) -> List[dict]:
-    """:func:`paired_bootstrap` of the per-image Dice of ``row`` against ``reference`` for each ``(row,
-    reference)`` of ``pairs`` whose two rows both have successful runs (others are left out), e.g. a residual
-    trainer against the plain-channel control, or against its own models given shuffled residuals."""
+    """:func:`compare_runs` of ``row`` against ``reference`` for each ``(row, reference)`` of ``pairs`` whose two
+    rows both have successful runs (others are left out), e.g. a residual trainer against the plain-channel
+    control, or against its own models given shuffled residuals."""
     ok = successful_runs(rows)
     comparisons = []
     for name, reference in pairs:
         if name not in ok or reference not in ok:
             continue
-        images = sorted(next(iter(ok[reference].values()))["per_image_dice"])
-        matrices = [dice_matrix(ok[n], images) for n in (name, reference)]
         comparisons.append({"row": name, "reference": reference, "seeds": (len(ok[name]), len(ok[reference])),
-                            **paired_bootstrap(*matrices, n_resamples, seed=seed)})
+                            **compare_runs(ok[name], ok[reference], name, reference, n_resamples, seed)})
     return comparisons
 
 
@@ -117,22 +122,17 @@ def summarize_rows(rows: Mapping[str, Mapping[str, dict]], baseline: str, n_resa
                    seed: int = DEFAULT_SEED) -> Dict[str, dict]:
     """Per row of ``{row: {seed: run result}}`` (runs with ``status`` "ok"; each with ``per_image_dice``
     ``{image: Dice}`` and the :data:`RUN_FIGURES`): the seeds, :func:`seed_summary` of every figure, and
-    :func:`paired_bootstrap` of its per-image Dice against the ``baseline`` row's (None for the baseline itself,
+    :func:`compare_runs` of its per-image Dice against the ``baseline`` row's (None for the baseline itself,
     or when the baseline has no run). Rows without a successful run are left out; rows scored on other images
     than the baseline's are an error."""
     ok = successful_runs(rows)
     base = ok.get(baseline)
-    images = sorted(next(iter(base.values()))["per_image_dice"]) if base else None
-
     summaries = {}
     for name, runs in ok.items():
         summary = {"seeds": sorted(runs, key=int)}
         summary.update({figure: seed_summary({s: r.get(figure) for s, r in runs.items()}) for figure in RUN_FIGURES})
         summary["vs_baseline"] = None
         if base and name != baseline:
-            if any(sorted(r["per_image_dice"]) != images for r in runs.values()):
-                raise ValueError(f"{name} was scored on other images than {baseline}")
-            summary["vs_baseline"] = paired_bootstrap(dice_matrix(runs, images), dice_matrix(base, images),
-                                                     n_resamples, seed=seed)
+            summary["vs_baseline"] = compare_runs(runs, base, name, baseline, n_resamples, seed)
         summaries[name] = summary
     return summaries
