@@ -210,7 +210,7 @@ def format_table(report: dict) -> str:
              f"training cases. Test: {split['test_count']} held-out images "
              f"({split['test_cases_with_empty_reference']} without lesion), "
              f"{split['rule']}; never seen by the MAE (trained on {s['mae'].get('trained_on_images', '-')} images, "
-             f"`imagesTr`) nor by any segmentation model. Dice: mean over test images of the per-image Dice (an image "
+             f"`imagesTr`, loss {s['mae'].get('loss', 'on every patch')}) nor by any segmentation model. Dice: mean over test images of the per-image Dice (an image "
              "with empty reference and empty prediction scores 1); pooled Dice: 2TP / (2TP + FP + FN) over all test "
              "pixels; HD95 (pixels): mean over images; lesion F1: pooled over all lesions; each as mean ± standard "
              "deviation over seeds. ΔDice: mean per-image Dice difference to nnUNetTrainer, each image's Dice first "

@@ -18,7 +18,8 @@ Results: benchmarks/results/mae_busi256.json (one entry per variant; reruns of o
 benchmarks/results/mae_busi256_panel.png (default) and mae_busi256_panel_<variant>.png (image |
 reconstruction | residual | mask, a held-out image).
 
-Usage: python benchmarks/mae_busi256.py [--variants default,norm_pix_loss] [--threads N] [--quick] [--evaluate-only]
+Usage: python benchmarks/mae_busi256.py [--variants default,all_patches] [--seed S] [--threads N] [--quick]
+[--evaluate-only]
 Needs ../shared/data/Dataset802_BUSI256 (or $GRCSF_SHARED_DATA/Dataset802_BUSI256); exits with a message if
 absent. Work files go to benchmarks/work/mae_busi256/ (git-ignored).
 """
@@ -41,10 +42,12 @@ HELD_OUT_EVERY = 5
 MASK_RATIOS = (0.5, 0.75)
 
 #: Variants: architecture overrides of the tiny preset and training settings; "default" is mae-train's defaults
-#: (tiny preset: loss on pixels; DEFAULT_STEPS steps of batch 16 at mask ratios 0.5 and 0.75).
+#: (tiny preset: loss on pixels outside the labelled patches of the training images; DEFAULT_STEPS steps of
+#: batch 16 at mask ratios 0.5 and 0.75); "all_patches": the loss on every patch, lesions included.
 VARIANTS = {
     "default": dict(arch={}, train={}),
-    "norm_pix_loss": dict(arch={"norm_pix_loss": True}, train={}),
+    "all_patches": dict(arch={}, train={"skip_labelled_patches": False}),
+    "norm_pix_loss_all_patches": dict(arch={"norm_pix_loss": True}, train={"skip_labelled_patches": False}),
 }
 
 
@@ -73,7 +76,7 @@ def setup_raw_dataset(quick: bool) -> tuple:
     return dst, train, held_out
 
 
-def run_variant(tag: str, spec: dict, raw: Path, threads: int, quick: bool, reuse: dict = None) -> dict:
+def run_variant(tag: str, spec: dict, raw: Path, threads: int, quick: bool, seed: int, reuse: dict = None) -> dict:
     from nnunetv2_grcsf.mae import checkpoint_saw_test_images
     from nnunetv2_grcsf.mae.residuals import ResidualSettings, make_residual_folder
     from nnunetv2_grcsf.mae.train import TrainConfig, load_checkpoint, model_config_from_preset, train_mae
@@ -87,7 +90,7 @@ def run_variant(tag: str, spec: dict, raw: Path, threads: int, quick: bool, reus
     else:
         if out.exists():
             shutil.rmtree(out)
-        train_settings = {**spec["train"], **({"steps": 10} if quick else {})}
+        train_settings = {**spec["train"], "seed": seed, **({"steps": 10} if quick else {})}
         t0 = time.time()
         ckpt_path = train_mae(DATASET, out / "mae", model_config_from_preset("tiny", 1, **spec["arch"]),
                               TrainConfig(**train_settings), device="cpu", progress=False, num_threads=threads)
@@ -127,6 +130,8 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: mae-train's choice, the idle cores)")
     parser.add_argument("--quick", action="store_true", help="smoke run: few images, 10 steps")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the MAE training's seed; results of seed S > 0 are stored as VARIANT@seedS (default 0)")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="re-evaluate the MAE each variant trained in an earlier run (work folder and results "
                              "entry kept), e.g. after a change of the report")
@@ -149,7 +154,8 @@ def main():
                     "num_held_out_images": len(held_out), "held_out_cases": held_out, "mask_ratios": list(MASK_RATIOS),
                     "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for tag in tags:
+    for variant in tags:
+        tag = variant if args.seed == 0 else f"{variant}@seed{args.seed}"
         load = os.getloadavg()
         print(f"variant {tag}: {len(train)} training images, {len(held_out)} held out; torch threads {threads}; "
               f"load average {load}", flush=True)
@@ -158,10 +164,10 @@ def main():
             reuse = results["variants"].get(tag)
             if reuse is None or not (WORK / f"mae_{tag}" / "mae" / "checkpoint_final.pth").is_file():
                 parser.error(f"--evaluate-only: variant {tag} has no earlier training in {WORK}")
-        entry = run_variant(tag, VARIANTS[tag], raw, threads, args.quick, reuse)
+        entry = run_variant(tag, VARIANTS[variant], raw, threads, args.quick, args.seed, reuse)
         entry.update({"torch_threads": threads, "load_average_start": load, "load_average_end": os.getloadavg(),
                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
-        if entry["panels"] and not args.quick:
+        if entry["panels"] and not args.quick and args.seed == 0:
             panel = "mae_busi256_panel.png" if tag == "default" else f"mae_busi256_panel_{tag}.png"
             shutil.copyfile(entry["panels"][0], RESULTS / panel)
         results["variants"][tag] = entry

@@ -266,6 +266,8 @@ def mae_record(workspace: Workspace, residual_id: int) -> dict:
     return {"checkpoint": info["mae_checkpoint"], "sha256": info.get("mae_sha256"),
             "trained_on_images": checkpoint["data"]["num_cases"], "steps": checkpoint["step"],
             "training_splits": checkpoint.get("training_splits", "not recorded (mae-train of an earlier version)"),
+            "loss": ("outside the labelled patches of its training images"
+                     if checkpoint["train_config"].get("skip_labelled_patches") else "on every patch"),
             "residual_channels": info["residual_channels"], "mask_ratios": info.get("mask_ratios")}
 
 

@@ -7,7 +7,9 @@ import argparse
 
 DESCRIPTION = """\
 Train a Masked Autoencoder (He et al. 2022) on the images of an nnU-Net raw data set: imagesTr only
-(--include-test-images adds imagesTs; the checkpoint records which were read; labels are never read).
+(--include-test-images adds imagesTs; the checkpoint records which were read). The loss leaves out
+patches holding a labelled voxel of labelsTr, so the MAE models normal tissue only and lesions stand out
+in its residual (--no-skip-labelled-patches: every patch); test images' labels are never read.
 3D volumes are cut into slices along their lowest-resolution axis;
 the checkpoint records the median in-slice spacing, which `residuals` compares its images with.
 Writes checkpoint_latest.pth (periodically), checkpoint_final.pth and training_log.json to
@@ -62,6 +64,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     opt.add_argument("--include-test-images", action="store_true",
                      help="train on imagesTs too (recorded in the checkpoint; residual figures on those test images "
                           "are then optimistic). Default: imagesTr only")
+    opt.add_argument("--skip-labelled-patches", action=argparse.BooleanOptionalAction, default=True,
+                     help="leave patches that hold a labelled voxel (labelsTr) out of the loss, so the MAE learns "
+                          "normal tissue only and lesions stand out in its residual (default: on; "
+                          "--no-skip-labelled-patches trains on every patch)")
     opt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     opt.add_argument("--save-every", type=int, default=100, help="write checkpoint_latest.pth every N steps (default 100)")
     opt.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
@@ -87,7 +93,8 @@ def run(args) -> int:
     # every argument is checked before the data set is read or a folder is made
     train_config = TrainConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                mask_ratios=args.mask_ratios, seed=args.seed, save_every=args.save_every,
-                               flip=not args.no_flip, max_slices_per_case=args.max_slices_per_case)
+                               flip=not args.no_flip, max_slices_per_case=args.max_slices_per_case,
+                               skip_labelled_patches=args.skip_labelled_patches)
     train_config.check()
     if args.num_threads is not None and args.num_threads < 1:
         raise MAEError(f"--num-threads {args.num_threads}: give at least 1")

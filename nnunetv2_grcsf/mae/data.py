@@ -5,7 +5,8 @@
   ``$nnUNet_raw``. Images are listed like nnU-Net lists them (``CASE_XXXX<file_ending>``, one file per
   channel) and read with the reader that ``determine_reader_writer_from_dataset_json`` picks, so every
   format nnU-Net reads (PNG, NIfTI, NRRD, MHA, TIFF) works, and the same reader later writes the
-  residual channel in the image's own geometry. Labels are never read here. Before reading, every file
+  residual channel in the image's own geometry. Labels are read only for training cases, and only to keep
+  their labelled regions out of the MAE's loss (:func:`read_label_mask`, :func:`labelled_patches`). Before reading, every file
   is checked for truncation (:func:`check_file_complete`: SimpleITK would fill a cut-off ``.nii.gz`` with
   zeros); :func:`check_no_misnamed_files` refuses, by name, files that end with the file ending but lack
   the channel suffix (which listing skips); channels of one case on different grids are named as such.
@@ -437,10 +438,11 @@ def content_mask(h: int, w: int, size: int) -> torch.Tensor:
 
 def training_slices(image: np.ndarray, normalizer: IntensityNormalizer, spacing, size: int,
                     max_slices: int = None) -> tuple:
-    """``(slices [S, C, size, size] float16, (h, w))``: normalized model-grid slices of one image for training.
+    """``(slices [S, C, size, size] float16, (h, w), kept)``: normalized model-grid slices of one image for training.
 
     ``(h, w)`` is the slices' size before resizing. Slices without content (constant in every channel,
     e.g. empty slices around a brain) are skipped; with ``max_slices`` an evenly spaced subset is kept.
+    ``kept`` lists the indices of the slices kept, along the slice axis (for :func:`labelled_patches`).
     """
     norm = normalizer(image)
     sl = to_slices(norm, slice_axis(spacing, image.shape[1:]))
@@ -449,5 +451,32 @@ def training_slices(image: np.ndarray, normalizer: IntensityNormalizer, spacing,
         keep = [keep[int(i)] for i in np.linspace(0, len(keep) - 1, max_slices).round()]
     hw = tuple(sl.shape[2:])
     if not keep:
-        return torch.zeros((0, image.shape[0], size, size), dtype=torch.float16), hw
-    return to_model_grid(sl[keep], size).half(), hw
+        return torch.zeros((0, image.shape[0], size, size), dtype=torch.float16), hw, keep
+    return to_model_grid(sl[keep], size).half(), hw, keep
+
+
+def read_label_mask(reader, label_file) -> np.ndarray:
+    """Boolean ``[Z, Y, X]``: where the segmentation ``label_file`` (read with ``reader``) is foreground (label > 0)."""
+    check_file_complete(label_file)
+    try:
+        seg, _ = reader.read_seg(str(label_file))
+    except Exception as error:  # readers raise anything from OSError to RuntimeError / AssertionError
+        raise MAEImageReadError(f"cannot read label {label_file}: {type(error).__name__}: {error}. Replace the file or "
+                                f"remove the case.") from error
+    return np.asarray(seg[0]) > 0
+
+
+def labelled_patches(label_mask: np.ndarray, spacing, kept, size: int, patch_size: int) -> torch.Tensor:
+    """Boolean ``[S, L]``: which MAE patches of the training slices ``kept`` (see :func:`training_slices`) hold a
+    labelled voxel of ``label_mask`` (``[Z, Y, X]``), ``L = (size / patch_size)^2`` in the model's row-major order.
+
+    The mask goes to the model grid like the image (resize-and-pad; padding is unlabelled); a patch counts as
+    labelled if any of its pixels is touched by the resized foreground, so a lesion's border stays out too.
+    """
+    axis = slice_axis(spacing, label_mask.shape)
+    sl = to_slices(label_mask[None].astype(np.float32), axis)[kept]
+    h, w = sl.shape[2:]
+    nh, nw = content_size(h, w, size)
+    grid = torch.zeros(len(kept), 1, size, size)
+    grid[:, :, :nh, :nw] = F.adaptive_max_pool2d(torch.from_numpy(np.ascontiguousarray(sl)), (nh, nw))
+    return (F.max_pool2d(grid, patch_size) > 0).flatten(1)

@@ -251,26 +251,31 @@ class MaskedAutoencoder(nn.Module):
         return pred, stats
 
     # ---- loss / forward ---------------------------------------------------------------------------
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, stats, mask: torch.Tensor) -> torch.Tensor:
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, stats, mask: torch.Tensor,
+                     excluded: torch.Tensor = None) -> torch.Tensor:
         """MSE on removed patches only (mean over the removed patches of the per-patch mean squared error).
 
+        ``excluded`` (``[N, L]`` bool, optional): patches left out of the loss even when removed, e.g. those
+        holding a labelled lesion, so that the MAE learns to reconstruct normal tissue only.
         With ``norm_pix_loss`` the MSE of the predicted patch mean and log-std (also on removed patches
         only) is added with weight ``stats_loss_weight``.
         """
-        pred, m = pred.float(), mask.float()
+        pred = pred.float()
+        m = (mask & ~excluded if excluded is not None else mask).float()
         loss = ((pred - self.target(imgs)) ** 2).mean(dim=-1)  # [N, L]
-        loss = (loss * m).sum() / m.sum()
+        loss = (loss * m).sum() / m.sum().clamp_min(1.0)
         if stats is not None:
             mean, var = self.patch_stats(self.patchify(imgs))
             log_std = 0.5 * torch.log(var + self.config.norm_eps)
             true_stats = torch.cat([mean, log_std], dim=-1)  # [N, L, C, 2]
             s_loss = ((stats.float() - true_stats) ** 2).mean(dim=(-1, -2))
-            loss = loss + self.config.stats_loss_weight * (s_loss * m).sum() / m.sum()
+            loss = loss + self.config.stats_loss_weight * (s_loss * m).sum() / m.sum().clamp_min(1.0)
         return loss
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, mask: torch.Tensor = None,
-                generator: torch.Generator = None) -> dict:
-        """Mask (randomly at ``mask_ratio`` unless ``mask`` is given), encode, decode, loss.
+                generator: torch.Generator = None, excluded: torch.Tensor = None) -> dict:
+        """Mask (randomly at ``mask_ratio`` unless ``mask`` is given), encode, decode, loss (without ``excluded``
+        patches: :meth:`forward_loss`).
 
         Returns ``{"loss": scalar, "pred": [N, L, C*p^2], "stats": [N, L, C, 2] or None, "mask": [N, L]}``.
         """
@@ -278,7 +283,8 @@ class MaskedAutoencoder(nn.Module):
             mask = random_mask(imgs.shape[0], self.config.num_patches, mask_ratio, imgs.device, generator)
         latent, ids_keep = self.forward_encoder(imgs, mask)
         pred, stats = self.forward_decoder(latent, ids_keep)
-        return {"loss": self.forward_loss(imgs, pred, stats, mask), "pred": pred, "stats": stats, "mask": mask}
+        return {"loss": self.forward_loss(imgs, pred, stats, mask, excluded), "pred": pred, "stats": stats,
+                "mask": mask}
 
     def prediction_to_image(self, pred: torch.Tensor, stats) -> torch.Tensor:
         """Decoder output -> image ``[N, C, S, S]`` in the input's intensity units (see module docstring)."""

@@ -293,13 +293,7 @@ def _chunks(cases: dict, reader, mapper: ResidualMapper, checks: InputChecks, la
         if labels_folder is not None:
             label_file = Path(labels_folder) / f"{case}{ending}"
             if label_file.is_file():
-                mdata.check_file_complete(label_file)
-                try:
-                    seg, _ = reader.read_seg(str(label_file))
-                except Exception as error:
-                    raise mdata.MAEImageReadError(f"cannot read label {label_file}: {type(error).__name__}: {error}. "
-                                                  f"Replace the file or remove the case.") from error
-                mask = np.asarray(seg[0]) > 0
+                mask = mdata.read_label_mask(reader, label_file)
         chunk.append((case, files, image, props, mask))
         axis = mdata.slice_axis(props["spacing"], image.shape[1:])
         n_slices += image.shape[1 + axis]
@@ -614,6 +608,8 @@ def make_residual_dataset(source, output_id, checkpoint=None, settings: Residual
         saw_test_images, test_warning, test_fix = test_images_warning(mapper.ckpt, result["checkpoint"], src_name)
         result["report"] = rep.write({"source_dataset": src_name, "dataset": dst_name,
                                       "mae_checkpoint": result["checkpoint"], "mae_saw_test_images": saw_test_images,
+                                      "mae_skipped_labelled_patches": bool(
+                                          mapper.ckpt["train_config"].get("skip_labelled_patches")),
                                       "residual_definition": residual_definition(mapper)})
         result["report_folder"] = str(rep.folder)
         _log_report(result["report"], rep.folder, log)
@@ -641,6 +637,9 @@ def _log_report(summary: dict, folder: Path, log) -> None:
     saw = summary.get("mae_saw_test_images")
     saw = "unknown (an older checkpoint: it may have)" if saw is None else "yes" if saw else "no"
     log(f"the MAE saw test images (imagesTs) in training: {saw}")
+    if "mae_skipped_labelled_patches" in summary:
+        log(f"the MAE's loss left out patches labelled in labelsTr (it modelled normal tissue only): "
+            f"{'yes' if summary['mae_skipped_labelled_patches'] else 'no'}")
     log(f"report: {folder / 'report.json'} and {len(summary['panels'])} PNG panel(s)")
 
 

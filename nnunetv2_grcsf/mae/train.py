@@ -1,8 +1,15 @@
 """Training the MAE on an nnU-Net raw data set's images (``nnunetv2_grcsf mae-train``), and its checkpoints.
 
-What is trained on: every image of ``imagesTr`` (never the labels; an MAE needs no labels). ``imagesTs`` only
-with ``include_test_images`` (``--include-test-images``): an MAE that has seen the test images reconstructs
-them better than new images, so figures on them would be optimistic. The checkpoint records the folders
+What is trained on: every image of ``imagesTr``. ``imagesTs`` only with ``include_test_images``
+(``--include-test-images``): an MAE that has seen the test images reconstructs them better than new images,
+so figures on them would be optimistic. By default (``TrainConfig.skip_labelled_patches``; off with
+``--no-skip-labelled-patches``) the loss leaves out every removed patch that holds a labelled voxel of the
+case's ``labelsTr`` file: the MAE then learns to reconstruct normal tissue only, so that a lesion is what
+it cannot reconstruct, in training images as in new ones (an MAE trained on the lesions of the training
+images reconstructs them better than the lesions of new images). The labels serve nothing else; test
+images' labels are never read (``imagesTs`` cases added by ``--include-test-images`` keep the full loss).
+Ours, after a third-party reading of GRCSF whose MAE is trained on lesion-free patches; the paper's abstract
+says only that the MAE models the data set's images. The checkpoint records the folders
 read (``training_splits``; :func:`nnunetv2_grcsf.mae.checkpoint_saw_test_images`). Images are read with
 nnU-Net's reader, normalized (:class:`~nnunetv2_grcsf.mae.data.IntensityNormalizer`, fitted here and stored in the
 checkpoint), cut into slices along the lowest-resolution axis, resized-and-padded to the model input.
@@ -79,6 +86,7 @@ class TrainConfig(DictRoundTrip):
     save_every: int = 100
     flip: bool = True
     max_slices_per_case: int = None
+    skip_labelled_patches: bool = True
 
     def __post_init__(self):
         self.mask_ratios = tuple(float(r) for r in self.mask_ratios)
@@ -87,7 +95,7 @@ class TrainConfig(DictRoundTrip):
     def from_dict(cls, d: dict):
         if "mask_ratios" not in d and "mask_ratio" in d:  # checkpoints of version 1 trained at one ratio
             d = {**d, "mask_ratios": [d["mask_ratio"]]}
-        return super().from_dict(d)
+        return super().from_dict({"skip_labelled_patches": False, **d})  # older checkpoints trained on every patch
 
     def check(self) -> None:
         """:class:`MAEError` naming the command-line option of the first setting out of range."""
@@ -319,12 +327,31 @@ def dataset_images(dataset, splits=DEFAULT_TRAINING_SPLITS) -> tuple:
     return name, folder, dataset_json, cases, reader
 
 
+def training_label_files(folder: Path, cases: dict, file_ending: str) -> dict:
+    """``{case: labelsTr file}`` for the ``imagesTr`` cases of ``cases`` (keys ``split/id``); ``None`` for others.
+
+    Only ``labelsTr`` is ever read: test images' labels never reach the MAE. A missing label is an error.
+    """
+    files = {}
+    for case in cases:
+        split, case_id = case.split("/", 1)
+        files[case] = folder / "labelsTr" / f"{case_id}{file_ending}" if split == "imagesTr" else None
+        if files[case] is not None and not files[case].is_file():
+            raise MAEDatasetError(f"mae-train leaves labelled patches out of its loss and needs the label of every "
+                                  f"training image, but {files[case]} is missing: add it (nnU-Net expects one per "
+                                  f"imagesTr case), or train on every patch with --no-skip-labelled-patches")
+    return files
+
+
 def load_training_slices(cases: dict, reader, normalizer: mdata.IntensityNormalizer, img_size: int, patch_size: int,
-                         num_channels: int, max_slices_per_case=None, fit: bool = True, progress: bool = True):
+                         num_channels: int, max_slices_per_case=None, fit: bool = True, progress: bool = True,
+                         label_files: dict = None):
     """Read every case, fit the normalizer's global channels (if ``fit``), return slices and metadata.
 
     Returns ``(slices [N, C, img_size, img_size] float16, sizes [(h, w)] per slice, image dim 2 or 3,
-    median in-slice spacing (a, b))``. Refuses cases whose slices are smaller than ``patch_size``.
+    median in-slice spacing (a, b), labelled [N, L] bool or None)``: ``labelled`` (with ``label_files``, see
+    :func:`training_label_files`) marks the MAE patches holding a labelled voxel (:func:`~.data.labelled_patches`;
+    none for cases whose label file is ``None``). Refuses cases whose slices are smaller than ``patch_size``.
     """
     from tqdm import tqdm
 
@@ -338,23 +365,31 @@ def load_training_slices(cases: dict, reader, normalizer: mdata.IntensityNormali
             image.shape[1:], props["spacing"], patch_size, f"case {case!r} ({files[0]})",
             "model_config.patch_size: --patch-size, or the --preset's patch_size",
             f"remove the case, or train with a smaller --patch-size (it must divide --image-size {img_size})")
+        label_file = (label_files or {}).get(case)
+        label = mdata.read_label_mask(reader, label_file) if label_file is not None else None
+        if label is not None and label.shape != image.shape[1:]:
+            raise MAEDatasetError(f"{label_file} has shape {label.shape}, its image {files[0]} {image.shape[1:]}: "
+                                  f"fix the label, or train on every patch with --no-skip-labelled-patches")
         dims.add(mdata.image_dim(image))
-        images.append((image, props["spacing"]))
+        images.append((image, props["spacing"], label))
     if len(dims) > 1:
         raise MAEDatasetError("the data set mixes 2D and 3D images; the MAE needs one kind")
     if fit:
         step = max(1, len(images) // mdata.GLOBAL_FIT_MAX_CASES)
-        normalizer.fit(img for img, _ in images[::step])
-    slices, sizes = [], []
-    for image, spacing in images:
-        s, hw = mdata.training_slices(image, normalizer, spacing, img_size, max_slices_per_case)
+        normalizer.fit(img for img, _, _ in images[::step])
+    slices, sizes, labelled = [], [], []
+    num_patches = (img_size // patch_size) ** 2
+    for image, spacing, label in images:
+        s, hw, kept = mdata.training_slices(image, normalizer, spacing, img_size, max_slices_per_case)
         slices.append(s)
         sizes += [hw] * s.shape[0]
+        labelled.append(mdata.labelled_patches(label, spacing, kept, img_size, patch_size) if label is not None
+                        else torch.zeros(s.shape[0], num_patches, dtype=torch.bool))
     slices = torch.cat(slices)
     if slices.shape[0] == 0:
         raise MAEDatasetError("no image of the data set has any non-constant slice to train on")
-    spacing = np.median([mdata.in_slice_spacing(sp, img.shape[1:]) for img, sp in images], axis=0)
-    return slices, sizes, dims.pop(), tuple(float(v) for v in spacing)
+    spacing = np.median([mdata.in_slice_spacing(sp, img.shape[1:]) for img, sp, _ in images], axis=0)
+    return slices, sizes, dims.pop(), tuple(float(v) for v in spacing), torch.cat(labelled) if label_files else None
 
 
 # ---- calibration --------------------------------------------------------------------------------------
@@ -428,6 +463,17 @@ def reconstruction_warning(check: dict, dataset_name: str):
 
 
 # ---- training -----------------------------------------------------------------------------------------
+def random_flips(x: torch.Tensor, excluded, generator: torch.Generator) -> tuple:
+    """Flip each slice of ``x`` ``[N, C, S, S]`` left-right with probability 0.5, and its patch flags ``excluded``
+    (``[N, L]`` bool in the model's row-major patch order, or ``None``) alike."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if excluded is not None:
+        grid = excluded.reshape(excluded.shape[0], -1, math.isqrt(excluded.shape[1]))
+        excluded = torch.where(flip[:, None, None], grid.flip(-1), grid).flatten(1)
+    return x, excluded
+
+
 def _param_groups(model, weight_decay):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -519,15 +565,19 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
         raise MAEError(f"the MAE architecture has {model_config.in_channels} input channels but {name} has "
                        f"{num_channels}")
 
-    slices, sizes, dim, spacing = load_training_slices(cases, reader, normalizer, model_config.img_size,
-                                                       model_config.patch_size, num_channels,
-                                                       train_config.max_slices_per_case, fit=ckpt is None,
-                                                       progress=progress)
+    label_files = training_label_files(raw_folder, cases, dataset_json["file_ending"]) \
+        if train_config.skip_labelled_patches else None
+    slices, sizes, dim, spacing, labelled = load_training_slices(
+        cases, reader, normalizer, model_config.img_size, model_config.patch_size, num_channels,
+        train_config.max_slices_per_case, fit=ckpt is None, progress=progress, label_files=label_files)
     n = slices.shape[0]
     total = total_steps(train_config, n)
+    labelled_share = float(labelled.float().mean()) if labelled is not None else None
     log(f"MAE on {name} ({' + '.join(splits)}): {len(cases)} images ({dim}D), {n} training slices of "
         f"{model_config.img_size}^2, {total} steps of batch {train_config.batch_size}, mask ratios "
-        f"{' and '.join(f'{r:g}' for r in train_config.mask_ratios)}, device {dev}"
+        f"{' and '.join(f'{r:g}' for r in train_config.mask_ratios)}, "
+        f"{'' if labelled is None else f'loss outside labelled regions ({labelled_share:.1%} of patches left out), '}"
+        f"device {dev}"
         f"{f' ({torch.get_num_threads()} CPU thread(s))' if dev.type == 'cpu' else ''}; "
         f"output {out}")
 
@@ -546,7 +596,8 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
 
     data_info = {"dataset_name": name, "file_ending": dataset_json["file_ending"], "num_channels": num_channels,
                  "channel_names": mdata.channel_names_of(dataset_json), "image_dim": dim, "num_cases": len(cases),
-                 "num_slices": n, "reader_writer": type(reader).__name__, "in_slice_spacing": list(spacing)}
+                 "num_slices": n, "reader_writer": type(reader).__name__, "in_slice_spacing": list(spacing),
+                 "labelled_patch_share": labelled_share}
 
     def state(complete: bool, residual_scale=None) -> dict:
         return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
@@ -581,16 +632,18 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
             gen = _step_generator(train_config.seed, step)
             idx = batch_indices(step, n, train_config.batch_size, train_config.seed)
             x = slices[idx].float()
+            excluded = labelled[idx] if labelled is not None else None
             if train_config.flip:
-                flip = torch.rand(x.shape[0], generator=gen) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                x, excluded = random_flips(x, excluded, gen)
+            if excluded is not None:
+                excluded = excluded.to(dev)
             ratio = train_config.mask_ratios[step % len(train_config.mask_ratios)]
             mask = random_mask(x.shape[0], model_config.num_patches, ratio, generator=gen)
             x, mask = x.to(dev, non_blocking=True), mask.to(dev)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, total, train_config.lr, train_config.warmup_fraction)
             with autocast_context(dev):
-                loss = model(x, mask=mask)["loss"]
+                loss = model(x, mask=mask, excluded=excluded)["loss"]
             if not torch.isfinite(loss):
                 raise MAEError(f"MAE training diverged at step {step} (loss {loss.item()}); lower --lr")
             optimizer.zero_grad(set_to_none=True)

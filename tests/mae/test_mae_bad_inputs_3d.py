@@ -95,7 +95,7 @@ def test_checkpoint_records_the_median_in_slice_spacing(nnunet_env, mae_3d, mae_
                     ".nii.gz", spacing=spacing)
     *_, cases, reader = dataset_images(64)
     normalizer = mdata.IntensityNormalizer(["per_image"])
-    *_, spacing = load_training_slices(cases, reader, normalizer, 32, 8, 1, progress=False)
+    *_, spacing, _ = load_training_slices(cases, reader, normalizer, 32, 8, 1, progress=False)
     assert spacing == pytest.approx((0.9, 0.6))  # median per axis; (y, x) = SimpleITK's (y, x) of the slices
 
 

@@ -104,10 +104,27 @@ def test_training_slices_of_a_volume_skip_empty_slices():
     vol = np.zeros((1, 6, 20, 30), dtype=np.float32)
     vol[0, 1:5] = np.random.rand(4, 20, 30)
     norm = mdata.IntensityNormalizer(["global"], [{"low": 0.0, "high": 1.0, "mean": 0.5, "std": 0.3}])
-    slices, hw = mdata.training_slices(vol, norm, (2.0, 1.0, 1.0), 32)
-    assert slices.shape == (4, 1, 32, 32) and slices.dtype == torch.float16 and hw == (20, 30)
-    slices, _ = mdata.training_slices(vol, norm, (2.0, 1.0, 1.0), 32, max_slices=2)
-    assert slices.shape[0] == 2
+    slices, hw, kept = mdata.training_slices(vol, norm, (2.0, 1.0, 1.0), 32)
+    assert slices.shape == (4, 1, 32, 32) and slices.dtype == torch.float16 and hw == (20, 30) and kept == [1, 2, 3, 4]
+    slices, _, kept = mdata.training_slices(vol, norm, (2.0, 1.0, 1.0), 32, max_slices=2)
+    assert slices.shape[0] == 2 and kept == [1, 4]
+
+
+
+def test_labelled_patches_flag_the_patches_a_label_touches_on_the_model_grid():
+    label = np.zeros((1, 64, 32), dtype=bool)  # 2D case: slice axis 0; long side 64 -> 32 px grid, content 32 x 16
+    label[0, 20:28, 4:6] = True  # grid rows 10-13, col 2: patch row 1 (8-px patches), patch col 0
+    flags = mdata.labelled_patches(label, (999.0, 1.0, 1.0), [0], 32, 8)
+    assert flags.shape == (1, 16) and flags.dtype == torch.bool
+    assert flags[0].reshape(4, 4).nonzero().tolist() == [[1, 0]]
+    label[0] = True  # a fully labelled slice: its content patches (cols 0-15 of 32) only, never the padding
+    assert mdata.labelled_patches(label, (999.0, 1.0, 1.0), [0], 32, 8)[0].reshape(4, 4)[:, :2].all()
+    assert not mdata.labelled_patches(label, (999.0, 1.0, 1.0), [0], 32, 8)[0].reshape(4, 4)[:, 2:].any()
+    # a one-voxel label still flags its patch when the slice is shrunk; kept slices of a volume are used in order
+    vol = np.zeros((3, 16, 16), dtype=bool)
+    vol[2, 15, 15] = True
+    flags = mdata.labelled_patches(vol, (3.0, 1.0, 1.0), [0, 2], 8, 4)
+    assert flags.shape == (2, 4) and flags[0].sum() == 0 and flags[1].tolist() == [False, False, False, True]
 
 
 def _nifti(path, array):

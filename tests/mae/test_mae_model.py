@@ -69,6 +69,29 @@ def test_loss_counts_removed_patches_only(norm_pix):
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_loss_leaves_excluded_patches_out(norm_pix):
+    """Removed patches flagged as excluded (labelled lesions) do not count; the others count as before."""
+    model = tiny(norm_pix_loss=norm_pix)
+    x = torch.randn(2, 1, 32, 32)
+    mask = random_mask(2, 16, 0.5, generator=torch.Generator().manual_seed(0))
+    excluded = torch.zeros(2, 16, dtype=torch.bool)
+    excluded[0, mask[0].nonzero()[:3, 0]] = True  # three removed patches of slice 0
+    excluded[1, (~mask[1]).nonzero()[0, 0]] = True  # a visible patch: excluded or not, it never counts
+    latent, ids_keep = model.forward_encoder(x, mask)
+    pred, stats = model.forward_decoder(latent, ids_keep)
+    loss = model.forward_loss(x, pred, stats, mask, excluded)
+    assert torch.allclose(loss, model.forward_loss(x, pred, stats, mask & ~excluded))
+    assert not torch.allclose(loss, model.forward_loss(x, pred, stats, mask))
+    pred2, stats2 = pred.clone(), None if stats is None else stats.clone()
+    pred2[excluded] += 5.0
+    if stats2 is not None:
+        stats2[excluded] += 5.0
+    assert torch.allclose(model.forward_loss(x, pred2, stats2, mask, excluded), loss)
+    every_removed_excluded = model.forward_loss(x, pred, stats, mask, mask.clone())
+    assert every_removed_excluded.item() == 0.0 and model(x, mask=mask, excluded=excluded)["loss"].isfinite()
+
 def test_norm_pix_target_is_per_patch_normalized():
     model = tiny()
     x = torch.randn(1, 1, 32, 32) * 3 + 7

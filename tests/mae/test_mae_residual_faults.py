@@ -167,12 +167,15 @@ def test_report_and_doctor_say_when_the_mae_saw_the_test_images(nnunet_env, blob
     ckpt.pop(TRAINING_SPLITS_KEY, None)  # None: a checkpoint from before the splits were recorded
     if splits is not None:
         ckpt[TRAINING_SPLITS_KEY] = splits
+    ckpt["train_config"]["skip_labelled_patches"] = splits == ["imagesTr"]  # reported as read from the checkpoint
     mae = tmp_path / "mae.pth"
     torch.save(ckpt, mae)
     make_raw_dataset(nnunet_env["nnUNet_raw"], 69, "Src", num_cases=2, num_test=1)
     lines = []
     result = make_residual_dataset(69, 70, checkpoint=mae, report=True, **{**QUIET, "log": lines.append})
     assert result["report"]["mae_saw_test_images"] is saw
+    assert result["report"]["mae_skipped_labelled_patches"] is (splits == ["imagesTr"])
+    assert f"it modelled normal tissue only): {'yes' if splits == ['imagesTr'] else 'no'}" in "\n".join(lines)
     warned = [line for line in lines if line.startswith("warning: the MAE")]
     capsys.readouterr()
     report = doctor.Report()

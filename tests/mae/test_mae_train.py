@@ -1,15 +1,17 @@
 """MAE training: where it writes, checkpoints, resume, seeds, and its errors."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from nnunetv2_grcsf.datasets import DatasetNotFoundError
-from nnunetv2_grcsf.mae import MAECheckpointError, MAEImageReadError, MAEOutputExistsError
+from nnunetv2_grcsf.mae import MAECheckpointError, MAEDatasetError, MAEImageReadError, MAEOutputExistsError
 from nnunetv2_grcsf.mae.train import (FINAL, LATEST, TrainConfig, find_latest_checkpoint, learning_rate,
-                                      load_checkpoint, model_from_checkpoint, train_mae)
+                                      load_checkpoint, model_from_checkpoint, random_flips, train_mae)
 
-from mae_testutils import make_raw_dataset, nnunet_env, run_command, snapshot, tiny_model_config  # noqa: F401
+from mae_testutils import (make_raw_dataset, nnunet_env, run_command, snapshot, tiny_model_config,  # noqa: F401
+                           write_image)
 
 QUIET = dict(progress=False, num_threads=1, log=lambda *a: None)
 
@@ -105,6 +107,43 @@ def test_bad_dataset_inputs(nnunet_env, tmp_path):
         train_mae(16, raw / "mae", **QUIET)
 
 
+
+def test_labelled_patches_are_skipped_by_default_reading_training_labels_only(nnunet_env, tmp_path):
+    raw = make_raw_dataset(nnunet_env["nnUNet_raw"], 18, num_cases=6, num_test=2, shape=(32, 40))
+    (raw / "labelsTs").mkdir()
+    (raw / "labelsTs" / "case_006.png").write_bytes(b"a test label must never be read")
+    cfg = dict(model_config=tiny_model_config(img_size=32))
+    plain = load_checkpoint(train_mae(18, tmp_path / "plain", train_config=TrainConfig(
+        steps=3, batch_size=4, skip_labelled_patches=False), **cfg, **QUIET))
+    assert plain["train_config"]["skip_labelled_patches"] is False and plain["data"]["labelled_patch_share"] is None
+    skip_config = TrainConfig(steps=3, batch_size=4)  # the default
+    skip = load_checkpoint(train_mae(18, tmp_path / "skip", train_config=skip_config, **cfg, **QUIET))
+    assert skip["train_config"]["skip_labelled_patches"] is True and 0 < skip["data"]["labelled_patch_share"] < 0.5
+    assert plain["loss_history"] != skip["loss_history"]  # same seed, batches and masks: only the loss differs
+    with_test = load_checkpoint(train_mae(18, tmp_path / "with_test", train_config=skip_config,
+                                         include_test_images=True, **cfg, **QUIET))
+    assert with_test["training_splits"] == ["imagesTr", "imagesTs"]  # and labelsTs/case_006.png was not read
+    assert with_test["data"]["labelled_patch_share"] < skip["data"]["labelled_patch_share"]
+    assert TrainConfig.from_dict({"steps": 3}).skip_labelled_patches is False  # checkpoints from before the option
+    (raw / "labelsTr" / "case_002.png").unlink()
+    with pytest.raises(MAEDatasetError, match=r"labelsTr/case_002.png is missing.*--no-skip-labelled-patches"):
+        train_mae(18, tmp_path / "missing", train_config=TrainConfig(steps=1), **cfg, **QUIET)
+    assert not (tmp_path / "missing").exists()
+    write_image(raw / "labelsTr" / "case_002.png", np.zeros((16, 16)), ".png", dtype=np.uint8)
+    with pytest.raises(MAEDatasetError, match=r"labelsTr/case_002.png has shape \(1, 16, 16\), its image .*case_002_0000"
+                                              r".png \(1, 32, 40\).*--no-skip-labelled-patches"):
+        train_mae(18, tmp_path / "misshapen", train_config=TrainConfig(steps=1), **cfg, **QUIET)
+
+
+def test_random_flips_move_the_excluded_patches_with_their_pixels():
+    x = torch.zeros(16, 1, 32, 32)
+    x[..., :8, :16] = 1.0  # the top-left 8 x 16 pixels: patches (0, 0) and (0, 1) of 8-px patches
+    excluded = (torch.nn.functional.max_pool2d(x, 8) > 0).flatten(1)
+    flipped, flags = random_flips(x, excluded, torch.Generator().manual_seed(0))
+    assert 0 < (flipped[:, 0, 0, 0] == 0).sum() < 16  # some slices flipped, some not
+    assert torch.equal(flags, (torch.nn.functional.max_pool2d(flipped, 8) > 0).flatten(1))
+    assert random_flips(x, None, torch.Generator().manual_seed(0))[1] is None
+
 def test_learning_rate_schedule():
     lrs = [learning_rate(s, 100, 1e-3, 0.05) for s in range(100)]
     assert lrs[0] == pytest.approx(2e-4) and max(lrs) == pytest.approx(1e-3) and lrs[-1] < 1e-5
@@ -119,6 +158,12 @@ def test_cli_mae_train(nnunet_env, tmp_path, capsys):
     assert code == 0 and (tmp_path / "cli" / FINAL).is_file()
     ckpt = load_checkpoint(tmp_path / "cli" / FINAL)
     assert ckpt["model_config"]["embed_dim"] == 32 and ckpt["train_config"]["total_steps"] == 2
+    assert ckpt["train_config"]["skip_labelled_patches"] is True
+    run_command("mae_train", ["mae-train", "-d", "17", "-o", str(tmp_path / "every_patch"), "--image-size", "32",
+                              "--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--decoder-dim", "32",
+                              "--decoder-depth", "1", "--steps", "1", "--quiet", "--num-threads", "1",
+                              "--no-skip-labelled-patches"])
+    assert load_checkpoint(tmp_path / "every_patch" / FINAL)["train_config"]["skip_labelled_patches"] is False
     with pytest.raises(MAEOutputExistsError):
         run_command("mae_train", ["mae-train", "-d", "17", "-o", str(tmp_path / "cli"), "--quiet"])
 
