@@ -6,8 +6,8 @@ killed runs left in ``nnUNet_raw``), the start-up hook and ``nnUNet_extTrainer``
 user's own trainer directories must import, since nnU-Net imports them all), and then looks every
 trainer up exactly as ``nnUNetv2_train`` does (failures of one cause are printed once). With ``-d``,
 also the data set: its residual channels and, for a data set made by ``residuals``, that the MAE
-checkpoint is still the one recorded (SHA-256), whether that MAE saw test images, that every residual
-file lies on its image's grid and the images still equal the source's
+checkpoint is still the one recorded (SHA-256), whether that MAE saw test images and left labelled patches
+out of its loss, that every residual file lies on its image's grid and the images still equal the source's
 (:mod:`nnunetv2_grcsf.mae.geometry`).
 Each failed check prints what to do; warnings do not count as failures. Exit code 0 when everything is
 ready, 1 otherwise.
@@ -229,8 +229,10 @@ def _check_dataset(report: Report, dataset: str) -> None:
 
 
 def _check_residual_mae(report: Report, folder: Path, dataset_json: dict) -> None:
-    """The recorded MAE checkpoint: still there, still the one that made the residuals, trained without test images."""
+    """The recorded MAE checkpoint: still there, still the one that made the residuals, trained without test images,
+    its loss outside the labelled patches."""
     from nnunetv2_grcsf.mae.residuals import MAE_SHA256_KEY, recorded_mae_problem, test_images_warning
+    from nnunetv2_grcsf.mae.train import TrainConfig, load_checkpoint
     from nnunetv2_grcsf.residual_channels import DATASET_JSON_KEY
 
     recorded = dataset_json[DATASET_JSON_KEY]
@@ -260,6 +262,15 @@ def _check_residual_mae(report: Report, folder: Path, dataset_json: dict) -> Non
         report.warn(test_warning, f"{test_fix}, and retrain the models on {folder.name}")
     else:
         report.ok("MAE training images", "imagesTr only (it never saw the test images)")
+    if TrainConfig.from_dict(load_checkpoint(checkpoint)["train_config"]).skip_labelled_patches:
+        report.ok("MAE loss", "outside the labelled patches of its training images (it modelled normal tissue)")
+    else:
+        source = recorded.get("source_dataset", "SOURCE")
+        report.info("MAE loss", f"on every patch, labelled lesions included (an MAE of an earlier version, or "
+                                f"--no-skip-labelled-patches); mae-train's default leaves labelled patches out, so that "
+                                f"lesions stand out more in the residual: `nnunetv2_grcsf mae-train -d {source} "
+                                f"--overwrite`, then remake the residuals (residuals ... --overwrite) and retrain the "
+                                f"models on {folder.name}")
 
 
 def _check_residual_geometry(report: Report, folder: Path, dataset_json: dict) -> None:

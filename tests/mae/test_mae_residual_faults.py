@@ -181,6 +181,9 @@ def test_report_and_doctor_say_when_the_mae_saw_the_test_images(nnunet_env, blob
     report = doctor.Report()
     doctor._check_dataset(report, "70")
     out = capsys.readouterr().out
+    assert ("[ok]   MAE loss: outside the labelled patches" in out) is (splits == ["imagesTr"])
+    assert ("[info] MAE loss: on every patch" in out and "mae-train -d Dataset069_Src --overwrite" in out) is \
+        (splits != ["imagesTr"])
     if saw is False:
         assert not warned and report.warnings == 0 and "imagesTr only" in out
         return
