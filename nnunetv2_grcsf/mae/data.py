@@ -8,8 +8,9 @@
   residual channel in the image's own geometry. Labels are read only for training cases, and only to keep
   their labelled regions out of the MAE's loss (:func:`read_label_mask`, :func:`labelled_patches`). Before
   reading, every file is checked for truncation (:func:`check_file_complete`: SimpleITK would fill a
-  cut-off ``.nii.gz`` with zeros); :func:`check_no_misnamed_files` refuses, by name, files that end with the file ending but lack
-  the channel suffix (which listing skips); channels of one case on different grids are named as such.
+  cut-off ``.nii.gz`` with zeros); :func:`check_no_misnamed_files` refuses, by name, files that end with the
+  file ending but lack the channel suffix (which listing skips); channels of one case on different grids are
+  named as such.
 - nnU-Net readers return ``[C, Z, Y, X]`` arrays for both 2D (``Z = 1``) and 3D images, with the spacing
   in array-axis order (2D images get a dummy 999 spacing on the first axis). The MAE is 2D: every image
   is cut into slices along its **lowest-resolution axis** (largest spacing; the first such axis on
