@@ -245,8 +245,8 @@ def _check_residual_mae(report: Report, folder: Path, dataset_json: dict) -> Non
         return
     try:
         problem, fix, note = recorded_mae_problem(dataset_json, folder.name, checkpoint)
-        _, test_warning, test_fix = test_images_warning(checkpoint, checkpoint,
-                                                         recorded.get("source_dataset", "SOURCE"))
+        mae = load_checkpoint(checkpoint)
+        _, test_warning, test_fix = test_images_warning(mae, checkpoint, recorded.get("source_dataset", "SOURCE"))
     except UserFacingError as error:
         report.fail(f"MAE checkpoint {checkpoint} cannot be checked: {error}",
                     "put the checkpoint the data set was made with back in its place")
@@ -262,7 +262,7 @@ def _check_residual_mae(report: Report, folder: Path, dataset_json: dict) -> Non
         report.warn(test_warning, f"{test_fix}, and retrain the models on {folder.name}")
     else:
         report.ok("MAE training images", "imagesTr only (it never saw the test images)")
-    if TrainConfig.from_dict(load_checkpoint(checkpoint)["train_config"]).skip_labelled_patches:
+    if TrainConfig.from_dict(mae["train_config"]).skip_labelled_patches:
         report.ok("MAE loss", "outside the labelled patches of its training images (it modelled normal tissue)")
     else:
         source = recorded.get("source_dataset", "SOURCE")

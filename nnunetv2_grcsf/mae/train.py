@@ -383,8 +383,9 @@ def load_training_slices(cases: dict, reader, normalizer: mdata.IntensityNormali
         s, hw, kept = mdata.training_slices(image, normalizer, spacing, img_size, max_slices_per_case)
         slices.append(s)
         sizes += [hw] * s.shape[0]
-        labelled.append(mdata.labelled_patches(label, spacing, kept, img_size, patch_size) if label is not None
-                        else torch.zeros(s.shape[0], num_patches, dtype=torch.bool))
+        if label_files:
+            labelled.append(mdata.labelled_patches(label, spacing, kept, img_size, patch_size) if label is not None
+                            else torch.zeros(s.shape[0], num_patches, dtype=torch.bool))
     slices = torch.cat(slices)
     if slices.shape[0] == 0:
         raise MAEDatasetError("no image of the data set has any non-constant slice to train on")
