@@ -155,15 +155,15 @@ def speed_rows(speed: dict, case_name: str) -> dict:
     return {}
 
 
-def speed_step_times(speed_file: Path) -> Tuple[dict, str]:
-    """``({trainer: train-step seconds}, "CPU" or "wall")`` of the 2d BUSI256 case of a speed.py results file
-    (CPU time for a CPU run, as its ratios); nnUNetTrainer is its PlainConvUNet row."""
+def speed_step_ratios(speed_file: Path) -> Tuple[dict, str]:
+    """``({trainer: train-step time / PlainConvUNet's}, "CPU" or "wall")`` of the 2d BUSI256 case of a speed.py
+    results file (the ratio speed.py reports: CPU time for a CPU run); nnUNetTrainer is its PlainConvUNet row."""
     if not speed_file.is_file():
         return {}, ""
     report = json.loads(speed_file.read_text())
-    clock = "_cpu" if report["settings"]["device"] == "cpu" else ""
     rows = speed_rows(report, "busi256")
-    return {name: r[f"train_step{clock}_median_s"] for name, r in rows.items()}, "CPU" if clock else "wall"
+    return ({name: r["train_step_ratio"] for name, r in rows.items()},
+            "CPU" if report["settings"]["device"] == "cpu" else "wall")
 
 
 def interval(summary: dict) -> str:
@@ -250,7 +250,8 @@ def format_table(report: dict) -> str:
 
 
 def plot(report: dict, speed_file: Path, png: Path) -> Optional[Path]:
-    """Dice (mean ± sd over seeds) vs training-step time, one point per scored row; None when nothing is scored."""
+    """Dice (mean ± sd over seeds) vs training-step time as a ratio to PlainConvUNet's (measured side by side by
+    speed.py), one point per scored row; None when nothing is scored."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,7 +260,7 @@ def plot(report: dict, speed_file: Path, png: Path) -> Optional[Path]:
     summaries = row_summaries(report)
     if not summaries:
         return None
-    speed, clock = speed_step_times(speed_file)
+    speed, clock = speed_step_ratios(speed_file)
     trainers = {name: report["rows"][name][s["seeds"][0]]["trainer"] for name, s in summaries.items()}
     from_speed = all(speed_row_name(t) in speed for t in trainers.values())
     figure, axes = plt.subplots(figsize=(8, 5))
@@ -272,8 +273,8 @@ def plot(report: dict, speed_file: Path, png: Path) -> Optional[Path]:
         axes.errorbar(x, s["Dice"]["mean"], yerr=s["Dice"]["sd"], marker=markers[i % len(markers)], ms=7,
                       capsize=3, linestyle="none", label=name)
     axes.legend(fontsize=8, loc="best")
-    axes.set_xlabel(f"training step time, {clock} s ({speed_file.name}, 2d BUSI256)" if from_speed
-                    else "training time per iteration in this run, wall s")
+    axes.set_xlabel(f"training step {clock} time / PlainConvUNet's (2d BUSI256, {speed_file.name})"
+                    if from_speed else "training time per iteration in this run, wall s")
     axes.set_ylabel("Dice on the held-out test images (mean ± sd over seeds)")
     axes.set_title(f"BUSI256, budget {report['settings']['budget']}, batch {report['settings']['batch_size']}, "
                    f"seeds {report_seeds(report)}")

@@ -16,6 +16,7 @@ lesion-wise F1, with best/worst overlay PNGs of the first seed).
 - Residual channel: ``nnunetv2_grcsf mae-train -d 804`` (imagesTr only: checked on the checkpoint, so the MAE
   never sees a test case) and ``residuals -d 804 -o 807`` make Dataset807_Hippocampus for the rows that read
   the residual; their test cases get it by ``residuals -i imagesTs --from-dataset 807``, as a user's new images.
+  ``nnUNetTrainer+residual`` is the control: nnU-Net's own network given the residual as a plain extra input channel.
 - Budget: configuration ``3d_fullres_bs<B>`` (the planned batch 7 is far too slow for this CPU; added by
   nnU-Net's plans inheritance) and schedule ``<budget>`` (default 10epochs_25iters: 250 training steps; at
   5epochs_20iters, 100 steps, nnU-Net's own network still predicted nothing: Dice 0 on both labels).
@@ -45,8 +46,8 @@ from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME = 804, 807, "Hippocampus"
-DEFAULT_ROWS = ["nnUNetTrainer", "GRCSFTrainer", "GRCSFTrainer_noRCU", "FIASTrainerAdamW", "GRCSF_FIASTrainerAdamW",
-                "FIASTrainer", "GRCSF_FIASTrainer"]
+DEFAULT_ROWS = ["nnUNetTrainer", "nnUNetTrainer+residual", "GRCSFTrainer", "GRCSFTrainer_noRCU", "FIASTrainerAdamW",
+                "GRCSF_FIASTrainerAdamW", "FIASTrainer", "GRCSF_FIASTrainer"]
 LABELS = {"1": "anterior", "2": "posterior"}
 BOOTSTRAP_RESAMPLES = 10000
 SMOKE = {"budget": "2epochs_4iters", "num_cases": 12, "num_test": 2, "mae_steps": 10, "seeds": [0, 1],
@@ -137,10 +138,10 @@ def format_table(report: dict) -> str:
 
 def parse_args(argv=None):
     parser = run_argument_parser(
-        __doc__.split("\n\n")[0], rows=DEFAULT_ROWS, seeds=[0, 1], budget="10epochs_25iters", configuration="3d_fullres",
-        dataset_folder="Dataset804_Hippocampus", work_dir=BENCHMARKS / "work" / "hippocampus_3d_heldout",
-        output=RESULTS / "hippocampus_3d_heldout", split_seed_help="seed of the test split",
-        rows_help="TRAINER or TRAINER+residual")
+        __doc__.split("\n\n")[0], rows=DEFAULT_ROWS, seeds=[0, 1], budget="10epochs_25iters",
+        configuration="3d_fullres", dataset_folder="Dataset804_Hippocampus",
+        work_dir=BENCHMARKS / "work" / "hippocampus_3d_heldout", output=RESULTS / "hippocampus_3d_heldout",
+        split_seed_help="seed of the test split", rows_help="TRAINER or TRAINER+residual")
     parser.add_argument("--num-cases", type=int, default=60, help="use this many cases (0: all 208)")
     parser.add_argument("--num-test", type=int, default=10, help="of which this many are held out as imagesTs")
     return parse_with_smoke_settings(parser, argv, SMOKE)
