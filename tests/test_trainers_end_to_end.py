@@ -28,7 +28,8 @@ def tiny_dataset(tmp_path_factory):
     return tiny_residual_dataset(tmp_path_factory.mktemp("e2e"), DATASET_ID)
 
 
-@pytest.mark.parametrize("trainer", ["GRCSFTrainer", "GRCSFTrainer_noRCU", "GRCSFTrainer_noGCU", "FIASTrainer",
+@pytest.mark.parametrize("trainer", ["GRCSFTrainer", "GRCSFTrainer_noRCU", "GRCSFTrainer_noGCU",
+                                     "GRCSFTrainer_residualInEncoder", "FIASTrainer",
                                      "GRCSF_FIASTrainer", "FIASTrainerAdamW"])
 def test_train_and_predict_through_nnunet_commands(tiny_dataset, tmp_path, trainer):
     env, dataset = tiny_dataset

@@ -425,7 +425,7 @@ class FIASUNet(ResidualMapRoutingUNet):
         residual_blocks = None if n_blocks_per_stage is None else dict(
             block=block, bottleneck_channels=_per_stage(bottleneck_channels, n_stages, "bottleneck_channels"),
             stem_channels=stem_channels)
-        self.encoder = FIASEncoder(len(self.image_channels), features, conv_op, kernel_sizes, strides, depths,
+        self.encoder = FIASEncoder(len(self.encoder_channels), features, conv_op, kernel_sizes, strides, depths,
                                    stage_attention, heads, self.msda_dilations, dmk_kernel_sizes, mlp_ratio,
                                    conv_kwargs, nonlin_first, residual_blocks, activation_checkpointing,
                                    attention_head_dim)

@@ -18,7 +18,8 @@ Our design (see blocks/gcu.py and blocks/rcu.py for the units):
   each is exactly the identity at initialization (zero-initialized output scale).
 - Input routing (input_routing.py): with the RCU on, the input channels listed in ``residual_channels`` (MAE
   residual maps, see nnunetv2_grcsf.residual_channels) are split off: only the image channels go through the
-  encoder, the residual map (B, K, *S) goes to the RCUs. With the RCU off every input channel is an image channel.
+  encoder, the residual map (B, K, *S) goes to the RCUs; with ``residual_in_encoder`` the encoder reads the residual
+  maps too, as extra input channels. With the RCU off every input channel is an image channel.
 - RCU: at the resolution stages ``rcu_stages`` (default the two finest, (0, 1)), the decoder's skip connection is
   fused with the residual map before the stage's convolutions (concat with the upsampled features, then the
   plans' convs), so the convolutions process the fused features and the result reaches the segmentation (and
@@ -170,6 +171,8 @@ class GRCSFUNet(ResidualMapRoutingUNet):
       of the strides' product (blocks/rcu.py, default_token_patch_size).
     - rcu_num_heads: RCU attention heads (head h has distance scale 0.5 * 2^h patches).
     - rcu_window: patches per axis each pixel attends to (odd).
+    - residual_in_encoder: the encoder also reads the residual maps, as extra input channels (with the RCU on;
+      input_routing.ResidualMapRoutingUNet).
 
     Shapes: see the module docstring.
     """
@@ -186,16 +189,16 @@ class GRCSFUNet(ResidualMapRoutingUNet):
                  block: Union[Type[BasicBlockD], Type[BottleneckD]] = BasicBlockD, bottleneck_channels=None,
                  stem_channels: int = None, residual_channels: Sequence[int] = (), use_gcu: bool = True,
                  use_rcu: bool = True, rcu_stages: Sequence[int] = DEFAULT_RCU_STAGES, rcu_patch_size=None,
-                 rcu_num_heads: int = 2, rcu_window: int = 3):
+                 rcu_num_heads: int = 2, rcu_window: int = 3, residual_in_encoder: bool = False):
         super().__init__()
         if (n_conv_per_stage is None) == (n_blocks_per_stage is None):
             raise ValueError("GRCSFUNet: give exactly one of n_conv_per_stage (PlainConvUNet plans) and "
                              "n_blocks_per_stage (ResidualEncoderUNet plans).")
-        self.route_channels(input_channels, residual_channels, use_rcu)
+        self.route_channels(input_channels, residual_channels, use_rcu, residual_in_encoder)
 
         common = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
                       dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
-        backbone = (len(self.image_channels), n_stages, features_per_stage, conv_op, kernel_sizes, strides)
+        backbone = (len(self.encoder_channels), n_stages, features_per_stage, conv_op, kernel_sizes, strides)
         if n_conv_per_stage is not None:
             self.encoder = GRCSFPlainConvEncoder(*backbone, n_conv_per_stage, use_gcu=use_gcu,
                                                  nonlin_first=nonlin_first, **common)

@@ -63,12 +63,19 @@ def region_compensation_units(network_name: str, conv_op: Type[_ConvNd], feature
 
 class ResidualMapRoutingUNet(AbstractDynamicNetworkArchitectures):
     """Splits the MAE residual-map channels ``residual_channels`` off the input (B, C_in, *S) when ``use_rcu``
-    and passes them to the decoder; otherwise all channels are image channels."""
+    and passes them to the decoder; otherwise all channels are image channels.
+
+    With ``residual_in_encoder`` (and the RCU on) the encoder reads every input channel, the residual maps as
+    extra image channels too, as nnU-Net's own network does when given the residual data set, and the decoder's
+    RCUs still get the residual maps (our design; the paper's abstract does not say whether its encoder sees them).
+    """
 
     without_rcu_hint = "use_rcu=False"
 
-    def route_channels(self, input_channels: int, residual_channels: Sequence[int], use_rcu: bool) -> None:
-        """Set ``use_rcu``, ``residual_channels`` and ``image_channels``; clear errors for bad residual channels."""
+    def route_channels(self, input_channels: int, residual_channels: Sequence[int], use_rcu: bool,
+                       residual_in_encoder: bool = False) -> None:
+        """Set ``use_rcu``, ``residual_channels``, ``image_channels`` and ``encoder_channels`` (the input channels
+        the encoder reads); clear errors for bad residual channels."""
         name = type(self).__name__
         if use_rcu and not residual_channels:
             raise ResidualChannelError(
@@ -79,6 +86,8 @@ class ResidualMapRoutingUNet(AbstractDynamicNetworkArchitectures):
         self.residual_channels = (check_residual_channels(residual_channels, input_channels,
                                                           f"{name} residual_channels") if use_rcu else [])
         self.image_channels = [c for c in range(input_channels) if c not in self.residual_channels]
+        self.residual_in_encoder = use_rcu and residual_in_encoder
+        self.encoder_channels = list(range(input_channels)) if self.residual_in_encoder else self.image_channels
 
     def check_input_size(self, size: Sequence[int]) -> None:
         raise NotImplementedError
@@ -88,8 +97,8 @@ class ResidualMapRoutingUNet(AbstractDynamicNetworkArchitectures):
         if not self.use_rcu:
             return self.decoder(self.encoder(x))
         check_input_channels(x.shape[1], self.image_channels, self.residual_channels, type(self).__name__)
-        image, residual_map = x[:, self.image_channels], x[:, self.residual_channels]
-        return self.decoder(self.encoder(image), residual_map)
+        encoder_input = x if self.residual_in_encoder else x[:, self.image_channels]
+        return self.decoder(self.encoder(encoder_input), x[:, self.residual_channels])
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
         """Approximate number of stored activation elements for one sample (nnU-Net's planners use it)."""

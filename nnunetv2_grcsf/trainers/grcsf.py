@@ -24,3 +24,10 @@ class GRCSFTrainer_noGCU(GRCSFTrainer):
     """RCU only: the plain nnU-Net backbone plus the Region Compensation Unit."""
 
     network_kwargs = {"use_gcu": False, "use_rcu": True}
+
+
+class GRCSFTrainer_residualInEncoder(GRCSFTrainer):
+    """GRCSF whose encoder also reads the residual maps as input channels (as nnU-Net does given them), the RCU
+    fusing them in the decoder as in GRCSFTrainer."""
+
+    network_kwargs = {"use_gcu": True, "use_rcu": True, "residual_in_encoder": True}

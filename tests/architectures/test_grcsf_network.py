@@ -99,6 +99,23 @@ def test_with_rcu_the_residual_channel_is_split_off_and_changes_the_output():
         assert torch.equal(network(x)[0], network(changed)[0])
 
 
+def test_residual_in_encoder_feeds_the_residual_to_the_encoder_and_the_rcus():
+    network = build(input_channels=3, residual_channels=[0], residual_in_encoder=True).eval()
+    assert network.encoder_channels == [0, 1, 2] and network.residual_channels == [0]
+    assert network.get_submodule(network.keys_to_in_proj[0]).weight.shape[1] == 3
+    x = torch.randn(1, 3, 16, 16, 16)
+    changed = x.clone()
+    changed[:, 0] = torch.randn_like(changed[:, 0])
+    with torch.no_grad():
+        assert not torch.allclose(network.encoder(x)[-1], network.encoder(changed)[-1], atol=1e-6)
+        residual_maps = []
+        rcu = network.decoder.region_compensation["0"]
+        hook = rcu.register_forward_hook(lambda module, args, out: residual_maps.append(args[1]))
+        network(changed)
+        hook.remove()
+        assert torch.equal(residual_maps[0], changed[:, [0]])
+
+
 def test_without_rcu_every_channel_is_an_image_channel():
     network = build(use_rcu=False, residual_channels=[1])
     assert network.image_channels == [0, 1] and network.residual_channels == []
