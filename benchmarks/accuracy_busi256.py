@@ -64,7 +64,8 @@ DEFAULT_ROWS = ["nnUNetTrainer", "nnUNetTrainer+residual", "GRCSFTrainer", "GRCS
                 "GRCSFTrainer+shuffled_residual", "FIASTrainer", "FIASTrainerAdamW", "GRCSF_FIASTrainerAdamW"]
 ROW_NOTES = {"nnUNetTrainer+residual": "residual as a plain extra input channel",
              "GRCSFTrainer_noRCU": "GCU only", "GRCSFTrainer_noGCU": "RCU only",
-             "GRCSFTrainer+shuffled_residual": "GRCSFTrainer's models, each test image with another's residual"}
+             "GRCSFTrainer+shuffled_residual": "GRCSFTrainer's models, each test image with another's residual",
+             "GRCSFTrainer_residualInEncoder": "GRCSF, its encoder also reading the residual"}
 #: (row, reference, what the paired difference row - reference answers): the controls an expert reads against
 #: the trainer rather than against nnU-Net; shown for the pairs whose two rows have runs.
 CONTROL_COMPARISONS = [
@@ -73,7 +74,10 @@ CONTROL_COMPARISONS = [
     ("GRCSFTrainer", "GRCSFTrainer+shuffled_residual", "the same models given each image's own residual rather "
                                                        "than another image's: is the residual read?"),
     ("GRCSFTrainer", "GRCSFTrainer_noRCU", "what the RCU adds to the GCU"),
-    ("GRCSFTrainer", "GRCSFTrainer_noGCU", "what the GCU adds to the RCU")]
+    ("GRCSFTrainer", "GRCSFTrainer_noGCU", "what the GCU adds to the RCU"),
+    ("GRCSFTrainer_residualInEncoder", "nnUNetTrainer+residual", "GRCSF with the residual in its encoder too, against "
+                                                                  "the plain channel"),
+    ("GRCSFTrainer_residualInEncoder", "GRCSFTrainer", "what reading the residual in the encoder too adds to GRCSF")]
 DEFAULT_SEEDS = [0, 1, 2]
 BOOTSTRAP_RESAMPLES = 10000
 #: The whole pipeline in small (minutes): every kind of row (the reference, the plain-channel control, a residual
