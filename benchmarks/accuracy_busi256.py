@@ -61,7 +61,8 @@ RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME, FILE_ENDING = 802, 803, "BUSI256", ".png"
 BASELINE = "nnUNetTrainer"
 DEFAULT_ROWS = ["nnUNetTrainer", "nnUNetTrainer+residual", "GRCSFTrainer", "GRCSFTrainer_noRCU", "GRCSFTrainer_noGCU",
-                "GRCSFTrainer+shuffled_residual", "FIASTrainer", "FIASTrainerAdamW", "GRCSF_FIASTrainerAdamW"]
+                "GRCSFTrainer+shuffled_residual", "GRCSFTrainer_residualInEncoder", "FIASTrainer", "FIASTrainerAdamW",
+                "GRCSF_FIASTrainerAdamW"]
 ROW_NOTES = {"nnUNetTrainer+residual": "residual as a plain extra input channel",
              "GRCSFTrainer_noRCU": "GCU only", "GRCSFTrainer_noGCU": "RCU only",
              "GRCSFTrainer+shuffled_residual": "GRCSFTrainer's models, each test image with another's residual",
