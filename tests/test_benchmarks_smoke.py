@@ -145,3 +145,13 @@ def test_accuracy_benchmarks_take_their_own_budget_and_smoke_settings():
     smoke = accuracy_busi256.parse_args(["--smoke", "--seeds", "5"])
     assert (smoke.budget, smoke.num_cases, smoke.seeds) == ("2epochs_4iters", 24, [5])  # given arguments stay
     assert hippocampus_3d.parse_args(["--smoke"]).work_dir.endswith("hippocampus_3d_heldout_smoke")
+
+
+def test_accuracy_plot_places_each_row_at_its_train_step_ratio_to_plainconvunet():
+    """The plot's speed axis is speed.py's side-by-side ratio (PlainConvUNet = 1), not one run's absolute time."""
+    speed_file = BENCHMARKS / "results" / "speed_cpu_busi256_hippocampus.json"
+    ratios, clock = accuracy_busi256.speed_step_ratios(speed_file)
+    rows = {r["name"]: r for r in json.loads(speed_file.read_text())["cases"][0]["rows"]}
+    assert clock == "CPU" and ratios["nnUNetTrainer"] == 1.0
+    assert ratios["GRCSFTrainer"] == rows["GRCSFTrainer"]["train_step_ratio"] != rows["GRCSFTrainer"][
+        "train_step_cpu_median_s"]
