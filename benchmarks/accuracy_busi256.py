@@ -254,9 +254,27 @@ def format_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed_positions(report: dict, summaries: dict, speed_file: Path) -> Tuple[dict, str]:
+    """``({row: x}, x-axis label)`` of the plot: each row's train-step ratio to PlainConvUNet from ``speed_file``
+    when it measures the row's network (rows it does not measure are left out and named in the label), or, when it
+    measures none, the runs' own wall time per iteration."""
+    speed, clock = speed_step_ratios(speed_file)
+    ratios = {name: speed.get(speed_row_name(report["rows"][name][s["seeds"][0]]["trainer"]))
+              for name, s in summaries.items()}
+    if any(ratio is not None for ratio in ratios.values()):
+        unmeasured = [name for name, ratio in ratios.items() if ratio is None]
+        label = f"training step {clock} time / PlainConvUNet's (2d BUSI256, {speed_file.name})" + (
+            f"\nnot plotted, not in {speed_file.name}: {', '.join(unmeasured)}" if unmeasured else "")
+        return {name: ratio for name, ratio in ratios.items() if ratio is not None}, label
+    iterations = report["settings"]["iterations_per_epoch"]
+    return {name: sum(report["rows"][name][seed]["train_time_s"] for seed in s["seeds"]) /
+            sum(report["rows"][name][seed]["epochs_done"] * iterations for seed in s["seeds"])
+            for name, s in summaries.items()}, "training time per iteration in this run, wall s"
+
+
 def plot(report: dict, speed_file: Path, png: Path) -> Optional[Path]:
-    """Dice (mean ± sd over seeds) vs training-step time as a ratio to PlainConvUNet's (measured side by side by
-    speed.py), one point per scored row; None when nothing is scored."""
+    """Dice (mean ± sd over seeds) vs training-step time (:func:`speed_positions`), one point per row placed
+    there; None when nothing is scored."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,21 +283,15 @@ def plot(report: dict, speed_file: Path, png: Path) -> Optional[Path]:
     summaries = row_summaries(report)
     if not summaries:
         return None
-    speed, clock = speed_step_ratios(speed_file)
-    trainers = {name: report["rows"][name][s["seeds"][0]]["trainer"] for name, s in summaries.items()}
-    from_speed = all(speed_row_name(t) in speed for t in trainers.values())
+    positions, x_label = speed_positions(report, summaries, speed_file)
     figure, axes = plt.subplots(figsize=(8, 5))
     markers = "osD^vP*X<>"
     for i, (name, s) in enumerate(summaries.items()):  # a legend, not labels: close points stay readable
-        runs = [report["rows"][name][seed] for seed in s["seeds"]]
-        x = speed[speed_row_name(trainers[name])] if from_speed else \
-            sum(r["train_time_s"] for r in runs) / sum(r["epochs_done"] * report["settings"]["iterations_per_epoch"]
-                                                       for r in runs)
-        axes.errorbar(x, s["Dice"]["mean"], yerr=s["Dice"]["sd"], marker=markers[i % len(markers)], ms=7,
-                      capsize=3, linestyle="none", label=name)
+        if name in positions:
+            axes.errorbar(positions[name], s["Dice"]["mean"], yerr=s["Dice"]["sd"], marker=markers[i % len(markers)],
+                          ms=7, capsize=3, linestyle="none", label=name)
     axes.legend(fontsize=8, loc="best")
-    axes.set_xlabel(f"training step {clock} time / PlainConvUNet's (2d BUSI256, {speed_file.name})"
-                    if from_speed else "training time per iteration in this run, wall s")
+    axes.set_xlabel(x_label)
     axes.set_ylabel("Dice on the held-out test images (mean ± sd over seeds)")
     axes.set_title(f"BUSI256, budget {report['settings']['budget']}, batch {report['settings']['batch_size']}, "
                    f"seeds {report_seeds(report)}")

@@ -147,11 +147,21 @@ def test_accuracy_benchmarks_take_their_own_budget_and_smoke_settings():
     assert hippocampus_3d.parse_args(["--smoke"]).work_dir.endswith("hippocampus_3d_heldout_smoke")
 
 
-def test_accuracy_plot_places_each_row_at_its_train_step_ratio_to_plainconvunet():
-    """The plot's speed axis is speed.py's side-by-side ratio (PlainConvUNet = 1), not one run's absolute time."""
+def test_accuracy_plot_places_each_row_at_its_train_step_ratio_to_plainconvunet(tmp_path):
+    """The plot's speed axis is speed.py's side-by-side ratio (PlainConvUNet = 1), not one run's absolute time; a row
+    whose network the speed file lacks is named and left out rather than turning every row to wall time."""
     speed_file = BENCHMARKS / "results" / "speed_cpu_busi256_hippocampus.json"
     ratios, clock = accuracy_busi256.speed_step_ratios(speed_file)
     rows = {r["name"]: r for r in json.loads(speed_file.read_text())["cases"][0]["rows"]}
     assert clock == "CPU" and ratios["nnUNetTrainer"] == 1.0
     assert ratios["GRCSFTrainer"] == rows["GRCSFTrainer"]["train_step_ratio"] != rows["GRCSFTrainer"][
         "train_step_cpu_median_s"]
+    report = _accuracy_report({"nnUNetTrainer": {"0": _run("nnUNetTrainer", [0.1, 0.2, 0.3, 0.4, 0.5])},
+                               "GRCSFTrainer": {"0": _run("GRCSFTrainer", [0.3, 0.4, 0.5, 0.6, 0.7])},
+                               "NewTrainer": {"0": _run("NewTrainer", [0.2, 0.3, 0.4, 0.5, 0.6])}})
+    summaries = accuracy_busi256.row_summaries(report)
+    positions, label = accuracy_busi256.speed_positions(report, summaries, speed_file)
+    assert positions == {"nnUNetTrainer": 1.0, "GRCSFTrainer": ratios["GRCSFTrainer"]}
+    assert label.endswith(f"not plotted, not in {speed_file.name}: NewTrainer")
+    positions, label = accuracy_busi256.speed_positions(report, summaries, tmp_path / "missing_speed.json")
+    assert positions == {name: 60.0 / (2 * 6) for name in report["rows"]} and "wall s" in label
