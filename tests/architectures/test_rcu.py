@@ -65,18 +65,60 @@ def explicit_windowed_attention(query, key, value, log_prior, num_heads, window,
     return out
 
 
-@pytest.mark.parametrize("size, grid, window, num_heads", [((8, 6), (4, 3), 3, 2), ((4, 4, 6), (2, 2, 3), 3, 1),
-                                                           ((6, 4), (3, 2), 5, 2)])
-def test_windowed_attention_equals_an_explicit_softmax_qkt_v(size, grid, window, num_heads):
+def attention_inputs(size, grid, window, num_heads, dtype=torch.float64):
     torch.manual_seed(0)
     within = [s // g for s, g in zip(size, grid)]
-    query = torch.randn(2, 4, *size, dtype=torch.float64)
-    key, value = torch.randn(2, 4, *grid, dtype=torch.float64), torch.randn(2, 4, *grid, dtype=torch.float64)
-    log_prior = torch.nn.functional.logsigmoid(3 * torch.randn(2, 1, *grid, dtype=torch.float64))
-    bias = distance_bias(within, window, [0.5 * 2 ** h for h in range(num_heads)]).double()
-    out = windowed_cross_attention(query, key, value, log_prior, num_heads, window, bias)
-    reference = explicit_windowed_attention(query, key, value, log_prior, num_heads, window, bias)
-    assert torch.allclose(out, reference, atol=1e-10)
+    query = torch.randn(2, 4, *size, dtype=dtype)
+    key, value = torch.randn(2, 4, *grid, dtype=dtype), torch.randn(2, 4, *grid, dtype=dtype)
+    log_prior = torch.nn.functional.logsigmoid(3 * torch.randn(2, 1, *grid, dtype=dtype))
+    bias = distance_bias(within, window, [0.5 * 2 ** h for h in range(num_heads)]).to(dtype)
+    return query, key, value, log_prior, num_heads, window, bias
+
+
+ATTENTION_CASES = [((8, 6), (4, 3), 3, 2), ((4, 4, 6), (2, 2, 3), 3, 1), ((6, 4), (3, 2), 5, 2)]
+
+
+@pytest.mark.parametrize("keys_first", [False, True], ids=["sdpa", "keys_first"])
+@pytest.mark.parametrize("size, grid, window, num_heads", ATTENTION_CASES)
+def test_windowed_attention_equals_an_explicit_softmax_qkt_v(size, grid, window, num_heads, keys_first):
+    inputs = attention_inputs(size, grid, window, num_heads)
+    out = windowed_cross_attention(*inputs, keys_first=keys_first)
+    assert torch.allclose(out, explicit_windowed_attention(*inputs), atol=1e-10)
+
+
+@pytest.mark.parametrize("size, grid, window, num_heads", ATTENTION_CASES + [((16, 24, 8), (2, 3, 1), 3, 2)])
+def test_the_cpu_keys_first_attention_equals_sdpa_forward_and_backward(size, grid, window, num_heads):
+    """The CPU layout (the default on CPU tensors) against SDPA (the plain version, used on CUDA), float32."""
+    query, key, value, log_prior, *settings = attention_inputs(size, grid, window, num_heads, torch.float32)
+    differentiable = [t.requires_grad_() for t in (query, key, value, log_prior)]
+    output_gradient = torch.randn(query.shape, generator=torch.Generator().manual_seed(1))
+    outputs, gradients = [], []
+    for keys_first in (None, False):
+        outputs.append(windowed_cross_attention(*differentiable, *settings, keys_first=keys_first))
+        gradients.append(torch.autograd.grad(outputs[-1], differentiable, output_gradient))
+    assert torch.allclose(*outputs, atol=1e-5)
+    for cpu_gradient, sdpa_gradient in zip(*gradients):
+        assert torch.allclose(cpu_gradient, sdpa_gradient, atol=1e-4)
+
+
+@pytest.mark.parametrize("keys_first", [False, True], ids=["sdpa", "keys_first"])
+def test_float16_attention_computes_logits_beyond_float16s_range_in_float32(keys_first):
+    query, key, value, log_prior, *settings = attention_inputs((8, 6), (4, 3), 3, 2, torch.float32)
+    query, key = 1e3 * query, 30 * key  # dot products of about 1e5, beyond float16's 65504
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = windowed_cross_attention(query.half(), key.half(), value.half(), log_prior.half(), *settings,
+                                       keys_first=keys_first)
+    reference = windowed_cross_attention(query.half().float(), key.half().float(), value.half().float(),
+                                         log_prior.half().float(), *settings, keys_first=keys_first)
+    assert out.dtype == torch.float16 and torch.allclose(out.float(), reference, atol=1e-2)
+
+
+@pytest.mark.parametrize("keys_first", [False, True], ids=["sdpa", "keys_first"])
+def test_windowed_attention_compiles_without_graph_breaks(keys_first):
+    inputs = attention_inputs((8, 6), (4, 3), 3, 2, torch.float32)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(windowed_cross_attention)(*inputs, keys_first=keys_first)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
 def test_distance_bias_prefers_the_pixels_own_patch_and_the_near_side():

@@ -21,9 +21,13 @@ queries, a sigmoid importance; none of its code is used here):
   patches, a window of ``window``^d patches (tokens beyond the border do not take part). A local window keeps
   the cost linear in the pixels (a global one costs N_pixels x N_patches) and a residual patch's influence
   near it. The values are C wide: the attention is linear in them, so the value projection also plays the
-  output projection's role (no per-pixel output projection). ``torch.nn.functional.scaled_dot_product_attention``
-  computes it; for float16/bfloat16 inputs (autocast) every backend computes the logits and the softmax in
-  float32 (the fused kernels accumulate in float32, the math backend upcasts), so they cannot overflow.
+  output projection's role (no per-pixel output projection). On CUDA (every device but the CPU)
+  ``torch.nn.functional.scaled_dot_product_attention`` computes it; for float16/bfloat16 inputs (autocast) every
+  backend computes the logits and the softmax in float32 (the fused kernels accumulate in float32, the math
+  backend upcasts), so they cannot overflow. On the CPU, where SDPA takes its math path (the mask carries the
+  learned importance), the same attention is computed with plain matmuls laid out keys first, the softmax over
+  the second-to-last axis, in float32 at least: torch's CPU softmax over a last axis as short as a window
+  (9 or 27 keys) is several times slower (measured, README's speed section); tested against SDPA.
 - Position: a fixed, not learned, relative position bias in the attention logits, computed from the grid:
   -d^2 / (2 sigma_h^2) for head h, d = the distance in patch units between the query pixel (where it lies in
   its patch) and the key patch's centre, sigma_h = 0.5 * 2^h (head 0 looks mostly at the pixel's own patch,
@@ -56,7 +60,7 @@ Interface (reused by the FIAS-based networks)::
 """
 import itertools
 import math
-from typing import List, Sequence, Type, Union
+from typing import List, Optional, Sequence, Type, Union
 
 import numpy as np
 import torch
@@ -96,25 +100,35 @@ def split_into_patches(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tens
     return x.permute(0, *grid_axes, 1, *within_patch_axes).reshape(batch, math.prod(grid), -1)
 
 
-def group_pixels_by_patch(x: torch.Tensor, grid: Sequence[int], heads: int) -> torch.Tensor:
-    """(B, h * c, *(grid * q)) -> (B * M, h, prod(q), c): the pixels of each patch, per head (M = prod(grid))."""
+def group_pixels_by_patch(x: torch.Tensor, grid: Sequence[int], heads: int, pixels_last: bool = False
+                          ) -> torch.Tensor:
+    """(B, h * c, *(grid * q)) -> (B * M, h, prod(q), c): the pixels of each patch, per head (M = prod(grid));
+    (B * M, h, c, prod(q)) with ``pixels_last``."""
     batch, channels, *size = x.shape
     dims = len(size)
     within = [s // g for s, g in zip(size, grid)]
     x = x.reshape(batch, heads, channels // heads, *[n for g, q in zip(grid, within) for n in (g, q)])
     grid_axes = [3 + 2 * i for i in range(dims)]
     within_axes = [4 + 2 * i for i in range(dims)]
+    if pixels_last:
+        return x.permute(0, *grid_axes, 1, 2, *within_axes).reshape(batch * math.prod(grid), heads,
+                                                                    channels // heads, math.prod(within))
     return x.permute(0, *grid_axes, 1, *within_axes, 2).reshape(batch * math.prod(grid), heads, math.prod(within),
                                                                  channels // heads)
 
 
-def ungroup_pixels(x: torch.Tensor, batch: int, grid: Sequence[int], within: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`group_pixels_by_patch`: (B * M, h, prod(q), c) -> (B, h * c, *(grid * q))."""
-    heads, channels = x.shape[1], x.shape[3]
+def ungroup_pixels(x: torch.Tensor, batch: int, grid: Sequence[int], within: Sequence[int],
+                   pixels_last: bool = False) -> torch.Tensor:
+    """Inverse of :func:`group_pixels_by_patch`: (B * M, h, prod(q), c), or (B * M, h, c, prod(q)) with
+    ``pixels_last``, -> (B, h * c, *(grid * q))."""
     dims = len(grid)
-    x = x.reshape(batch, *grid, heads, *within, channels)
-    # axes: 0 batch, 1..d grid, d+1 heads, d+2..2d+1 within, 2d+2 channels
-    order = [0, dims + 1, 2 * dims + 2] + [a for i in range(dims) for a in (1 + i, dims + 2 + i)]
+    heads, channels = x.shape[1], x.shape[2 if pixels_last else 3]
+    if pixels_last:  # axes: 0 batch, 1..d grid, d+1 heads, d+2 channels, d+3..2d+2 within
+        x = x.reshape(batch, *grid, heads, channels, *within)
+        order = [0, dims + 1, dims + 2] + [a for i in range(dims) for a in (1 + i, dims + 3 + i)]
+    else:  # axes: 0 batch, 1..d grid, d+1 heads, d+2..2d+1 within, 2d+2 channels
+        x = x.reshape(batch, *grid, heads, *within, channels)
+        order = [0, dims + 1, 2 * dims + 2] + [a for i in range(dims) for a in (1 + i, dims + 2 + i)]
     return x.permute(*order).reshape(batch, heads * channels, *[g * q for g, q in zip(grid, within)])
 
 
@@ -149,7 +163,8 @@ def distance_bias(pixels_per_patch: Sequence[int], window: int, sigmas: Sequence
 
 
 def windowed_cross_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_prior: torch.Tensor,
-                             num_heads: int, window: int, bias: torch.Tensor) -> torch.Tensor:
+                             num_heads: int, window: int, bias: torch.Tensor, keys_first: Optional[bool] = None
+                             ) -> torch.Tensor:
     """Every pixel attends to the tokens of its patch's window; multi-head, SDPA.
 
     query (B, C, *(T * q)) pixel queries; key, value (B, C, *T) patch tokens; log_prior (B, 1, *T) a log-weight
@@ -157,9 +172,10 @@ def windowed_cross_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     (1, h, prod(q), window^d) added to the logits by position (pixel within its patch, window patch).
     Tokens beyond the border do not exist (weight 0). Returns (B, C, *(T * q)).
 
-    Head h: softmax_j(q_h . k_hj / sqrt(C / h) + log_prior_j + bias_hj) v_hj. The additive mask of SDPA carries
-    both the bias and the window's log priors ((B * M, h, prod(q), window^d), small: window^d keys per pixel);
-    tokens beyond the border get EXCLUDED_LOG_WEIGHT.
+    Head h: softmax_j(q_h . k_hj / sqrt(C / h) + log_prior_j + bias_hj) v_hj. The additive mask carries both the
+    bias and the window's log priors ((B * M, h, prod(q), window^d), small: window^d keys per pixel); tokens
+    beyond the border get EXCLUDED_LOG_WEIGHT. SDPA computes it, except where ``keys_first`` (by default on the
+    CPU): :func:`keys_first_attention`.
     """
     batch, channels, *size = query.shape
     grid = list(key.shape[2:])
@@ -167,12 +183,31 @@ def windowed_cross_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     pad = [(window - 1) // 2] * (2 * len(grid))
     per_head = [batch, num_heads, channels // num_heads, *grid]
     prior = F.pad(log_prior.clamp(min=EXCLUDED_LOG_WEIGHT), pad, value=EXCLUDED_LOG_WEIGHT)  # (B, 1, *(T + w - 1))
-    window_prior = gather_windows(prior.unsqueeze(1), window, 1).transpose(-1, -2)  # (B * M, 1, 1, window^d)
-    attended = F.scaled_dot_product_attention(group_pixels_by_patch(query, grid, num_heads),
-                                              gather_windows(F.pad(key.reshape(per_head), pad), window, num_heads),
-                                              gather_windows(F.pad(value.reshape(per_head), pad), window, num_heads),
-                                              attn_mask=(bias + window_prior).to(query.dtype))
+    window_prior = gather_windows(prior.unsqueeze(1), window, 1)  # (B * M, 1, window^d, 1)
+    keys = gather_windows(F.pad(key.reshape(per_head), pad), window, num_heads)
+    values = gather_windows(F.pad(value.reshape(per_head), pad), window, num_heads)
+    if query.is_cpu if keys_first is None else keys_first:
+        attended = keys_first_attention(group_pixels_by_patch(query, grid, num_heads, pixels_last=True), keys,
+                                        values, bias.transpose(-1, -2), window_prior)
+        return ungroup_pixels(attended, batch, grid, within, pixels_last=True)
+    attended = F.scaled_dot_product_attention(group_pixels_by_patch(query, grid, num_heads), keys, values,
+                                              attn_mask=(bias + window_prior.transpose(-1, -2)).to(query.dtype))
     return ungroup_pixels(attended, batch, grid, within)
+
+
+def keys_first_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         *masks: torch.Tensor) -> torch.Tensor:
+    """SDPA's attention laid out keys first, for the CPU: queries (N, h, c, Q), keys and values (N, h, W, c) and
+    additive masks, each broadcastable to (N, h, W, Q) -> (N, h, c, Q), the softmax over the W keys on the
+    second-to-last axis (torch's CPU softmax over a last axis of a few keys is slow). Computed in float32 at least
+    (autocast off) and cast back to the queries' dtype, as SDPA's math path does."""
+    compute_dtype = torch.promote_types(queries.dtype, torch.float32)
+    with torch.autocast(queries.device.type, enabled=False):
+        logits = torch.matmul(keys.to(compute_dtype) * keys.shape[-1] ** -0.5, queries.to(compute_dtype))
+        for mask in masks:
+            logits = logits + mask.to(compute_dtype)
+        attended = torch.matmul(values.to(compute_dtype).transpose(-1, -2), torch.softmax(logits, dim=-2))
+    return attended.to(queries.dtype)
 
 
 class ResidualTokenizer(nn.Module):
