@@ -121,6 +121,17 @@ def test_windowed_attention_compiles_without_graph_breaks(keys_first):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+def test_the_rcu_gives_the_same_output_with_either_attention_layout():
+    torch.manual_seed(0)
+    rcu = RegionCompensationUnit(nn.Conv3d, 8, 2, 16, (2, 4, 4), (1, 2, 2))
+    inputs = rcu_inputs(2, 8, (8, 16, 16), (1, 2, 2), 2, 16, (4, 2, 2))
+    outputs = []
+    for keys_first in (True, False):
+        rcu.keys_first = keys_first
+        outputs.append(rcu(*inputs))
+    assert torch.allclose(*outputs, atol=1e-5) and not torch.allclose(outputs[0], inputs[0], atol=1e-3)
+
+
 def test_distance_bias_prefers_the_pixels_own_patch_and_the_near_side():
     bias = distance_bias([4, 4], 3, [0.5])[0, 0]  # (16 pixels, 9 window patches), row-major; centre patch = 4
     assert (bias.argmax(dim=1) == 4).all()

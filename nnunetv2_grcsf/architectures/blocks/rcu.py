@@ -262,6 +262,8 @@ class RegionCompensationUnit(nn.Module):
         num_heads: attention heads; must divide C.
         window: patches per axis each pixel attends to (odd): its own and (window - 1) / 2 on each side.
         importance_hidden_channels: width of the importance MLP.
+        keys_first: the attention's layout: None (default) keys first on CPU tensors and SDPA elsewhere; True or
+            False forces one (see :func:`windowed_cross_attention`).
 
     Shapes: features (B, C, *S_f), residual_map (B, K, *S), global_features (B, G, *S_g) with
     S_f = S / feature_stride, S divisible by patch_size and T = S / patch_size a multiple of S_g, per axis
@@ -270,7 +272,8 @@ class RegionCompensationUnit(nn.Module):
 
     def __init__(self, conv_op: Type[_ConvNd], feature_channels: int, residual_channels: int, global_channels: int,
                  patch_size: Union[int, Sequence[int]], feature_stride: Union[int, Sequence[int]] = 1,
-                 num_heads: int = 2, window: int = 3, importance_hidden_channels: int = 32):
+                 num_heads: int = 2, window: int = 3, importance_hidden_channels: int = 32,
+                 keys_first: Optional[bool] = None):
         super().__init__()
         dims = convert_conv_op_to_dim(conv_op)
         self.patch_size = [int(p) for p in maybe_convert_scalar_to_list(conv_op, patch_size)]
@@ -287,6 +290,7 @@ class RegionCompensationUnit(nn.Module):
         if window < 1 or window % 2 == 0:
             raise ValueError(f"RegionCompensationUnit: window={window} must be a positive odd number of patches.")
         self.num_heads, self.window, self.feature_channels = num_heads, window, feature_channels
+        self.keys_first = keys_first
         self.pixels_per_patch = [p // r for p, r in zip(self.patch_size, self.feature_stride)]
         self.tokenizer = ResidualTokenizer(residual_channels, feature_channels, self.patch_size)
         self.key_value = nn.Linear(feature_channels, 2 * feature_channels)
@@ -326,7 +330,7 @@ class RegionCompensationUnit(nn.Module):
         key, value = self.key_value(tokens).transpose(1, 2).reshape(batch, -1, *grid).chunk(2, dim=1)
         attended = windowed_cross_attention(self.query(features), key, value * importance,
                                             F.logsigmoid(importance_logits), self.num_heads, self.window,
-                                            self.attention_bias)
+                                            self.attention_bias, self.keys_first)
         # the projection is linear without bias: scaling its K input channels by the score scales its output
         pixel_importance = F.interpolate(importance, size=list(features.shape[2:]), mode="nearest")
         return features + attended + self.pixel_projection(self.pool(residual_map) * pixel_importance)
