@@ -165,7 +165,7 @@ def distance_bias(pixels_per_patch: Sequence[int], window: int, sigmas: Sequence
 def windowed_cross_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_prior: torch.Tensor,
                              num_heads: int, window: int, bias: torch.Tensor, keys_first: Optional[bool] = None
                              ) -> torch.Tensor:
-    """Every pixel attends to the tokens of its patch's window; multi-head, SDPA.
+    """Every pixel attends to the tokens of its patch's window; multi-head.
 
     query (B, C, *(T * q)) pixel queries; key, value (B, C, *T) patch tokens; log_prior (B, 1, *T) a log-weight
     per token (added to its logits: attention weights proportional to exp(logit) * exp(log_prior)); bias
@@ -186,7 +186,9 @@ def windowed_cross_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     window_prior = gather_windows(prior.unsqueeze(1), window, 1)  # (B * M, 1, window^d, 1)
     keys = gather_windows(F.pad(key.reshape(per_head), pad), window, num_heads)
     values = gather_windows(F.pad(value.reshape(per_head), pad), window, num_heads)
-    if query.is_cpu if keys_first is None else keys_first:
+    if keys_first is None:
+        keys_first = query.is_cpu
+    if keys_first:
         attended = keys_first_attention(group_pixels_by_patch(query, grid, num_heads, pixels_last=True), keys,
                                         values, bias.transpose(-1, -2), window_prior)
         return ungroup_pixels(attended, batch, grid, within, pixels_last=True)
