@@ -13,14 +13,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from speed import with_residual_channel
 from speed_cases import STORED_PLANS, load_json, minimal_dataset_json, nnunet_env
-from speed_worker import build_trainer, random_batch
+from speed_worker import build_trainer, paired_times, random_batch, timed
 
 from nnunetv2_grcsf.architectures.blocks.rcu import RegionCompensationUnit
 
@@ -28,6 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CASES = {"busi256": ("Dataset802_BUSI256", "2d", {"background": 0, "lesion": 1}),
          "hippocampus": ("Dataset804_Hippocampus", "3d_fullres", {"background": 0, "anterior": 1, "posterior": 2})}
 LAYOUTS = {"sdpa": False, "keys_first": True}
+CPU = torch.device("cpu")
 
 
 def captured_rcu_inputs(case: str, batch_size: int):
@@ -36,41 +36,41 @@ def captured_rcu_inputs(case: str, batch_size: int):
     plans = load_json(STORED_PLANS / f"{dataset}_nnUNetPlans.json")
     spec = {"trainer": "GRCSFTrainer", "plans": plans, "configuration": configuration, "compile": False,
             "dataset_json": with_residual_channel(minimal_dataset_json(plans, labels))}
-    trainer = build_trainer(spec, torch.device("cpu"))
+    trainer = build_trainer(spec, CPU)
     captured, hooks = [], []
     for name, module in trainer.network.named_modules():
         if isinstance(module, RegionCompensationUnit):
             hooks.append(module.register_forward_hook(
                 lambda module, args, output, name=name: captured.append((name, module, [a.detach() for a in args]))))
     with torch.no_grad():
-        trainer.network(random_batch(trainer, batch_size, torch.device("cpu"))["data"])
+        trainer.network(random_batch(trainer, batch_size, CPU)["data"])
     for hook in hooks:
         hook.remove()
     return captured
 
 
-def forward_backward_seconds(rcu: RegionCompensationUnit, inputs, output_gradient, keys_first: bool) -> float:
+def forward_backward(rcu: RegionCompensationUnit, inputs, output_gradient, keys_first: bool) -> None:
     rcu.keys_first = keys_first
-    features = inputs[0].clone().requires_grad_()
-    start = time.process_time()
-    rcu(features, *inputs[1:]).backward(output_gradient)
-    return time.process_time() - start
+    torch.autograd.grad(rcu(*inputs), [inputs[0], *rcu.parameters()], output_gradient)  # backward, nothing kept
 
 
 def measure(case: str, batch_size: int, pairs: int) -> list:
     rows = []
     for name, rcu, inputs in captured_rcu_inputs(case, batch_size):
+        inputs[0].requires_grad_()
         output_gradient = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(0))
+
+        def cpu_seconds(keys_first: bool) -> float:
+            return timed(lambda: forward_backward(rcu, inputs, output_gradient, keys_first), CPU)[1]
+
         for keys_first in LAYOUTS.values():  # warm-up
-            forward_backward_seconds(rcu, inputs, output_gradient, keys_first)
-        times = {layout: [] for layout in LAYOUTS}
-        for _ in range(pairs):
-            for layout, keys_first in LAYOUTS.items():
-                times[layout].append(forward_backward_seconds(rcu, inputs, output_gradient, keys_first))
-        ratios = [k / s for s, k in zip(times["sdpa"], times["keys_first"])]
+            forward_backward(rcu, inputs, output_gradient, keys_first)
+        keys_first_times, sdpa_times = paired_times(lambda: cpu_seconds(True), lambda: cpu_seconds(False), pairs)
+        times = {"sdpa": sdpa_times, "keys_first": keys_first_times}
+        ratios = [k / s for s, k in zip(sdpa_times, keys_first_times)]
         rows.append({"case": case, "rcu": name, "features": list(inputs[0].shape), "residual_map":
-                     list(inputs[1].shape), "times_s": times, "sdpa_median_s": statistics.median(times["sdpa"]),
-                     "keys_first_median_s": statistics.median(times["keys_first"]),
+                     list(inputs[1].shape), "times_s": times, "sdpa_median_s": statistics.median(sdpa_times),
+                     "keys_first_median_s": statistics.median(keys_first_times),
                      "ratio_median": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)]})
         print(f"[{case}] {name} features {list(inputs[0].shape)}: SDPA {1e3 * rows[-1]['sdpa_median_s']:.0f} ms, "
               f"keys first {1e3 * rows[-1]['keys_first_median_s']:.0f} ms ({rows[-1]['ratio_median']:.2f}x)",
