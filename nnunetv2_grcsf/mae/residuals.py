@@ -605,22 +605,30 @@ def make_residual_dataset(source, output_id, checkpoint=None, settings: Residual
     result = {"dataset": dst_name, "folder": str(dst_folder), "checkpoint": str(Path(ckpt_path).resolve()),
               "figures": figures, "spacing_warning": checks.spacing_warning()}
     if rep is not None:
-        saw_test_images, test_warning, test_fix = test_images_warning(mapper.ckpt, result["checkpoint"], src_name)
-        result["report"] = rep.write({"source_dataset": src_name, "dataset": dst_name,
-                                      "mae_checkpoint": result["checkpoint"], "mae_saw_test_images": saw_test_images,
-                                      "mae_skipped_labelled_patches": bool(
-                                          mapper.ckpt["train_config"].get("skip_labelled_patches")),
-                                      "residual_definition": residual_definition(mapper)})
-        result["report_folder"] = str(rep.folder)
-        _log_report(result["report"], rep.folder, log)
-        if test_warning:
-            log(f"warning: {test_warning}. Fix: {test_fix}.")
+        _write_report(rep, mapper, result, {"source_dataset": src_name, "dataset": dst_name}, log, src_name)
     if result["spacing_warning"]:
         log(result["spacing_warning"])
     tr = figures["imagesTr"]
     log(f"wrote {dst_folder} ({tr['num_images']} training images, {tr['images_per_second']} images/s). Next: "
         f"nnUNetv2_plan_and_preprocess -d {dst_id}")
     return result
+
+
+def _write_report(rep: ResidualReport, mapper: ResidualMapper, result: dict, fields: dict, log,
+                  source: str = "SOURCE") -> None:
+    """Write ``rep``'s report with ``fields`` and what the MAE ``result["checkpoint"]`` was trained on, log it
+    (with a warning if the MAE saw test images; ``source`` names the data set in its fix) and add "report" and
+    "report_folder" to ``result``."""
+    saw_test_images, test_warning, test_fix = test_images_warning(mapper.ckpt, result["checkpoint"], source)
+    result["report"] = rep.write({**fields, "mae_checkpoint": result["checkpoint"],
+                                  "mae_saw_test_images": saw_test_images,
+                                  "mae_skipped_labelled_patches": bool(
+                                      mapper.ckpt["train_config"].get("skip_labelled_patches")),
+                                  "residual_definition": residual_definition(mapper)})
+    result["report_folder"] = str(rep.folder)
+    _log_report(result["report"], rep.folder, log)
+    if test_warning:
+        log(f"warning: {test_warning}. Fix: {test_fix}.")
 
 
 def _log_report(summary: dict, folder: Path, log) -> None:
@@ -751,14 +759,7 @@ def make_residual_folder(input_folder, output_folder, checkpoint, settings: Resi
     result = {"folder": str(out), "checkpoint": str(mapper.checkpoint_path), "figures": figures,
               "residual_definition": residual_definition(mapper), "spacing_warning": checks.spacing_warning()}
     if rep is not None:
-        saw_test_images, test_warning, test_fix = test_images_warning(mapper.ckpt, result["checkpoint"])
-        result["report"] = rep.write({"input_folder": str(inp), "mae_checkpoint": result["checkpoint"],
-                                      "mae_saw_test_images": saw_test_images,
-                                      "residual_definition": residual_definition(mapper)})
-        result["report_folder"] = str(rep.folder)
-        _log_report(result["report"], rep.folder, log)
-        if test_warning:
-            log(f"warning: {test_warning}. Fix: {test_fix}.")
+        _write_report(rep, mapper, result, {"input_folder": str(inp)}, log)
     if result["spacing_warning"]:
         log(result["spacing_warning"])
     log(f"wrote {figures['num_images']} cases to {out} ({figures['images_per_second']} images/s)")

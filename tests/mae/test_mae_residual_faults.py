@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nnunetv2_grcsf.mae import MAEError
-from nnunetv2_grcsf.mae.residuals import ResidualSettings, make_residual_dataset
+from nnunetv2_grcsf.mae.residuals import ResidualSettings, make_residual_dataset, make_residual_folder
 
 from mae_testutils import blob_free_mae, make_raw_dataset, nnunet_env, one_thread, run_command  # noqa: F401
 
@@ -176,6 +176,13 @@ def test_report_and_doctor_say_when_the_mae_saw_the_test_images(nnunet_env, blob
     assert result["report"]["mae_saw_test_images"] is saw
     assert result["report"]["mae_skipped_labelled_patches"] is (splits == ["imagesTr"])
     assert f"it modelled normal tissue only): {'yes' if splits == ['imagesTr'] else 'no'}" in "\n".join(lines)
+    raw = Path(nnunet_env["nnUNet_raw"]) / "Dataset069_Src"
+    folder_lines = []
+    folder = make_residual_folder(raw / "imagesTr", tmp_path / "residuals_tr", mae, labels_folder=raw / "labelsTr",
+                                  **{**QUIET, "log": folder_lines.append})
+    assert folder["report"]["mae_saw_test_images"] is saw
+    assert folder["report"]["mae_skipped_labelled_patches"] is (splits == ["imagesTr"])
+    assert sum(line.startswith("warning: the MAE") for line in folder_lines) == (saw is not False)
     warned = [line for line in lines if line.startswith("warning: the MAE")]
     capsys.readouterr()
     report = doctor.Report()
