@@ -23,7 +23,8 @@ lesion-wise F1, with best/worst overlay PNGs of the first seed).
   This is a functional run of the real 3D path, far from nnU-Net's 1000 epochs x 250 steps: its Dice is the
   Dice of 250 steps, not of the method.
 - Statistics as accuracy_busi256.py: mean ± sd over seeds, paired bootstrap 95 % interval of the per-case Dice
-  (mean of both labels) difference to nnUNetTrainer.
+  (mean of both labels) difference to nnUNetTrainer, and of each trainer against its controls (GRCSF against the
+  plain channel and against the GCU alone).
 
     python benchmarks/hippocampus_3d.py                               # all rows at seeds 0 1 (hours)
     python benchmarks/hippocampus_3d.py --rows FIASTrainer --seeds 2  # one more run (results are merged)
@@ -37,7 +38,7 @@ import time
 from pathlib import Path
 from subprocess import CalledProcessError
 
-from accuracy_busi256 import check_rows, interval, report_seeds, row_summaries
+from accuracy_busi256 import check_rows, control_section, interval, report_seeds, row_summaries
 from benchmark_statistics import DEFAULT_SEED
 from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_sentence, error_row, every_run_section,
                               finished_results, held_out_test_split, link_dataset, locked, make_residual_dataset,
@@ -128,6 +129,7 @@ def format_table(report: dict) -> str:
         lines.append(f"| {name} | {ok[0]['dataset']} | {len(ok)} | {label_dice['1']:.3f} | {label_dice['2']:.3f} "
                      + seed_statistics_cells(summary, [("Dice", 3), ("pooled_Dice", 3), ("HD95", 1)])
                      + f"| {interval(summary)} | {validation:.3f} | {summary['train_time_s']['mean'] / 60:.1f} |")
+    lines += control_section(report)
     lines += every_run_section(report, ["Dice", "pooled Dice", "HD95 mm", "fold-0 val Dice", "train min",
                                         "predict s"],
                                lambda r: f"| {r['Dice']:.4f} | {r['pooled_Dice']:.4f} | {r['HD95']:.1f} "

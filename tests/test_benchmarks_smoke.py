@@ -147,6 +147,11 @@ def test_hippocampus_table_from_a_report():
     assert "seeds [0, 1]" in table
     assert ("| GRCSFTrainer_noRCU | Dataset804_Hippocampus | 2 | 0.700 | 0.800 | 0.850 ± 0.071 | 0.500 ± 0.000 "
             "| 12.0 ± 0.0 | +0.100 [+0.100, +0.100] | 0.400 | 1.0 |") in table
+    assert "against its controls" not in table
+    report["rows"]["GRCSFTrainer"] = {"0": run([0.85] * 5, 0), "1": run([0.95] * 5, 1)}
+    table = hippocampus_3d.format_table(report)
+    assert "| GRCSFTrainer | GRCSFTrainer_noRCU | 2, 2 | what the RCU adds to the GCU | +0.050 [+0.050, +0.050] |" \
+        in table.split("against its controls")[1]
 
 
 def test_accuracy_benchmarks_take_their_own_budget_and_smoke_settings():
