@@ -16,11 +16,13 @@ Runs, in order, each as its own process and each resumable:
     python benchmarks/compare.py                      # everything (hours on a 2-core CPU; resumable)
     python benchmarks/compare.py --reuse-speed        # keep results/speed_<device>.json, fill in the accuracy
     python benchmarks/compare.py --table-only         # only rejoin the existing results files
+    python benchmarks/compare.py --table-only --speed benchmarks/results/speed_cpu_busi256_hippocampus.json
 """
 import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from accuracy_busi256 import row_summaries, speed_row_name, speed_rows
 from nnunet_workspace import BENCHMARKS
@@ -30,9 +32,9 @@ COST_KEYS = ("params", "train_step_ratio", "inference_ratio", "peak_tensors_trai
              "peak_memory_train_mb_ratio")
 
 
-def join(speed: dict, accuracy: dict) -> dict:
+def join(speed: dict, accuracy: dict, speed_file: str) -> dict:
     """Per row of the accuracy results: its scores (means over seeds, the interval to nnUNetTrainer) and the cost
-    of its trainer's network on each speed case."""
+    of its trainer's network on each speed case (``speed`` read from results file ``speed_file``)."""
     cases = [c["case"]["name"] for c in speed["cases"]]
     rows = {case: speed_rows(speed, case) for case in cases}
     summaries = row_summaries(accuracy)
@@ -50,7 +52,8 @@ def join(speed: dict, accuracy: dict) -> dict:
             row = rows[case].get(entry["speed_row"])
             entry["cost"][case] = {k: row.get(k) for k in COST_KEYS} if row else None
         trainers[name] = entry
-    return {"speed_settings": speed["settings"], "speed_date": speed["date"], "device": speed["settings"]["device"],
+    return {"speed_settings": speed["settings"], "speed_date": speed["date"], "speed_file": speed_file,
+            "device": speed["settings"]["device"],
             "accuracy_settings": accuracy["settings"], "cases": cases, "trainers": trainers}
 
 
@@ -62,6 +65,8 @@ def format_table(report: dict) -> str:
     """Markdown: one row per trainer, accuracy on BUSI256 and cost ratios per speed case."""
     s = report["accuracy_settings"]
     memory = "tensors" if report["device"] == "cpu" else "memory"
+    clocks = ("CPU time, memory the peak of live tensors" if report["device"] == "cpu" else
+              "wall time with AMP, memory CUDA's peak")
     header = ["row", "Dice", "ΔDice vs nnUNetTrainer [95 % CI]", "HD95 (px)", "lesion F1", "params (M)"]
     for case in report["cases"]:
         header += [f"{case}: train step", f"{case}: inference", f"{case}: train {memory}"]
@@ -70,10 +75,8 @@ def format_table(report: dict) -> str:
              f"`{s['configuration']}`, fold {s['fold']}, mean over seeds, scored by `nnunetv2_grcsf evaluate` "
              f"(results/accuracy_busi256_heldout.md). Cost: ratios to PlainConvUNet "
              f"(nnU-Net's default) on the same plans, {report['device']}, {report['speed_date']} "
-             "(results/speed_" + report["device"] + ".md: times are " + ("CPU time, memory the peak of live tensors"
-                                                                         if report["device"] == "cpu" else
-                                                                         "wall time with AMP, memory CUDA's peak")
-             + "); a row costs what its trainer's network does.", "",
+             f"(results/{Path(report['speed_file']).with_suffix('.md').name}: times are {clocks}); a row costs "
+             "what its trainer's network does.", "",
              "| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
     for name, t in report["trainers"].items():
         scores = t["scores"]
@@ -103,10 +106,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--reuse-speed", action="store_true", help="keep an existing results/speed_<device>.json")
     parser.add_argument("--table-only", action="store_true", help="run nothing; join the existing results")
+    parser.add_argument("--speed", default=None, metavar="RESULTS_JSON",
+                        help="the speed results to join (default results/speed_<device>.json, which the full run "
+                             "writes), e.g. results/speed_cpu_busi256_hippocampus.json")
     parser.add_argument("--accuracy-args", nargs=argparse.REMAINDER, default=[],
                         help="passed on to accuracy_busi256.py (e.g. --rows ... --seeds ... --budget ...)")
     args = parser.parse_args(argv)
-    speed_file = RESULTS / f"speed_{args.device}.json"
+    speed_file = Path(args.speed) if args.speed else RESULTS / f"speed_{args.device}.json"
     accuracy_file = RESULTS / "accuracy_busi256_heldout.json"
     if not args.table_only:
         if not (args.reuse_speed and speed_file.is_file()):
@@ -117,7 +123,7 @@ def main(argv=None) -> int:
     missing = [str(f) for f in (speed_file, accuracy_file) if not f.is_file()]
     if missing:
         raise SystemExit(f"no results to join: {', '.join(missing)} missing (run without --table-only)")
-    report = join(json.loads(speed_file.read_text()), json.loads(accuracy_file.read_text()))
+    report = join(json.loads(speed_file.read_text()), json.loads(accuracy_file.read_text()), speed_file.name)
     output = RESULTS / "comparison"
     output.with_suffix(".json").write_text(json.dumps(report, indent=2))
     table = format_table(report)

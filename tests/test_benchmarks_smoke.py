@@ -120,7 +120,7 @@ def test_comparison_joins_scores_with_the_cost_of_each_trainers_network():
                                  "FIASTrainerAdamW": {"0": _run("FIASTrainerAdamW", [0.5] * 5)},
                                  "nnUNetTrainer+residual": {"0": _run("nnUNetTrainer", [0.6] * 5)},
                                  "GRCSFTrainer": {"0": {"status": "error", "trainer": "GRCSFTrainer", "error": "x"}}})
-    report = compare.join(speed_report, accuracy)
+    report = compare.join(speed_report, accuracy, "speed_cpu_busi256.json")
     assert report["trainers"]["FIASTrainerAdamW"]["speed_row"] == "FIASTrainer"
     assert report["trainers"]["FIASTrainerAdamW"]["cost"]["busi256"]["train_step_ratio"] == 1.4
     assert report["trainers"]["FIASTrainerAdamW"]["cost"]["volume"] is None
@@ -131,6 +131,7 @@ def test_comparison_joins_scores_with_the_cost_of_each_trainers_network():
             "|  |  |  |") in table
     assert "| nnUNetTrainer+residual | 0.600 | +0.100 [+0.100, +0.100] |" in table
     assert "| GRCSFTrainer | not scored |" in table
+    assert "(results/speed_cpu_busi256.md: times are CPU time" in table
 
 
 def test_hippocampus_table_from_a_report():
