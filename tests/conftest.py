@@ -44,6 +44,15 @@ def build_network_from_plans(network_class_name: str, plans_name: str, configura
     return network, tuple(cm.patch_size)
 
 
+def expected_deep_supervision_shapes(plans, configuration, input_size, batch, num_classes):
+    """The target shapes nnU-Net's loss uses: its deep supervision scales (nnUNetTrainer) times the patch size."""
+    import numpy as np
+
+    pool_op_kernel_sizes = configuration_manager(plans, configuration).pool_op_kernel_sizes
+    scales = (1 / np.cumprod(np.vstack(pool_op_kernel_sizes), axis=0))[:-1]
+    return [(batch, num_classes, *[int(round(s * f)) for s, f in zip(input_size, scale)]) for scale in scales]
+
+
 @pytest.fixture(scope="module")
 def one_cpu_thread():
     """Runs a test module's torch work on one thread (restored afterwards): on a 2-core machine shared with

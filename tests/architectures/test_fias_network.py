@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import build_network_from_plans, configuration_manager
+from conftest import build_network_from_plans, configuration_manager, expected_deep_supervision_shapes
 from dynamic_network_architectures.architectures.abstract_arch import test_submodules_loadable as submodules_loadable
 
 from nnunetv2_grcsf.architectures import FIASUNet
@@ -28,13 +28,6 @@ def build(plans=HIPPOCAMPUS, configuration="3d_fullres", input_channels=1, num_c
     torch.manual_seed(0)
     return build_network_from_plans(FIAS, plans, configuration, input_channels, num_classes, deep_supervision,
                                     **kwargs)[0]
-
-
-def expected_deep_supervision_shapes(plans, configuration, input_size, batch, num_classes):
-    """The target shapes nnU-Net's loss uses: its deep supervision scales (nnUNetTrainer) times the patch size."""
-    pool_op_kernel_sizes = configuration_manager(plans, configuration).pool_op_kernel_sizes
-    scales = (1 / np.cumprod(np.vstack(pool_op_kernel_sizes), axis=0))[:-1]
-    return [(batch, num_classes, *[int(round(s * f)) for s, f in zip(input_size, scale)]) for scale in scales]
 
 
 @pytest.fixture(scope="module")
