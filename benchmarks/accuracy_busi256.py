@@ -48,14 +48,14 @@ import sys
 import time
 from pathlib import Path
 from subprocess import CalledProcessError
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
-from benchmark_statistics import DEFAULT_SEED, derangement, paired_comparisons, summarize_rows
+from benchmark_statistics import DEFAULT_SEED, paired_comparisons, summarize_rows
 from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_sentence, error_row, every_run_section,
                               finished_results, held_out_test_split, link_dataset, locked, make_residual_dataset,
-                              parse_with_smoke_settings, plan_and_preprocess, record_result, residual_test_inputs,
-                              run_argument_parser, seed_statistics_cells, shared_dataset, shuffled_residual_inputs,
-                              subset_cases, train_and_score)
+                              parse_with_smoke_settings, plan_and_preprocess, record_result, residual_pairing,
+                              residual_test_inputs, run_argument_parser, seed_statistics_cells, shared_dataset,
+                              shuffled_residual_inputs, subset_cases, train_and_score)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME, FILE_ENDING = 802, 803, "BUSI256", ".png"
@@ -108,17 +108,11 @@ def prepare(workspace: Workspace, args, rows: List[Row]) -> Tuple[dict, dict, di
                 if any(row.shuffled for row in rows):
                     inputs["shuffled"] = shuffled_residual_inputs(
                         inputs["residual"], inputs["residual"].with_name(inputs["residual"].name + "_shuffled"),
-                        residual_pairing(workspace, args.split_seed), mae["residual_channels"], FILE_ENDING)
+                        residual_pairing(workspace, SOURCE_ID, FILE_ENDING, args.split_seed),
+                        mae["residual_channels"], FILE_ENDING)
             except RuntimeError as error:  # the other rows still run; these report the error
                 print(f"  the residual data set could not be made: {error}", flush=True)
     return configurations, inputs, mae
-
-
-def residual_pairing(workspace: Workspace, seed: int) -> Dict[str, str]:
-    """``{test case: the test case whose residual it gets}`` in the shuffled-residual control (a derangement)."""
-    labels = workspace.dataset_folder(SOURCE_ID) / "labelsTs"
-    cases = sorted(p.name[: -len(FILE_ENDING)] for p in labels.glob(f"*{FILE_ENDING}"))
-    return {case: cases[j] for case, j in zip(cases, derangement(len(cases), seed))}
 
 
 def run_row(workspace: Workspace, args, row: Row, seed: int, configurations: dict, inputs: dict) -> dict:

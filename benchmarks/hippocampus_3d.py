@@ -17,6 +17,10 @@ lesion-wise F1, with best/worst overlay PNGs of the first seed).
   never sees a test case) and ``residuals -d 804 -o 807`` make Dataset807_Hippocampus for the rows that read
   the residual; their test cases get it by ``residuals -i imagesTs --from-dataset 807``, as a user's new images.
   ``nnUNetTrainer+residual`` is the control: nnU-Net's own network given the residual as a plain extra input channel.
+  ``GRCSFTrainer+shuffled_residual``: GRCSFTrainer's models (no training of their own) predict the test cases with
+  each case's residual taken from another test case, as in accuracy_busi256.py (a seeded derangement of the sorted
+  test cases, ``--split-seed``; the partner's residual resampled (linear) to the case's grid; the pairs in the work
+  folder's ``test_inputs/*_shuffled/pairing.json``): is the residual's content read?
 - Budget: configuration ``3d_fullres_bs<B>`` (the planned batch 7 is far too slow for this CPU; added by
   nnU-Net's plans inheritance) and schedule ``<budget>`` (default 10epochs_25iters: 250 training steps; at
   5epochs_20iters, 100 steps, nnU-Net's own network still predicted nothing: Dice 0 on both labels).
@@ -42,13 +46,14 @@ from accuracy_busi256 import check_rows, control_section, interval, report_seeds
 from benchmark_statistics import DEFAULT_SEED
 from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_sentence, error_row, every_run_section,
                               finished_results, held_out_test_split, link_dataset, locked, make_residual_dataset,
-                              parse_with_smoke_settings, plan_and_preprocess, record_result, residual_test_inputs,
-                              run_argument_parser, seed_statistics_cells, shared_dataset, train_and_score)
+                              parse_with_smoke_settings, plan_and_preprocess, record_result, residual_pairing,
+                              residual_test_inputs, run_argument_parser, seed_statistics_cells, shared_dataset,
+                              shuffled_residual_inputs, train_and_score)
 
 RESULTS = BENCHMARKS / "results"
-SOURCE_ID, RESIDUAL_ID, DATASET_NAME = 804, 807, "Hippocampus"
-DEFAULT_ROWS = ["nnUNetTrainer", "nnUNetTrainer+residual", "GRCSFTrainer", "GRCSFTrainer_noRCU", "FIASTrainerAdamW",
-                "GRCSF_FIASTrainerAdamW", "FIASTrainer", "GRCSF_FIASTrainer"]
+SOURCE_ID, RESIDUAL_ID, DATASET_NAME, FILE_ENDING = 804, 807, "Hippocampus", ".nii.gz"
+DEFAULT_ROWS = ["nnUNetTrainer", "nnUNetTrainer+residual", "GRCSFTrainer", "GRCSFTrainer+shuffled_residual",
+                "GRCSFTrainer_noRCU", "FIASTrainerAdamW", "GRCSF_FIASTrainerAdamW", "FIASTrainer", "GRCSF_FIASTrainer"]
 LABELS = {"1": "anterior", "2": "posterior"}
 BOOTSTRAP_RESAMPLES = 10000
 SMOKE = {"budget": "2epochs_4iters", "num_cases": 12, "num_test": 2, "mae_steps": 10, "seeds": [0, 1],
@@ -58,7 +63,7 @@ SMOKE = {"budget": "2epochs_4iters", "num_cases": 12, "num_test": 2, "mae_steps"
 
 
 def prepare(workspace: Workspace, args, rows) -> tuple:
-    """``({dataset_id: configuration}, {"source" | "residual": test input folder}, MAE record)``."""
+    """``({dataset_id: configuration}, {"source" | "residual" | "shuffled": test input folder}, MAE record)``."""
     configurations, inputs, mae = {}, {}, {}
     with locked(workspace.root / ".prepare.lock"):
         link_dataset(workspace, shared_dataset(f"Dataset{SOURCE_ID}_{DATASET_NAME}", args.data), SOURCE_ID,
@@ -71,6 +76,11 @@ def prepare(workspace: Workspace, args, rows) -> tuple:
                 configurations[RESIDUAL_ID] = plan_and_preprocess(workspace, RESIDUAL_ID, "3d_fullres",
                                                                   args.batch_size)
                 inputs["residual"] = residual_test_inputs(workspace, SOURCE_ID, RESIDUAL_ID, args.device)
+                if any(row.shuffled for row in rows):
+                    inputs["shuffled"] = shuffled_residual_inputs(
+                        inputs["residual"], inputs["residual"].with_name(inputs["residual"].name + "_shuffled"),
+                        residual_pairing(workspace, SOURCE_ID, FILE_ENDING, args.split_seed),
+                        mae["residual_channels"], FILE_ENDING)
             except RuntimeError as error:  # the other rows still run; these report the error
                 print(f"  the residual data set could not be made: {error}", flush=True)
     return configurations, inputs, mae
@@ -80,19 +90,17 @@ def run_row(workspace: Workspace, args, row: Row, seed: int, configurations: dic
     """Train (or reuse), predict the test cases and score one row at one seed; an error is returned, not raised."""
     dataset_id = RESIDUAL_ID if row.residual_data else SOURCE_ID
     full_name = f"{row.trainer}_{args.budget}"
-    kind = "residual" if row.residual_data else "source"
+    kind = "shuffled" if row.shuffled else "residual" if row.residual_data else "source"
     started = time.perf_counter()
     result = {"trainer": row.trainer, "trained_as": full_name, "test_inputs_kind": kind}
     try:
-        if row.shuffled:
-            raise RuntimeError("the shuffled-residual control needs test images of one grid size; it is run on "
-                               "BUSI256 (accuracy_busi256.py)")
         if dataset_id not in configurations or kind not in inputs:
             raise RuntimeError(f"Dataset{dataset_id} or its test inputs could not be prepared (see {workspace.logs})")
         overlays = inputs[kind] if seed == args.seeds[0] else None
+        prediction_name = f"{full_name}_shuffled" if row.shuffled else full_name
         result.update(status="ok", **train_and_score(
             workspace, dataset_id, full_name, configurations[dataset_id], args.fold, args.device, seed, inputs[kind],
-            full_name, workspace.dataset_folder(SOURCE_ID) / "labelsTs", overlays))
+            prediction_name, workspace.dataset_folder(SOURCE_ID) / "labelsTs", overlays))
     except (RuntimeError, CalledProcessError, OSError, KeyError) as error:
         result.update(status="error", error=f"{type(error).__name__}: {error}")
     result["wall_s"] = time.perf_counter() - started

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
-from benchmark_statistics import DEFAULT_SEED, held_out_split
+from benchmark_statistics import DEFAULT_SEED, derangement, held_out_split
 
 BENCHMARKS = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCHMARKS.parent
@@ -284,6 +284,14 @@ def residual_test_inputs(workspace: Workspace, source_id: int, residual_id: int,
                 "--from-dataset", str(residual_id), "--device", device, "--quiet", "--overwrite"],
                workspace.env, workspace.logs / "residuals.log")
     return output
+
+
+def residual_pairing(workspace: "Workspace", source_id: int, file_ending: str, seed: int) -> Dict[str, str]:
+    """``{test case: the test case whose residual it gets}`` in the shuffled-residual control: a derangement
+    (:func:`benchmark_statistics.derangement` with ``seed``) of the sorted test cases of ``source_id``."""
+    labels = workspace.dataset_folder(source_id) / "labelsTs"
+    cases = sorted(p.name[: -len(file_ending)] for p in labels.glob(f"*{file_ending}"))
+    return {case: cases[j] for case, j in zip(cases, derangement(len(cases), seed))}
 
 
 def shuffled_residual_inputs(inputs: Path, output: Path, partner: Dict[str, str], residual_channels: Sequence[int],
