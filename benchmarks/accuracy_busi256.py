@@ -25,7 +25,8 @@ their labels by ``nnunetv2_grcsf evaluate``.
   so the rows would compare when training took off, not the networks.
 - Rows (``--rows``): a trainer name, ``TRAINER+residual`` (trained and tested on the residual data set;
   ``nnUNetTrainer+residual`` is the plain-extra-channel control) or ``TRAINER+shuffled_residual`` (the models
-  of ``TRAINER``'s row, tested with each test image's residual replaced by the residual of another test image:
+  trained on the residual data set, of ``TRAINER``'s row, or of ``TRAINER+residual``'s for nnUNetTrainer, tested
+  with each test image's residual replaced by the residual of another test image:
   a fixed derangement, ``benchmark_statistics.derangement`` with ``--split-seed``, the partner's residual
   resampled to the image's size; it costs predictions only).
 - Statistics: per row the mean and standard deviation over seeds of the mean per-image Dice, pooled Dice, HD95
@@ -66,6 +67,7 @@ DEFAULT_ROWS = ["nnUNetTrainer", "nnUNetTrainer+residual", "GRCSFTrainer", "GRCS
 ROW_NOTES = {"nnUNetTrainer+residual": "residual as a plain extra input channel",
              "GRCSFTrainer_noRCU": "GCU only", "GRCSFTrainer_noGCU": "RCU only",
              "GRCSFTrainer+shuffled_residual": "GRCSFTrainer's models, each test image with another's residual",
+             "nnUNetTrainer+shuffled_residual": "the plain channel's models, each test image with another's residual",
              "GRCSFTrainer_residualInEncoder": "GRCSF, its encoder also reading the residual"}
 #: (row, reference, what the paired difference row - reference answers): the controls an expert reads against
 #: the trainer rather than against nnU-Net; shown for the pairs whose two rows have runs.
@@ -74,6 +76,8 @@ CONTROL_COMPARISONS = [
     ("GRCSFTrainer_noGCU", "nnUNetTrainer+residual", "the RCU against the plain channel"),
     ("GRCSFTrainer", "GRCSFTrainer+shuffled_residual", "the same models given each image's own residual rather "
                                                        "than another image's: is the residual read?"),
+    ("nnUNetTrainer+residual", "nnUNetTrainer+shuffled_residual", "the plain channel's models given each image's own "
+                                                                    "residual rather than another image's"),
     ("GRCSFTrainer", "GRCSFTrainer_noRCU", "what the RCU adds to the GCU"),
     ("GRCSFTrainer", "GRCSFTrainer_noGCU", "what the GCU adds to the RCU"),
     ("GRCSFTrainer_residualInEncoder", "nnUNetTrainer+residual", "GRCSF with the residual in its encoder too, against "

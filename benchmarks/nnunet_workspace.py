@@ -345,7 +345,9 @@ class Row(NamedTuple):
     Named ``TRAINER`` (its own data: the residual data set when its network reads the residual channel),
     ``TRAINER+residual`` (trained and tested on the residual data set: for ``nnUNetTrainer`` the residual is a plain
     extra input channel, normalized by nnU-Net as its channel name says) or ``TRAINER+shuffled_residual`` (the
-    models of ``TRAINER``'s row, tested with each test image's residual replaced by another test image's).
+    models trained on the residual data set, those of ``TRAINER``'s row or, for a trainer whose network does not read
+    the residual, of ``TRAINER+residual``'s, tested with each test image's residual replaced by another test
+    image's).
     """
     name: str
     trainer: str
@@ -357,9 +359,7 @@ class Row(NamedTuple):
         trainer, _, control = name.partition("+")
         if control not in ("", "residual", "shuffled_residual"):
             raise SystemExit(f"row {name}: the part after '+' must be 'residual' or 'shuffled_residual'")
-        residual_data = control == "residual" or needs_residuals(trainer)
-        if control == "shuffled_residual" and not residual_data:
-            raise SystemExit(f"row {name}: {trainer} does not read a residual channel; use {trainer}+residual first")
+        residual_data = control != "" or needs_residuals(trainer)
         return cls(name, trainer, residual_data, control == "shuffled_residual")
 
 

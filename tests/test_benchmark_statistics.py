@@ -209,8 +209,8 @@ def test_rows_name_their_data_and_controls():
     assert row("GRCSFTrainer").residual_data and not row("GRCSFTrainer_noRCU").residual_data
     shuffled = row("GRCSFTrainer+shuffled_residual")
     assert shuffled.trainer == "GRCSFTrainer" and shuffled.residual_data and shuffled.shuffled
-    with pytest.raises(SystemExit, match="does not read a residual"):
-        row("FIASTrainer+shuffled_residual")
+    plain = row("nnUNetTrainer+shuffled_residual")  # the plain channel's models, given shuffled residuals
+    assert plain.trainer == "nnUNetTrainer" and plain.residual_data and plain.shuffled
     with pytest.raises(SystemExit, match="'residual' or 'shuffled_residual'"):
         row("GRCSFTrainer+other")
 
