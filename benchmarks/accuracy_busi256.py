@@ -54,9 +54,9 @@ from typing import List, Optional, Tuple
 from benchmark_statistics import DEFAULT_SEED, paired_comparisons, summarize_rows
 from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_sentence, error_row, every_run_section,
                               finished_results, held_out_test_split, link_dataset, locked, make_residual_dataset,
-                              parse_with_smoke_settings, plan_and_preprocess, record_result, residual_pairing,
-                              residual_test_inputs, run_argument_parser, seed_statistics_cells, shared_dataset,
-                              shuffled_residual_inputs, subset_cases, train_and_score)
+                              parse_with_smoke_settings, plan_and_preprocess, record_result, residual_test_inputs,
+                              run_argument_parser, seed_statistics_cells, shared_dataset, shuffled_test_inputs,
+                              subset_cases, train_and_score)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME, FILE_ENDING = 802, 803, "BUSI256", ".png"
@@ -110,10 +110,8 @@ def prepare(workspace: Workspace, args, rows: List[Row]) -> Tuple[dict, dict, di
                 configurations[RESIDUAL_ID] = plan_and_preprocess(workspace, RESIDUAL_ID, "2d", args.batch_size)
                 inputs["residual"] = residual_test_inputs(workspace, SOURCE_ID, RESIDUAL_ID, args.device)
                 if any(row.shuffled for row in rows):
-                    inputs["shuffled"] = shuffled_residual_inputs(
-                        inputs["residual"], inputs["residual"].with_name(inputs["residual"].name + "_shuffled"),
-                        residual_pairing(workspace, SOURCE_ID, FILE_ENDING, args.split_seed),
-                        mae["residual_channels"], FILE_ENDING)
+                    inputs["shuffled"] = shuffled_test_inputs(workspace, SOURCE_ID, inputs["residual"],
+                                                              mae["residual_channels"], FILE_ENDING, args.split_seed)
             except RuntimeError as error:  # the other rows still run; these report the error
                 print(f"  the residual data set could not be made: {error}", flush=True)
     return configurations, inputs, mae

@@ -21,6 +21,7 @@ lesion-wise F1, with best/worst overlay PNGs of the first seed).
   each case's residual taken from another test case, as in accuracy_busi256.py (a seeded derangement of the sorted
   test cases, ``--split-seed``; the partner's residual resampled (linear) to the case's grid; the pairs in the work
   folder's ``test_inputs/*_shuffled/pairing.json``): is the residual's content read?
+  ``nnUNetTrainer+shuffled_residual``: the same for the plain channel's models (those of ``nnUNetTrainer+residual``).
 - Budget: configuration ``3d_fullres_bs<B>`` (the planned batch 7 is far too slow for this CPU; added by
   nnU-Net's plans inheritance) and schedule ``<budget>`` (default 10epochs_25iters: 250 training steps; at
   5epochs_20iters, 100 steps, nnU-Net's own network still predicted nothing: Dice 0 on both labels).
@@ -28,7 +29,7 @@ lesion-wise F1, with best/worst overlay PNGs of the first seed).
   Dice of 250 steps, not of the method.
 - Statistics as accuracy_busi256.py: mean ± sd over seeds, paired bootstrap 95 % interval of the per-case Dice
   (mean of both labels) difference to nnUNetTrainer, and of each trainer against its controls (GRCSF against the
-  plain channel and against the GCU alone).
+  plain channel, against the GCU alone and against its shuffled-residual self; the plain channel against its own).
 
     python benchmarks/hippocampus_3d.py                               # all rows at seeds 0 1 (hours)
     python benchmarks/hippocampus_3d.py --rows FIASTrainer --seeds 2  # one more run (results are merged)
@@ -46,9 +47,9 @@ from accuracy_busi256 import check_rows, control_section, interval, report_seeds
 from benchmark_statistics import DEFAULT_SEED
 from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_sentence, error_row, every_run_section,
                               finished_results, held_out_test_split, link_dataset, locked, make_residual_dataset,
-                              parse_with_smoke_settings, plan_and_preprocess, record_result, residual_pairing,
-                              residual_test_inputs, run_argument_parser, seed_statistics_cells, shared_dataset,
-                              shuffled_residual_inputs, train_and_score)
+                              parse_with_smoke_settings, plan_and_preprocess, record_result, residual_test_inputs,
+                              run_argument_parser, seed_statistics_cells, shared_dataset, shuffled_test_inputs,
+                              train_and_score)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME, FILE_ENDING = 804, 807, "Hippocampus", ".nii.gz"
@@ -77,10 +78,8 @@ def prepare(workspace: Workspace, args, rows) -> tuple:
                                                                   args.batch_size)
                 inputs["residual"] = residual_test_inputs(workspace, SOURCE_ID, RESIDUAL_ID, args.device)
                 if any(row.shuffled for row in rows):
-                    inputs["shuffled"] = shuffled_residual_inputs(
-                        inputs["residual"], inputs["residual"].with_name(inputs["residual"].name + "_shuffled"),
-                        residual_pairing(workspace, SOURCE_ID, FILE_ENDING, args.split_seed),
-                        mae["residual_channels"], FILE_ENDING)
+                    inputs["shuffled"] = shuffled_test_inputs(workspace, SOURCE_ID, inputs["residual"],
+                                                              mae["residual_channels"], FILE_ENDING, args.split_seed)
             except RuntimeError as error:  # the other rows still run; these report the error
                 print(f"  the residual data set could not be made: {error}", flush=True)
     return configurations, inputs, mae

@@ -286,7 +286,7 @@ def residual_test_inputs(workspace: Workspace, source_id: int, residual_id: int,
     return output
 
 
-def residual_pairing(workspace: "Workspace", source_id: int, file_ending: str, seed: int) -> Dict[str, str]:
+def residual_pairing(workspace: Workspace, source_id: int, file_ending: str, seed: int) -> Dict[str, str]:
     """``{test case: the test case whose residual it gets}`` in the shuffled-residual control: a derangement
     (:func:`benchmark_statistics.derangement` with ``seed``) of the sorted test cases of ``source_id``."""
     labels = workspace.dataset_folder(source_id) / "labelsTs"
@@ -329,6 +329,15 @@ def shuffled_residual_inputs(inputs: Path, output: Path, partner: Dict[str, str]
     os.replace(partial, output)
     return output
 
+
+
+def shuffled_test_inputs(workspace: Workspace, source_id: int, residual_inputs: Path,
+                         residual_channels: Sequence[int], file_ending: str, seed: int) -> Path:
+    """The shuffled-residual control's test inputs, beside ``residual_inputs`` (``<name>_shuffled``): each test case
+    of ``source_id`` with its partner's residual (:func:`residual_pairing`, :func:`shuffled_residual_inputs`)."""
+    return shuffled_residual_inputs(residual_inputs, residual_inputs.with_name(residual_inputs.name + "_shuffled"),
+                                    residual_pairing(workspace, source_id, file_ending, seed), residual_channels,
+                                    file_ending)
 
 def needs_residuals(trainer: str) -> bool:
     """Whether the trainer's network takes the MAE residual channel (then it trains on the residual data set)."""

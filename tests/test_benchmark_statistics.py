@@ -183,7 +183,7 @@ def test_shuffled_volumes_pair_the_sorted_test_cases_and_resample_onto_the_own_g
     workspace = nnunet_workspace.Workspace(tmp_path / "work", "Vol", n_proc_da=0)
     labels = workspace.dataset_folder(804) / "labelsTs"
     labels.mkdir(parents=True)
-    inputs, output = tmp_path / "inputs", tmp_path / "shuffled"
+    inputs = tmp_path / "inputs"
     inputs.mkdir()
     shapes = {"c1": (4, 6, 5), "c2": (6, 6, 5), "c3": (4, 8, 6)}
     for index, (case, shape) in enumerate(shapes.items()):
@@ -191,10 +191,12 @@ def test_shuffled_volumes_pair_the_sorted_test_cases_and_resample_onto_the_own_g
         sitk.WriteImage(sitk.GetImageFromArray(np.zeros(shape, np.float32)), str(inputs / f"{case}_0000.nii.gz"))
         sitk.WriteImage(sitk.GetImageFromArray(np.full(shape, 10 * (index + 1), np.float32)),
                         str(inputs / f"{case}_0001.nii.gz"))
-    pairing = nnunet_workspace.residual_pairing(workspace, 804, ".nii.gz", seed=0)
+    output = nnunet_workspace.shuffled_test_inputs(workspace, 804, inputs, [1], ".nii.gz", seed=0)
+    assert output == tmp_path / "inputs_shuffled"
+    pairing = json.loads((output / "pairing.json").read_text())
+    assert pairing == nnunet_workspace.residual_pairing(workspace, 804, ".nii.gz", seed=0)
     assert sorted(pairing) == sorted(pairing.values()) == sorted(shapes)
     assert all(case != partner for case, partner in pairing.items())
-    nnunet_workspace.shuffled_residual_inputs(inputs, output, pairing, [1], ".nii.gz")
     for case, partner in pairing.items():
         residual = sitk.GetArrayFromImage(sitk.ReadImage(str(output / f"{case}_0001.nii.gz")))
         assert residual.shape == shapes[case]
