@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py's CPU dry run: every row of the GPU check (nnU-Net's train step of each trainer,
-sliding-window inference, ratios to nnUNetTrainer) runs on tiny networks and the results are written."""
+sliding-window inference, ratios to nnUNetTrainer), each in its own process, runs on tiny networks and the results
+are written; a row that overruns its time is stopped and recorded, and the others still run."""
 import json
 import sys
 
@@ -14,7 +15,7 @@ import gpu_check  # noqa: E402
 def test_dry_run_measures_every_trainer_and_writes_results(tmp_path):
     assert gpu_check.main(["--dry-run", "--output-dir", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_dry_run.json").read_text())
-    assert report["device"] == "CPU dry run"
+    assert report["device"] == "CPU dry run" and report["compile"] == "on"
     rows = {(row["row"], row["configuration"]) for row in report["rows"]}
     assert rows == {(row, configuration) for row, _, _, configuration in gpu_check.ROWS}
     for row in report["rows"]:
@@ -23,3 +24,41 @@ def test_dry_run_measures_every_trainer_and_writes_results(tmp_path):
     assert next(r for r in report["rows"] if r["row"] == "nnUNetTrainer")["train_step_ratio"] == 1
     table = (tmp_path / "gpu_dry_run.md").read_text()
     assert "GRCSF_FIASTrainer" in table and "ResEnc-M" in table
+
+
+def test_selected_rows_put_each_configurations_reference_first():
+    rows = gpu_check.selected_rows(["FIASTrainer_noCheckpointing", "GRCSFTrainer"], ["2d"])
+    assert [row[0] for row in rows] == ["nnUNetTrainer", "GRCSFTrainer", "FIASTrainer_noCheckpointing"]
+    assert {row[3] for row in rows} == {"2d"}
+    every_configuration = gpu_check.selected_rows(["FIASTrainer_noCheckpointing"], None)
+    assert [(row[0], row[3]) for row in every_configuration] == [
+        ("nnUNetTrainer", "2d"), ("FIASTrainer_noCheckpointing", "2d"),
+        ("nnUNetTrainer", "3d_fullres"), ("FIASTrainer_noCheckpointing", "3d_fullres")]
+    assert gpu_check.selected_rows(None, None) == gpu_check.ROWS
+
+
+def test_unknown_row_is_refused_with_the_known_ones(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--dry-run", "--rows", "GRCSFTrainr"])
+    assert "GRCSFTrainer_noRCU" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_row_that_overruns_is_stopped_recorded_and_the_rest_written(tmp_path):
+    """The diagnostic row (eager, compile off) runs; GRCSFTrainer's row gets too little time: it is stopped,
+    its error says so, and the JSON written after every row holds both."""
+    code = gpu_check.main(["--dry-run", "--compile", "off", "--rows", "FIASTrainer_noCheckpointing",
+                           "--configurations", "2d", "--output-dir", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "gpu_dry_run_eager.json").read_text())
+    assert report["compile"] == "off"
+    assert [row["row"] for row in report["rows"]] == ["nnUNetTrainer", "FIASTrainer_noCheckpointing"]
+    assert all("error" not in row for row in report["rows"])
+
+    code = gpu_check.main(["--dry-run", "--rows", "GRCSFTrainer", "--configurations", "2d", "--row-seconds", "2",
+                           "--output-dir", str(tmp_path)])
+    assert code == 1
+    report = json.loads((tmp_path / "gpu_dry_run.json").read_text())
+    assert [row["row"] for row in report["rows"]] == ["nnUNetTrainer", "GRCSFTrainer"]
+    assert all(row["error"].startswith("stopped after 2 s") for row in report["rows"])
+    assert "stopped after 2 s" in (tmp_path / "gpu_dry_run.md").read_text()

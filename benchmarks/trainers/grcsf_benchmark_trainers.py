@@ -5,8 +5,10 @@ the baseline needs ``nnUNetTrainer_<suffix>`` for the ``iters`` schedules of
 :data:`nnunetv2_grcsf.trainers.schedules.SCHEDULES` (the same table the plugin's trainers are generated from).
 They are PluginTrainers whose network is the plans' own (exactly nnUNetTrainer's), so they take the plugin's
 schedules and its ``NNUNETV2_GRCSF_SEED`` seed from PluginTrainer itself. This directory is given to nnU-Net
-through ``nnUNet_extTrainer`` by the benchmarks.
+through ``nnUNet_extTrainer`` by the benchmarks. ``FIASTrainer_noCheckpointing`` and ``FIASTrainer_loopMSDA`` are
+diagnostic rows of gpu_check.py.
 """
+from nnunetv2_grcsf.trainers import FIASTrainer
 from nnunetv2_grcsf.trainers.base import PluginTrainer
 from nnunetv2_grcsf.trainers.schedules import SCHEDULES, schedule_variants
 
@@ -21,3 +23,16 @@ class PlansNetworkTrainer(PluginTrainer):
 globals().update(schedule_variants([PlansNetworkTrainer], __name__, base_name="nnUNetTrainer",
                                    suffixes=[suffix for suffix, schedule in SCHEDULES.items()
                                              if "num_iterations_per_epoch" in schedule]))
+
+
+class FIASTrainer_noCheckpointing(FIASTrainer):
+    """Diagnostic row of gpu_check.py: FIASTrainer without activation checkpointing (the same function)."""
+
+    network_kwargs = {**FIASTrainer.network_kwargs, "activation_checkpointing": False}
+
+
+class FIASTrainer_loopMSDA(FIASTrainer):
+    """Diagnostic row of gpu_check.py: FIASTrainer with the MSDA's loop implementation (plain PyTorch ops) on CUDA
+    too, instead of flex_attention (the same function)."""
+
+    network_kwargs = {**FIASTrainer.network_kwargs, "msda_implementation": "loop"}
