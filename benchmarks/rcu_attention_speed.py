@@ -1,13 +1,18 @@
-"""The RCU's two attention layouts side by side: SDPA (what CUDA runs) and keys first (the CPU default).
+"""The RCU's attention layouts side by side (rcu.ATTENTION_LAYOUTS: SDPA, keys first, window sum), CPU or CUDA.
 
 Builds GRCSFTrainer's network from the stored BUSI256 (2d) and Hippocampus (3d_fullres) plans, with one residual
 channel as it trains, runs one forward pass on a random batch to catch each RCU's inputs, then times each RCU's
-forward + backward (a random output gradient) with either layout, in pairs (SDPA then keys first), on this CPU.
-Reports the medians and the median of the per-pair ratios; the results file keeps every pair.
+forward + backward (a random output gradient) with every layout, in rounds (one call of each layout per round, the
+order rotating). CPU: process time, one thread. CUDA: wall time (synchronized), float16 autocast as nnU-Net trains
+(``--amp``), optionally each layout under torch.compile (``--compile``), and the peak memory of a call above what
+was allocated before it. Reports the medians and the median of the per-round ratios to SDPA; the results file
+keeps every time.
 
-    python benchmarks/rcu_attention_speed.py [--cases busi256 hippocampus] [--batch-size 2] [--pairs 7]
+    python benchmarks/rcu_attention_speed.py [--cases busi256 hippocampus] [--batch-size 2] [--rounds 7]
+    python benchmarks/rcu_attention_speed.py --device cuda --compile     # plans' batch sizes, float16 autocast
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -19,77 +24,118 @@ import torch
 
 from speed import with_residual_channel
 from speed_cases import STORED_PLANS, load_json, minimal_dataset_json, nnunet_env
-from speed_worker import build_trainer, paired_times, random_batch, timed
+from speed_worker import build_trainer, random_batch, timed
 
-from nnunetv2_grcsf.architectures.blocks.rcu import RegionCompensationUnit
+from nnunetv2_grcsf.architectures.blocks.rcu import ATTENTION_LAYOUTS, RegionCompensationUnit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = {"busi256": ("Dataset802_BUSI256", "2d", {"background": 0, "lesion": 1}),
          "hippocampus": ("Dataset804_Hippocampus", "3d_fullres", {"background": 0, "anterior": 1, "posterior": 2})}
-LAYOUTS = {"sdpa": False, "keys_first": True}
-CPU = torch.device("cpu")
+REFERENCE_LAYOUT = "sdpa"
 
 
-def captured_rcu_inputs(case: str, batch_size: int):
-    """[(name, rcu, (features, residual_map, global_features))] of GRCSFTrainer's network on ``case``'s plans."""
+def captured_rcu_inputs(case: str, batch_size, device: torch.device):
+    """(batch size, [(name, rcu, (features, residual_map, global_features))]) of GRCSFTrainer's network on
+    ``case``'s plans; batch size None: the plans'."""
     dataset, configuration, labels = CASES[case]
     plans = load_json(STORED_PLANS / f"{dataset}_nnUNetPlans.json")
     spec = {"trainer": "GRCSFTrainer", "plans": plans, "configuration": configuration, "compile": False,
             "dataset_json": with_residual_channel(minimal_dataset_json(plans, labels))}
-    trainer = build_trainer(spec, CPU)
+    trainer = build_trainer(spec, device)
+    batch_size = batch_size or trainer.configuration_manager.batch_size
     captured, hooks = [], []
     for name, module in trainer.network.named_modules():
         if isinstance(module, RegionCompensationUnit):
             hooks.append(module.register_forward_hook(
                 lambda module, args, output, name=name: captured.append((name, module, [a.detach() for a in args]))))
     with torch.no_grad():
-        trainer.network(random_batch(trainer, batch_size, CPU)["data"])
+        trainer.network(random_batch(trainer, batch_size, device)["data"])
     for hook in hooks:
         hook.remove()
-    return captured
+    return batch_size, captured
 
 
-def forward_backward(rcu: RegionCompensationUnit, inputs, output_gradient, keys_first: bool) -> None:
-    rcu.keys_first = keys_first
-    torch.autograd.grad(rcu(*inputs), [inputs[0], *rcu.parameters()], output_gradient)  # backward, nothing kept
+def forward_backward(rcu, inputs, output_gradient, amp: bool) -> None:
+    """One forward + backward of ``rcu`` (gradients of the features and every parameter; nothing kept)."""
+    device_type = inputs[0].device.type
+    autocast = torch.autocast(device_type, dtype=torch.float16) if amp else contextlib.nullcontext()
+    with autocast:
+        out = rcu(*inputs)
+    parameters = [p for p in rcu.parameters() if p.requires_grad]
+    torch.autograd.grad(out, [inputs[0], *parameters], output_gradient.to(out.dtype))
 
 
-def measure(case: str, batch_size: int, pairs: int) -> list:
+def measure(case: str, batch_size, rounds: int, layouts, device: torch.device, amp: bool, compile_rcu: bool):
+    batch_size, captured = captured_rcu_inputs(case, batch_size, device)
     rows = []
-    for name, rcu, inputs in captured_rcu_inputs(case, batch_size):
+    for name, rcu, inputs in captured:
         inputs[0].requires_grad_()
-        output_gradient = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(0))
+        output_gradient = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(0)).to(device)
+        runner = torch.compile(rcu) if compile_rcu else rcu  # one compiled graph per layout (guarded on it)
 
-        def cpu_seconds(keys_first: bool) -> float:
-            return timed(lambda: forward_backward(rcu, inputs, output_gradient, keys_first), CPU)[1]
+        def seconds(layout: str) -> float:
+            rcu.attention_layout = layout
+            wall, cpu = timed(lambda: forward_backward(runner, inputs, output_gradient, amp), device)
+            return wall if device.type == "cuda" else cpu
 
-        for keys_first in LAYOUTS.values():  # warm-up
-            forward_backward(rcu, inputs, output_gradient, keys_first)
-        keys_first_times, sdpa_times = paired_times(lambda: cpu_seconds(True), lambda: cpu_seconds(False), pairs)
-        times = {"sdpa": sdpa_times, "keys_first": keys_first_times}
-        ratios = [k / s for s, k in zip(sdpa_times, keys_first_times)]
-        rows.append({"case": case, "rcu": name, "features": list(inputs[0].shape), "residual_map":
-                     list(inputs[1].shape), "times_s": times, "sdpa_median_s": statistics.median(sdpa_times),
-                     "keys_first_median_s": statistics.median(keys_first_times),
-                     "ratio_median": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)]})
-        print(f"[{case}] {name} features {list(inputs[0].shape)}: SDPA {1e3 * rows[-1]['sdpa_median_s']:.0f} ms, "
-              f"keys first {1e3 * rows[-1]['keys_first_median_s']:.0f} ms ({rows[-1]['ratio_median']:.2f}x)",
-              flush=True)
+        times, memory_mb = {layout: [] for layout in layouts}, {}
+        for layout in layouts:  # warm-up (and compile), then the peak memory of one call
+            seconds(layout)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+                seconds(layout)
+                memory_mb[layout] = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+        for round_index in range(rounds):
+            for position in range(len(layouts)):
+                layout = layouts[(round_index + position) % len(layouts)]
+                times[layout].append(seconds(layout))
+        reference = times.get(REFERENCE_LAYOUT)
+        row = {"case": case, "rcu": name, "batch_size": batch_size, "features": list(inputs[0].shape),
+               "residual_map": list(inputs[1].shape), "times_s": times,
+               "median_s": {layout: statistics.median(values) for layout, values in times.items()},
+               "memory_mb": memory_mb or None}
+        if reference is not None:
+            ratios = {layout: [t / r for t, r in zip(values, reference)] for layout, values in times.items()}
+            row["ratio_median"] = {layout: statistics.median(values) for layout, values in ratios.items()}
+            row["ratio_range"] = {layout: [min(values), max(values)] for layout, values in ratios.items()}
+        rows.append(row)
+        print(f"[{case}] {name} features {row['features']}: " + ", ".join(
+            f"{layout} {1e3 * row['median_s'][layout]:.1f} ms" + (f" ({row['ratio_median'][layout]:.2f}x)"
+                                                                  if reference is not None else "")
+            + (f", {memory_mb[layout]:.0f} MiB" if memory_mb else "") for layout in layouts), flush=True)
     return rows
 
 
 def format_table(report: dict) -> str:
-    lines = ["# The RCU's attention on the CPU: SDPA against keys first", "",
-             f"GRCSFTrainer's network on the stored plans, batch {report['batch_size']}, one torch thread; each RCU's "
-             f"forward + backward, CPU time, median of {report['pairs']} pairs (SDPA then keys first); ratio = keys "
-             f"first / SDPA per pair (median, range). Command: `{report['command']}`.", "",
-             "| plans | RCU | features | SDPA (ms) | keys first (ms) | ratio (range) |",
-             "| --- | --- | --- | ---: | ---: | ---: |"]
+    layouts = report["layouts"]
+    where = ("the CPU, one torch thread, process time" if report["device"] == "cpu" else
+             f"{report['device_name']}, wall time{', float16 autocast' if report['amp'] else ''}"
+             f"{', each layout under torch.compile' if report['compile'] else ', eager'}, peak memory of a call "
+             f"above what was allocated before it")
+    lines = [f"# The RCU's attention layouts on {report['device_name']}", "",
+             f"GRCSFTrainer's network on the stored plans; each RCU's forward + backward on its own inputs, on "
+             f"{where}; median of {report['rounds']} rounds (each layout once per round, rotating order); ratio = layout / "
+             f"{REFERENCE_LAYOUT} per round (median, range). Command: `{report['command']}`.", "",
+             "| plans | RCU | features | " + " | ".join(f"{layout} (ms)" for layout in layouts) + " | "
+             + " | ".join(f"{layout} / {REFERENCE_LAYOUT}" for layout in layouts if layout != REFERENCE_LAYOUT)
+             + (" | " + " | ".join(f"{layout} (MiB)" for layout in layouts) if report["device"] != "cpu" else "")
+             + " |",
+             "| --- | --- | --- | " + " | ".join("---:" for _ in layouts) + " | "
+             + " | ".join("---:" for layout in layouts if layout != REFERENCE_LAYOUT)
+             + (" | " + " | ".join("---:" for _ in layouts) if report["device"] != "cpu" else "") + " |"]
     for row in report["rows"]:
-        low, high = row["ratio_range"]
-        lines.append(f"| {row['case']} | `{row['rcu']}` | {'x'.join(map(str, row['features']))} | "
-                     f"{1e3 * row['sdpa_median_s']:.0f} | {1e3 * row['keys_first_median_s']:.0f} | "
-                     f"{row['ratio_median']:.2f}x ({low:.2f}-{high:.2f}) |")
+        cells = [row["case"], f"`{row['rcu']}`", "x".join(map(str, row["features"]))]
+        cells += [f"{1e3 * row['median_s'][layout]:.1f}" for layout in layouts]
+        for layout in layouts:
+            if layout != REFERENCE_LAYOUT and "ratio_median" in row:
+                low, high = row["ratio_range"][layout]
+                cells.append(f"{row['ratio_median'][layout]:.2f}x ({low:.2f}-{high:.2f})")
+            elif layout != REFERENCE_LAYOUT:
+                cells.append("-")
+        if report["device"] != "cpu":
+            cells += [f"{row['memory_mb'][layout]:.0f}" for layout in layouts]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -97,19 +143,35 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--pairs", type=int, default=7, help="timed pairs per RCU (after one warm-up pair)")
-    parser.add_argument("--output", default=str(RESULTS / "rcu_attention_cpu"), help="output path without suffix")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--layouts", nargs="+", choices=ATTENTION_LAYOUTS, default=list(ATTENTION_LAYOUTS))
+    parser.add_argument("--batch-size", type=int, help="default: 2 on the CPU, the plans' batch size on CUDA")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per RCU (after one warm-up call each)")
+    parser.add_argument("--amp", choices=["on", "off"], help="float16 autocast (default: on CUDA only)")
+    parser.add_argument("--compile", action="store_true", help="each layout under torch.compile (CUDA)")
+    parser.add_argument("--output", help="output path without suffix (default results/rcu_attention_<device>"
+                                         "[_compiled])")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here: run with --device cpu, or on a GPU machine")
+    amp = (args.amp or ("on" if device.type == "cuda" else "off")) == "on"
+    batch_size = args.batch_size or (2 if device.type == "cpu" else None)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     torch.manual_seed(0)
     scratch = tempfile.TemporaryDirectory(prefix="rcu_attention_")  # nnU-Net's folders, which the trainer needs
     os.environ.update(nnunet_env(Path(scratch.name)))
+    layouts = [REFERENCE_LAYOUT] + [layout for layout in args.layouts if layout != REFERENCE_LAYOUT] \
+        if REFERENCE_LAYOUT in args.layouts else list(args.layouts)
     report = {"command": " ".join(["python benchmarks/rcu_attention_speed.py", *(argv if argv is not None else
                                                                                    sys.argv[1:])]),
-              "batch_size": args.batch_size, "pairs": args.pairs,
-              "rows": [row for case in args.cases for row in measure(case, args.batch_size, args.pairs)]}
-    output = Path(args.output)
+              "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else "the CPU", "torch": torch.__version__, "amp": amp, "compile": args.compile, "layouts": layouts,
+              "rounds": args.rounds,
+              "rows": [row for case in args.cases
+                       for row in measure(case, batch_size, args.rounds, layouts, device, amp, args.compile)]}
+    output = Path(args.output or RESULTS / f"rcu_attention_{device.type}{'_compiled' if args.compile else ''}")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".json").write_text(json.dumps(report, indent=1))
     output.with_suffix(".md").write_text(format_table(report))

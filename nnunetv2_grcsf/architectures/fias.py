@@ -68,7 +68,8 @@ from torch.nn.modules.dropout import _DropoutNd
 from nnunetv2_grcsf.architectures.blocks.caf import ContextAwareFusion
 from nnunetv2_grcsf.architectures.blocks.dmk import DepthwiseMultiKernelConv
 from nnunetv2_grcsf.architectures.blocks.mixatt import MixingAttention
-from nnunetv2_grcsf.architectures.blocks.msda import AttentionBlock, check_attention_settings, dilated_window_extent
+from nnunetv2_grcsf.architectures.blocks.msda import (IMPLEMENTATIONS, AttentionBlock, MultiScaleDilatedAttention,
+                                                      check_attention_settings, dilated_window_extent)
 from nnunetv2_grcsf.architectures.helpers import feature_map_estimate, maybe_checkpoint, per_axis_kernel, stage_sizes
 from nnunetv2_grcsf.architectures.input_routing import (DEFAULT_RCU_STAGES, ResidualMapRoutingUNet,
                                                         region_compensation_units)
@@ -376,6 +377,9 @@ class FIASUNet(ResidualMapRoutingUNet):
       levels. The same function and gradients either way.
     - residual_channels, use_rcu, rcu_stages, rcu_patch_size, rcu_num_heads, rcu_window: as GRCSFUNet's (MAE
       residual channels fused by the RegionCompensationUnit; residual_channels is ignored without use_rcu).
+    - msda_implementation: every MSDA's implementation (blocks/msda.py): 'auto' (flex_attention on CUDA tensors,
+      the loop elsewhere), 'flex' or 'loop' (the same function; 'loop' on CUDA is plain PyTorch ops, for a GPU
+      where flex_attention does not compile).
 
     The input's spatial size is checked in ``forward`` (``check_input_size``): divisible by the product of the
     strides, and every MSDA stage at least as large as its widest dilated window.
@@ -398,8 +402,10 @@ class FIASUNet(ResidualMapRoutingUNet):
                  mlp_ratio: float = 4.0, mc_pool_sizes: Sequence[int] = (1, 2, 3), mc_shuffle_positions: bool = True,
                  activation_checkpointing: bool = True, residual_channels: Sequence[int] = (), use_rcu: bool = False,
                  rcu_stages: Sequence[int] = DEFAULT_RCU_STAGES, rcu_patch_size=None, rcu_num_heads: int = 2,
-                 rcu_window: int = 3):
+                 rcu_window: int = 3, msda_implementation: str = "auto"):
         super().__init__()
+        if msda_implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"FIASUNet: msda_implementation {msda_implementation!r} is not one of {IMPLEMENTATIONS}.")
         if (n_conv_per_stage is None) == (n_blocks_per_stage is None):
             raise ValueError("FIASUNet: give exactly one of n_conv_per_stage (PlainConvUNet plans) and "
                              "n_blocks_per_stage (ResidualEncoderUNet plans).")
@@ -443,6 +449,9 @@ class FIASUNet(ResidualMapRoutingUNet):
             first_conv = "encoder.stem.convs.0"
         self.keys_to_in_proj = (f"{first_conv}.conv", f"{first_conv}.all_modules.0")
         self.size_divisor = np.prod(strides, axis=0).tolist()
+        for module in self.modules():  # encoder and decoder MSDA alike
+            if isinstance(module, MultiScaleDilatedAttention):
+                module.implementation = msda_implementation
 
     def _check_stage_settings(self, stage_attention: Sequence[str], features: Sequence[int], heads: Sequence[int],
                               kernel_sizes: Sequence[Sequence[int]], n_stages: int):

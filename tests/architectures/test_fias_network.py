@@ -7,7 +7,7 @@ from dynamic_network_architectures.architectures.abstract_arch import test_submo
 
 from nnunetv2_grcsf.architectures import FIASUNet
 from nnunetv2_grcsf.architectures.blocks import (AttentionBlock, ContextAwareFusion, DepthwiseMultiKernelConv,
-                                                 MixingAttention, RegionCompensationUnit)
+                                                 MixingAttention, MultiScaleDilatedAttention, RegionCompensationUnit)
 from nnunetv2_grcsf.architectures.fias import default_stage_attention
 from nnunetv2_grcsf.residual_channels import ResidualChannelError
 
@@ -200,6 +200,22 @@ def test_activation_checkpointing_changes_memory_not_the_network(configuration, 
     assert saved[1] < 0.75 * saved[0]
 
 
+def test_msda_implementation_reaches_every_msda_and_keeps_the_function():
+    """'flex' (flex_attention; on the CPU its eager dense reference, forward only) against 'loop', encoder and
+    decoder MSDA alike."""
+    kwargs = dict(stage_attention=["conv", "msda", "msda", "global"], msda_dilations=(1, 2))
+    networks = [build(HIPPOCAMPUS, "3d_fullres", msda_implementation=implementation, **kwargs).eval()
+                for implementation in ("loop", "flex")]
+    for network, implementation in zip(networks, ("loop", "flex")):
+        kinds = {m.implementation for m in network.modules() if isinstance(m, MultiScaleDilatedAttention)}
+        assert kinds == {implementation}
+    assert any(isinstance(m, MultiScaleDilatedAttention) for m in networks[0].decoder.modules())
+    x = torch.randn(1, 1, 24, 24, 24)
+    with torch.no_grad():
+        for a, b in zip(networks[0](x), networks[1](x)):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_full_hippocampus_patch_passes_the_size_check(plans_networks):
     plans_networks[HIPPOCAMPUS].check_input_size(configuration_manager(HIPPOCAMPUS, "3d_fullres").patch_size)
     plans_networks[BUSI].check_input_size(configuration_manager(BUSI, "2d").patch_size)
@@ -227,6 +243,7 @@ def test_input_the_network_cannot_process_is_a_named_error(plans_networks, input
     (dict(stage_attention=["conv", "conv", "local", "global"]), r"each one of \('conv', 'msda', 'global'\)"),
     (dict(n_blocks_per_stage=[1, 1, 1, 1]), "exactly one of"),
     (dict(use_rcu=True, input_channels=2, residual_channels=[1], rcu_stages=(3,)), "rcu_stages"),
+    (dict(msda_implementation="natten"), r"msda_implementation 'natten' is not one of \('auto', 'flex', 'loop'\)"),
 ])
 def test_bad_arguments_are_named_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from nnunetv2_grcsf.architectures.blocks.rcu import (RegionCompensationUnit, default_token_patch_size,
-                                                     distance_bias, split_into_patches, windowed_cross_attention)
+from nnunetv2_grcsf.architectures.blocks.rcu import (ATTENTION_LAYOUTS, RegionCompensationUnit,
+                                                     default_token_patch_size, distance_bias, split_into_patches,
+                                                     windowed_cross_attention)
 
 
 def rcu_inputs(batch, feature_channels, residual_size, feature_stride, residual_channels, global_channels,
@@ -78,58 +79,67 @@ def attention_inputs(size, grid, window, num_heads, dtype=torch.float64):
 ATTENTION_CASES = [((8, 6), (4, 3), 3, 2), ((4, 4, 6), (2, 2, 3), 3, 1), ((6, 4), (3, 2), 5, 2)]
 
 
-@pytest.mark.parametrize("keys_first", [False, True], ids=["sdpa", "keys_first"])
+@pytest.mark.parametrize("layout", ATTENTION_LAYOUTS)
 @pytest.mark.parametrize("size, grid, window, num_heads", ATTENTION_CASES)
-def test_windowed_attention_equals_an_explicit_softmax_qkt_v(size, grid, window, num_heads, keys_first):
+def test_windowed_attention_equals_an_explicit_softmax_qkt_v(size, grid, window, num_heads, layout):
     inputs = attention_inputs(size, grid, window, num_heads)
-    out = windowed_cross_attention(*inputs, keys_first=keys_first)
+    out = windowed_cross_attention(*inputs, layout=layout)
     assert torch.allclose(out, explicit_windowed_attention(*inputs), atol=1e-10)
 
 
+@pytest.mark.parametrize("layout", ["keys_first", "window_sum"])
 @pytest.mark.parametrize("size, grid, window, num_heads", ATTENTION_CASES + [((16, 24, 8), (2, 3, 1), 3, 2)])
-def test_the_cpu_keys_first_attention_equals_sdpa_forward_and_backward(size, grid, window, num_heads):
-    """The CPU layout (the default on CPU tensors) against SDPA (the plain version, used on CUDA), float32."""
+def test_each_attention_layout_equals_sdpa_forward_and_backward(size, grid, window, num_heads, layout):
+    """The CPU layout (the default on CPU tensors) and the window sum against SDPA (the plain version), float32."""
     query, key, value, log_prior, *settings = attention_inputs(size, grid, window, num_heads, torch.float32)
     differentiable = [t.requires_grad_() for t in (query, key, value, log_prior)]
     output_gradient = torch.randn(query.shape, generator=torch.Generator().manual_seed(1))
     outputs, gradients = [], []
-    for keys_first in (None, False):
-        outputs.append(windowed_cross_attention(*differentiable, *settings, keys_first=keys_first))
+    for each in (layout, "sdpa"):
+        outputs.append(windowed_cross_attention(*differentiable, *settings, layout=each))
         gradients.append(torch.autograd.grad(outputs[-1], differentiable, output_gradient))
     assert torch.allclose(*outputs, atol=1e-5)
     for cpu_gradient, sdpa_gradient in zip(*gradients):
         assert torch.allclose(cpu_gradient, sdpa_gradient, atol=1e-4)
 
 
-@pytest.mark.parametrize("keys_first", [False, True], ids=["sdpa", "keys_first"])
-def test_float16_attention_computes_logits_beyond_float16s_range_in_float32(keys_first):
+@pytest.mark.parametrize("layout", ATTENTION_LAYOUTS)
+def test_float16_attention_computes_logits_beyond_float16s_range_in_float32(layout):
     query, key, value, log_prior, *settings = attention_inputs((8, 6), (4, 3), 3, 2, torch.float32)
     query, key = 1e3 * query, 30 * key  # dot products of about 1e5, beyond float16's 65504
     with torch.autocast("cpu", dtype=torch.float16):
         out = windowed_cross_attention(query.half(), key.half(), value.half(), log_prior.half(), *settings,
-                                       keys_first=keys_first)
+                                       layout=layout)
     reference = windowed_cross_attention(query.half().float(), key.half().float(), value.half().float(),
-                                         log_prior.half().float(), *settings, keys_first=keys_first)
+                                         log_prior.half().float(), *settings, layout=layout)
     assert out.dtype == torch.float16 and torch.allclose(out.float(), reference, atol=1e-2)
 
 
-@pytest.mark.parametrize("keys_first", [False, True], ids=["sdpa", "keys_first"])
-def test_windowed_attention_compiles_without_graph_breaks(keys_first):
+@pytest.mark.parametrize("layout", ATTENTION_LAYOUTS)
+def test_windowed_attention_compiles_without_graph_breaks(layout):
     inputs = attention_inputs((8, 6), (4, 3), 3, 2, torch.float32)
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(windowed_cross_attention)(*inputs, keys_first=keys_first)
+    explanation = torch._dynamo.explain(windowed_cross_attention)(*inputs, layout=layout)
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-def test_the_rcu_gives_the_same_output_with_either_attention_layout():
+def test_the_rcu_gives_the_same_output_with_every_attention_layout():
     torch.manual_seed(0)
     rcu = RegionCompensationUnit(nn.Conv3d, 8, 2, 16, (2, 4, 4), (1, 2, 2))
     inputs = rcu_inputs(2, 8, (8, 16, 16), (1, 2, 2), 2, 16, (4, 2, 2))
     outputs = []
-    for keys_first in (True, False):
-        rcu.keys_first = keys_first
+    for layout in ATTENTION_LAYOUTS:
+        rcu.attention_layout = layout
         outputs.append(rcu(*inputs))
-    assert torch.allclose(*outputs, atol=1e-5) and not torch.allclose(outputs[0], inputs[0], atol=1e-3)
+    assert not torch.allclose(outputs[0], inputs[0], atol=1e-3)
+    assert all(torch.allclose(outputs[0], other, atol=1e-5) for other in outputs[1:])
+
+
+def test_an_unknown_attention_layout_is_refused():
+    with pytest.raises(ValueError, match="window_sum"):
+        RegionCompensationUnit(nn.Conv2d, 8, 1, 16, 4, attention_layout="flash")
+    with pytest.raises(ValueError, match="window_sum"):
+        windowed_cross_attention(*attention_inputs((8, 6), (4, 3), 3, 2), layout="flash")
 
 
 def test_distance_bias_prefers_the_pixels_own_patch_and_the_near_side():

@@ -21,13 +21,18 @@ queries, a sigmoid importance; none of its code is used here):
   patches, a window of ``window``^d patches (tokens beyond the border do not take part). A local window keeps
   the cost linear in the pixels (a global one costs N_pixels x N_patches) and a residual patch's influence
   near it. The values are C wide: the attention is linear in them, so the value projection also plays the
-  output projection's role (no per-pixel output projection). On CUDA (every device but the CPU)
-  ``torch.nn.functional.scaled_dot_product_attention`` computes it; for float16/bfloat16 inputs (autocast) every
-  backend computes the logits and the softmax in float32 (the fused kernels accumulate in float32, the math
-  backend upcasts), so they cannot overflow. On the CPU, where SDPA takes its math path (the mask carries the
-  learned importance), the same attention is computed with plain matmuls laid out keys first, the softmax over
-  the second-to-last axis, in float32 at least: torch's CPU softmax over a last axis as short as a window
-  (9 or 27 keys) is several times slower (measured, README's speed section); tested against SDPA.
+  output projection's role (no per-pixel output projection). Three layouts compute the same attention
+  (``ATTENTION_LAYOUTS``, each tested against an explicit softmax(QK^T)V and against SDPA, forward and backward):
+  'sdpa', by default on CUDA (every device but the CPU): ``torch.nn.functional.scaled_dot_product_attention``
+  over the pixels grouped by patch, the bias and log priors as its additive mask; for float16/bfloat16 inputs
+  (autocast) every backend computes the logits and the softmax in float32 (the fused kernels accumulate in
+  float32, the math backend upcasts), so they cannot overflow. 'keys_first', by default on the CPU, where SDPA
+  takes its math path (the mask carries the learned importance): plain matmuls laid out keys first, the softmax
+  over the second-to-last axis, in float32 at least: torch's CPU softmax over a last axis as short as a window
+  (9 or 27 keys) is several times slower (measured, README's speed section). 'window_sum': no regrouping of the
+  pixels, one broadcast product and sum per window offset on the features' own layout (elementwise ops that
+  torch.compile fuses); a candidate for CUDA under torch.compile, where the choice is measured by
+  ``benchmarks/rcu_attention_speed.py --device cuda --compile`` (eager on the CPU it is 3-4x slower than SDPA).
 - Position: a fixed, not learned, relative position bias in the attention logits, computed from the grid:
   -d^2 / (2 sigma_h^2) for head h, d = the distance in patch units between the query pixel (where it lies in
   its patch) and the key patch's centre, sigma_h = 0.5 * 2^h (head 0 looks mostly at the pixel's own patch,
@@ -74,6 +79,7 @@ from nnunetv2_grcsf.architectures.helpers import feature_map_estimate
 
 DEFAULT_TOKEN_PATCH_EDGE = 8  # the MAE's patch edge (nnunetv2_grcsf.mae presets)
 EXCLUDED_LOG_WEIGHT = -1000.0  # exp() of it is 0 in float32, and it fits float16
+ATTENTION_LAYOUTS = ("sdpa", "keys_first", "window_sum")  # windowed_cross_attention's layouts, the same function
 
 
 def default_token_patch_size(strides: Sequence[Sequence[int]], edge: int = DEFAULT_TOKEN_PATCH_EDGE) -> List[int]:
@@ -163,38 +169,47 @@ def distance_bias(pixels_per_patch: Sequence[int], window: int, sigmas: Sequence
 
 
 def windowed_cross_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_prior: torch.Tensor,
-                             num_heads: int, window: int, bias: torch.Tensor, keys_first: Optional[bool] = None
+                             num_heads: int, window: int, bias: torch.Tensor, layout: Optional[str] = None
                              ) -> torch.Tensor:
     """Every pixel attends to the tokens of its patch's window; multi-head.
 
     query (B, C, *(T * q)) pixel queries; key, value (B, C, *T) patch tokens; log_prior (B, 1, *T) a log-weight
     per token (added to its logits: attention weights proportional to exp(logit) * exp(log_prior)); bias
     (1, h, prod(q), window^d) added to the logits by position (pixel within its patch, window patch).
-    Tokens beyond the border do not exist (weight 0). Returns (B, C, *(T * q)).
+    Tokens beyond the border do not exist (weight 0): they get EXCLUDED_LOG_WEIGHT. Returns (B, C, *(T * q)).
 
-    Head h: softmax_j(q_h . k_hj / sqrt(C / h) + log_prior_j + bias_hj) v_hj. The additive mask carries both the
-    bias and the window's log priors ((B * M, h, prod(q), window^d), small: window^d keys per pixel); tokens
-    beyond the border get EXCLUDED_LOG_WEIGHT. SDPA computes it, except where ``keys_first`` (by default on the
-    CPU): :func:`keys_first_attention`.
+    Head h: softmax_j(q_h . k_hj / sqrt(C / h) + log_prior_j + bias_hj) v_hj, computed in one of three layouts
+    (``layout``, see :data:`ATTENTION_LAYOUTS`; None: :func:`default_attention_layout`), the same function:
+    'sdpa' the pixels grouped by patch (B * M, h, prod(q), c) against their window's tokens (B * M, h, window^d, c),
+    the bias and log priors as SDPA's additive mask; 'keys_first' the same grouping through
+    :func:`keys_first_attention`; 'window_sum' no grouping: :func:`window_sum_attention`.
     """
+    layout = default_attention_layout(query) if layout is None else layout
+    if layout not in ATTENTION_LAYOUTS:
+        raise ValueError(f"windowed_cross_attention: layout {layout!r} is not one of {ATTENTION_LAYOUTS}.")
     batch, channels, *size = query.shape
     grid = list(key.shape[2:])
     within = [s // g for s, g in zip(size, grid)]
     pad = [(window - 1) // 2] * (2 * len(grid))
-    per_head = [batch, num_heads, channels // num_heads, *grid]
     prior = F.pad(log_prior.clamp(min=EXCLUDED_LOG_WEIGHT), pad, value=EXCLUDED_LOG_WEIGHT)  # (B, 1, *(T + w - 1))
+    if layout == "window_sum":
+        return window_sum_attention(query, key, value, prior, num_heads, window, bias)
+    per_head = [batch, num_heads, channels // num_heads, *grid]
     window_prior = gather_windows(prior.unsqueeze(1), window, 1)  # (B * M, 1, window^d, 1)
     keys = gather_windows(F.pad(key.reshape(per_head), pad), window, num_heads)
     values = gather_windows(F.pad(value.reshape(per_head), pad), window, num_heads)
-    if keys_first is None:
-        keys_first = query.is_cpu
-    if keys_first:
+    if layout == "keys_first":
         attended = keys_first_attention(group_pixels_by_patch(query, grid, num_heads, pixels_last=True), keys,
                                         values, bias.transpose(-1, -2), window_prior)
         return ungroup_pixels(attended, batch, grid, within, pixels_last=True)
     attended = F.scaled_dot_product_attention(group_pixels_by_patch(query, grid, num_heads), keys, values,
                                               attn_mask=(bias + window_prior.transpose(-1, -2)).to(query.dtype))
     return ungroup_pixels(attended, batch, grid, within)
+
+
+def default_attention_layout(query: torch.Tensor) -> str:
+    """'keys_first' on CPU tensors (measured faster there: README's speed section), 'sdpa' elsewhere."""
+    return "keys_first" if query.is_cpu else "sdpa"
 
 
 def keys_first_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -210,6 +225,42 @@ def keys_first_attention(queries: torch.Tensor, keys: torch.Tensor, values: torc
             logits = logits + mask.to(compute_dtype)
         attended = torch.matmul(values.to(compute_dtype).transpose(-1, -2), torch.softmax(logits, dim=-2))
     return attended.to(queries.dtype)
+
+
+def window_sum_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prior: torch.Tensor,
+                         num_heads: int, window: int, bias: torch.Tensor) -> torch.Tensor:
+    """The windowed attention without regrouping the pixels: query (B, C, *(T * q)) is viewed (no copy) as
+    (B, h, c, T_1, q_1, ..., T_d, q_d), and for each of the window^d offsets the shifted token grid of the padded
+    key (B, C, *T) is broadcast over the q pixels of every patch: one logit map per offset (a product and a sum
+    over c), a softmax across the offsets, and the value maps summed with those weights. Only elementwise ops and
+    reductions on the features' own layout (torch.compile fuses them). ``prior`` is the log prior already padded
+    to (B, 1, *(T + window - 1)) with EXCLUDED_LOG_WEIGHT. Computed in float32 at least (autocast off), cast back
+    to the query's dtype. Returns (B, C, *(T * q))."""
+    batch, channels, *size = query.shape
+    grid = list(key.shape[2:])
+    within = [s // g for s, g in zip(size, grid)]
+    pad = [(window - 1) // 2] * (2 * len(grid))
+    head_channels = channels // num_heads
+    compute_dtype = torch.promote_types(query.dtype, torch.float32)
+
+    def patch_token(tokens: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
+        """(..., *(T + window - 1)) -> the token at ``offset`` of each patch's window, (..., T_1, 1, ..., T_d, 1)."""
+        return tokens[(Ellipsis, *[item for o, g in zip(offset, grid) for item in (slice(o, o + g), None)])]
+
+    with torch.autocast(query.device.type, enabled=False):
+        queries = query.to(compute_dtype).reshape(batch, num_heads, head_channels,
+                                                  *[n for g, q in zip(grid, within) for n in (g, q)])
+        keys = F.pad(key.to(compute_dtype).reshape(batch, num_heads, head_channels, *grid), pad)
+        values = F.pad(value.to(compute_dtype).reshape(batch, num_heads, head_channels, *grid), pad)
+        # (1, h, 1, q_1, ..., 1, q_d, window^d): the bias of a pixel within its patch, per window patch
+        pixel_bias = bias.to(compute_dtype).reshape(1, num_heads, *[n for q in within for n in (1, q)], -1)
+        offsets = list(itertools.product(range(window), repeat=len(grid)))  # window_offsets' order
+        logits = torch.stack([(queries * patch_token(keys, offset)).sum(2) * head_channels ** -0.5
+                              + patch_token(prior.to(compute_dtype), offset) + pixel_bias[..., j]
+                              for j, offset in enumerate(offsets)], dim=2)  # (B, h, window^d, T_1, q_1, ...)
+        weights = torch.softmax(logits, dim=2)
+        attended = sum(weights[:, :, j:j + 1] * patch_token(values, offset) for j, offset in enumerate(offsets))
+    return attended.reshape(batch, channels, *size).to(query.dtype)
 
 
 class ResidualTokenizer(nn.Module):
@@ -264,8 +315,8 @@ class RegionCompensationUnit(nn.Module):
         num_heads: attention heads; must divide C.
         window: patches per axis each pixel attends to (odd): its own and (window - 1) / 2 on each side.
         importance_hidden_channels: width of the importance MLP.
-        keys_first: the attention's layout: None (default) keys first on CPU tensors and SDPA elsewhere; True or
-            False forces one (see :func:`windowed_cross_attention`).
+        attention_layout: one of :data:`ATTENTION_LAYOUTS` (see :func:`windowed_cross_attention`), or None
+            (default): :func:`default_attention_layout`, chosen per call by the device.
 
     Shapes: features (B, C, *S_f), residual_map (B, K, *S), global_features (B, G, *S_g) with
     S_f = S / feature_stride, S divisible by patch_size and T = S / patch_size a multiple of S_g, per axis
@@ -275,7 +326,7 @@ class RegionCompensationUnit(nn.Module):
     def __init__(self, conv_op: Type[_ConvNd], feature_channels: int, residual_channels: int, global_channels: int,
                  patch_size: Union[int, Sequence[int]], feature_stride: Union[int, Sequence[int]] = 1,
                  num_heads: int = 2, window: int = 3, importance_hidden_channels: int = 32,
-                 keys_first: Optional[bool] = None):
+                 attention_layout: Optional[str] = None):
         super().__init__()
         dims = convert_conv_op_to_dim(conv_op)
         self.patch_size = [int(p) for p in maybe_convert_scalar_to_list(conv_op, patch_size)]
@@ -292,7 +343,10 @@ class RegionCompensationUnit(nn.Module):
         if window < 1 or window % 2 == 0:
             raise ValueError(f"RegionCompensationUnit: window={window} must be a positive odd number of patches.")
         self.num_heads, self.window, self.feature_channels = num_heads, window, feature_channels
-        self.keys_first = keys_first
+        if attention_layout not in (None, *ATTENTION_LAYOUTS):
+            raise ValueError(f"RegionCompensationUnit: attention_layout {attention_layout!r} is not None or one of "
+                             f"{ATTENTION_LAYOUTS}.")
+        self.attention_layout = attention_layout
         self.pixels_per_patch = [p // r for p, r in zip(self.patch_size, self.feature_stride)]
         self.tokenizer = ResidualTokenizer(residual_channels, feature_channels, self.patch_size)
         self.key_value = nn.Linear(feature_channels, 2 * feature_channels)
@@ -332,7 +386,7 @@ class RegionCompensationUnit(nn.Module):
         key, value = self.key_value(tokens).transpose(1, 2).reshape(batch, -1, *grid).chunk(2, dim=1)
         attended = windowed_cross_attention(self.query(features), key, value * importance,
                                             F.logsigmoid(importance_logits), self.num_heads, self.window,
-                                            self.attention_bias, self.keys_first)
+                                            self.attention_bias, self.attention_layout)
         # the projection is linear without bias: scaling its K input channels by the score scales its output
         pixel_importance = F.interpolate(importance, size=list(features.shape[2:]), mode="nearest")
         return features + attended + self.pixel_projection(self.pool(residual_map) * pixel_importance)
