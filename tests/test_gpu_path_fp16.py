@@ -5,6 +5,8 @@ On CUDA nnU-Net wraps the forward pass and loss in ``torch.autocast("cuda")`` (f
 ``GradScaler``; on the CPU it does neither. Here the real train_step runs inside ``torch.autocast("cpu",
 dtype=torch.float16)`` with a CPU ``GradScaler`` given to the trainer, so the same code path runs in float16.
 """
+from pathlib import Path
+
 import pytest
 import torch
 from gpu_path import CASES, TRAINERS, synthetic_batch, tiny_trainer
@@ -36,3 +38,21 @@ def test_float16_train_step_has_finite_loss_and_gradients(name, dimension, tmp_p
     # the scaler found no inf/NaN at the full loss scale (it would have halved it and skipped the step)
     assert trainer.grad_scaler.get_scale() == initial_scale
     assert any(not torch.equal(a, b) for a, b in zip(weights_before, trainer.network.parameters()))
+
+
+def test_a_network_torch_compile_cannot_compile_stops_with_what_to_do(tmp_path):
+    """A compiler backend that fails (as inductor failed for FIAS on an H200): the train step raises one error
+    naming nnUNet_compile=f, written to the training log too; the compiler's error stays chained."""
+    trainer = tiny_trainer("GRCSFTrainer", "2d", tmp_path)
+
+    def failing_backend(graph_module, example_inputs):
+        raise NotImplementedError("no kernel for this op")
+
+    torch._dynamo.reset()
+    trainer.network = torch.compile(trainer.network, backend=failing_backend)
+    with pytest.raises(RuntimeError, match=r"GRCSFTrainer: torch.compile could not compile this network on cpu "
+                                           r"\(torch .*\): .*no kernel for this op.*\n.*nnUNet_compile=f") as raised:
+        trainer.train_step(synthetic_batch(trainer))
+    assert isinstance(raised.value.__cause__, torch._dynamo.exc.BackendCompilerFailed)
+    assert "nnUNet_compile=f" in Path(trainer.log_file).read_text()
+    torch._dynamo.reset()

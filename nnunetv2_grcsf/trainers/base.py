@@ -7,6 +7,7 @@ torch.compile on CUDA, DDP, validation, checkpoints). At inference nnU-Net's pre
 so everything the network needs must be derivable from those plans (see residual_channels.py).
 """
 
+import contextlib
 import os
 import random
 
@@ -45,6 +46,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def compile_failure_explained(trainer):
+    """Re-raises torch.compile's failure to compile ``trainer``'s network (BackendCompilerFailed, a long compiler
+    traceback) with what to do: train uncompiled with nnU-Net's own switch ``nnUNet_compile=f``; the message goes to
+    the training log too. Other errors pass unchanged."""
+    try:
+        yield
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        cause = getattr(error, "inner_exception", None) or error  # what the compiler raised
+        headline = f"{type(cause).__name__}: " + (str(cause).strip().splitlines() or [""])[0]
+        message = (f"{type(trainer).__name__}: torch.compile could not compile this network on {trainer.device} "
+                   f"(torch {torch.__version__}): {headline}\nTrain it without compiling, with nnU-Net's own switch: "
+                   f"`nnUNet_compile=f nnUNetv2_train ...` (the compiler's traceback is above).")
+        trainer.print_to_log_file(message)
+        raise RuntimeError(message) from error
+
+
 class PluginTrainer(nnUNetTrainer):
     """nnUNetTrainer that builds ``network_class_name`` from the plans' arch_kwargs plus ``network_kwargs``.
 
@@ -60,6 +78,9 @@ class PluginTrainer(nnUNetTrainer):
     - fine-tuning from a plain nnU-Net model: ``-pretrained_weights`` needs a start checkpoint made by
       ``nnunetv2_grcsf pretrained-weights`` (pretrained.py); given the plain model, ``initialize`` says so.
     - ``schedule``: attributes of nnUNetTrainer to override (``num_epochs``, ``num_iterations_per_epoch``...).
+
+    A network that torch.compile cannot compile (nnU-Net compiles on CUDA by default) stops training with a
+    message naming ``nnUNet_compile=f`` (compile_failure_explained), in the console and the training log.
 
     Seed: with ``NNUNETV2_GRCSF_SEED`` set, python, numpy and torch are seeded (with seed + DDP rank, so that
     ranks sample different batches; DDP copies rank 0's initial weights to all) before nnU-Net builds the network
@@ -110,6 +131,14 @@ class PluginTrainer(nnUNetTrainer):
         super().save_checkpoint(filename)
         if self.mae_entry is not None and self.local_rank == 0 and not self.disable_checkpointing:
             add_to_checkpoint(filename, self.mae_entry)
+
+    def train_step(self, batch: dict) -> dict:
+        with compile_failure_explained(self):
+            return super().train_step(batch)
+
+    def validation_step(self, batch: dict) -> dict:
+        with compile_failure_explained(self):
+            return super().validation_step(batch)
 
     def get_training_transforms(self, *args, **kwargs):
         """nnU-Net's training augmentation; its intensity transforms skip the residual channels (fixed scale)."""
