@@ -50,9 +50,33 @@ def test_a_network_torch_compile_cannot_compile_stops_with_what_to_do(tmp_path):
 
     torch._dynamo.reset()
     trainer.network = torch.compile(trainer.network, backend=failing_backend)
+    trainer._do_i_compile = lambda: True  # as on CUDA (nnU-Net never compiles on the CPU)
     with pytest.raises(RuntimeError, match=r"GRCSFTrainer: torch.compile could not compile this network on cpu "
-                                           r"\(torch .*\): .*no kernel for this op.*\n.*nnUNet_compile=f") as raised:
+                                           r"\(torch .*\): NotImplementedError: no kernel for this op\n"
+                                           r"Train it without compiling.*`nnUNet_compile=f nnUNetv2_train") as raised:
         trainer.train_step(synthetic_batch(trainer))
     assert isinstance(raised.value.__cause__, torch._dynamo.exc.BackendCompilerFailed)
     assert "nnUNet_compile=f" in Path(trainer.log_file).read_text()
+    trainer._do_i_compile = lambda: False  # a kernel the network compiles itself, nnU-Net not compiling
+    with pytest.raises(RuntimeError, match=r"could not compile a kernel of this network") as raised:
+        trainer.train_step(synthetic_batch(trainer))
+    assert "nnUNet_compile=f" not in str(raised.value)
     torch._dynamo.reset()
+
+
+def test_fias_msda_implementation_follows_its_environment_variable(tmp_path, monkeypatch):
+    """NNUNETV2_GRCSF_MSDA chooses every MSDA's implementation (the predictor builds with the same call); a wrong
+    value stops with the variable's name; a failed compile of FIAS names it as the other way out."""
+    from nnunetv2_grcsf.architectures.blocks import MultiScaleDilatedAttention
+
+    def implementations(trainer):
+        return {m.implementation for m in trainer.network.modules() if isinstance(m, MultiScaleDilatedAttention)}
+
+    assert implementations(tiny_trainer("FIASTrainer", "2d", tmp_path)) == {"auto"}
+    monkeypatch.setenv("NNUNETV2_GRCSF_MSDA", "loop")
+    trainer = tiny_trainer("GRCSF_FIASTrainer", "2d", tmp_path)
+    assert implementations(trainer) == {"loop"}
+    assert "NNUNETV2_GRCSF_MSDA=loop" in trainer.compile_failure_advice
+    monkeypatch.setenv("NNUNETV2_GRCSF_MSDA", "fast")
+    with pytest.raises(SystemExit, match=r"NNUNETV2_GRCSF_MSDA='fast' is not one of auto, flex, loop"):
+        tiny_trainer("FIASTrainer", "2d", tmp_path)

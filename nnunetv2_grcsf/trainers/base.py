@@ -48,17 +48,21 @@ def seed_everything(seed: int) -> None:
 
 @contextlib.contextmanager
 def compile_failure_explained(trainer):
-    """Re-raises torch.compile's failure to compile ``trainer``'s network (BackendCompilerFailed, a long compiler
-    traceback) with what to do: train uncompiled with nnU-Net's own switch ``nnUNet_compile=f``; the message goes to
-    the training log too. Other errors pass unchanged."""
+    """Re-raises torch.compile's failure to compile ``trainer``'s network, or a kernel the network compiles itself
+    (BackendCompilerFailed, a long compiler traceback), with what to do: train uncompiled with nnU-Net's own switch
+    ``nnUNet_compile=f``, and the trainer's ``compile_failure_advice``; the message goes to the training log too.
+    Other errors pass unchanged."""
     try:
         yield
     except torch._dynamo.exc.BackendCompilerFailed as error:
         cause = getattr(error, "inner_exception", None) or error  # what the compiler raised
         headline = f"{type(cause).__name__}: " + (str(cause).strip().splitlines() or [""])[0]
-        message = (f"{type(trainer).__name__}: torch.compile could not compile this network on {trainer.device} "
-                   f"(torch {torch.__version__}): {headline}\nTrain it without compiling, with nnU-Net's own switch: "
-                   f"`nnUNet_compile=f nnUNetv2_train ...` (the compiler's traceback is above).")
+        compiling = trainer._do_i_compile()
+        message = (f"{type(trainer).__name__}: torch.compile could not compile "
+                   f"{'this network' if compiling else 'a kernel of this network'} on {trainer.device} "
+                   f"(torch {torch.__version__}): {headline}\n"
+                   + ("Train it without compiling, with nnU-Net's own switch: `nnUNet_compile=f nnUNetv2_train ...`. "
+                      if compiling else "") + trainer.compile_failure_advice + "(The compiler's traceback is above.)")
         trainer.print_to_log_file(message)
         raise RuntimeError(message) from error
 
@@ -80,7 +84,8 @@ class PluginTrainer(nnUNetTrainer):
     - ``schedule``: attributes of nnUNetTrainer to override (``num_epochs``, ``num_iterations_per_epoch``...).
 
     A network that torch.compile cannot compile (nnU-Net compiles on CUDA by default) stops training with a
-    message naming ``nnUNet_compile=f`` (compile_failure_explained), in the console and the training log.
+    message naming ``nnUNet_compile=f`` and ``compile_failure_advice`` (compile_failure_explained), in the
+    console and the training log.
 
     Seed: with ``NNUNETV2_GRCSF_SEED`` set, python, numpy and torch are seeded (with seed + DDP rank, so that
     ranks sample different batches; DDP copies rank 0's initial weights to all) before nnU-Net builds the network
@@ -108,6 +113,9 @@ class PluginTrainer(nnUNetTrainer):
             setattr(self, name, value)
         self.print_to_log_file(f"seed: {self.seed} (from {SEED_VARIABLE})" if self.seed is not None else
                                f"seed: none ({SEED_VARIABLE} is unset), as nnU-Net: this run is not reproducible")
+
+    #: What else to try when torch.compile fails (compile_failure_explained), a sentence or ""
+    compile_failure_advice = ""
 
     #: The MAE entry stored in every checkpoint (model_mae.py); set at training start, None without an MAE.
     mae_entry = None

@@ -1,10 +1,28 @@
 """FIAS trainers: the FIAS network alone, and FIAS with GRCSF's Region Compensation Unit; each with nnU-Net's
 SGD recipe or with AdamW and warm-up (``...AdamW``, trainers/recipes.py), as transformers are usually trained."""
 
+import os
+
 from nnunetv2_grcsf.trainers.base import PluginTrainer
 from nnunetv2_grcsf.trainers.recipes import AdamWWarmupRecipe
 
 FIAS_NETWORK = "nnunetv2_grcsf.architectures.fias.FIASUNet"
+#: Environment variable choosing the MSDA's implementation (blocks/msda.py): auto (default), flex or loop
+MSDA_VARIABLE = "NNUNETV2_GRCSF_MSDA"
+
+
+def msda_implementation_from_environment() -> dict:
+    """``{'msda_implementation': NNUNETV2_GRCSF_MSDA}``, or {} when it is unset or empty (the network's default,
+    'auto'). The implementations compute the same function, so a model trained with one predicts with another."""
+    from nnunetv2_grcsf.architectures.blocks.msda import IMPLEMENTATIONS
+
+    value = os.environ.get(MSDA_VARIABLE, "").strip()
+    if not value:
+        return {}
+    if value not in IMPLEMENTATIONS:
+        raise SystemExit(f"{MSDA_VARIABLE}={value!r} is not one of {', '.join(IMPLEMENTATIONS)}: e.g. "
+                         f"`export {MSDA_VARIABLE}=loop`, or unset it for the default (auto).")
+    return {"msda_implementation": value}
 
 
 class FIASTrainer(PluginTrainer):
@@ -12,15 +30,19 @@ class FIASTrainer(PluginTrainer):
 
     network_class_name = FIAS_NETWORK
     network_kwargs = {"use_rcu": False}
+    compile_failure_advice = (f"FIAS's MSDA compiles flex_attention on CUDA even then; `{MSDA_VARIABLE}=loop` computes "
+                              f"it with plain PyTorch ops instead (the same function). ")
 
     @classmethod
     def configuration_network_kwargs(cls, configuration_manager) -> dict:
-        """Dilated attention only where the stage's feature map at the plans' patch size holds its window."""
+        """Dilated attention only where the stage's feature map at the plans' patch size holds its window; the
+        MSDA implementation of ``NNUNETV2_GRCSF_MSDA``."""
         from nnunetv2_grcsf.architectures.fias import stage_attention_for_patch_size
 
         arch = configuration_manager.network_arch_init_kwargs
         return {"stage_attention": stage_attention_for_patch_size(configuration_manager.patch_size, arch["strides"],
-                                                                  arch["kernel_sizes"])}
+                                                                  arch["kernel_sizes"]),
+                **msda_implementation_from_environment()}
 
 
 class GRCSF_FIASTrainer(FIASTrainer):
