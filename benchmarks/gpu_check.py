@@ -441,7 +441,7 @@ def main(argv=None):
                 report["smoke"] = results
                 write_report()
 
-            smoke_runs(trainers, device, args.compile == "on", folder, deadline, record)
+            report["smoke"] = smoke_runs(trainers, device, args.compile == "on", folder, deadline, record)
     write_report()
     print(f"wrote {args.output_dir / stem}.json and .md")
     failed = [r["row"] for r in report["rows"] if "error" in r] + [n for n, r in report["smoke"].items()

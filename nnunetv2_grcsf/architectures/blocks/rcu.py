@@ -32,7 +32,8 @@ queries, a sigmoid importance; none of its code is used here):
   (9 or 27 keys) is several times slower (measured, README's speed section). 'window_sum': no regrouping of the
   pixels, one broadcast product and sum per window offset on the features' own layout (elementwise ops that
   torch.compile fuses); a candidate for CUDA under torch.compile, where the choice is measured by
-  ``benchmarks/rcu_attention_speed.py --device cuda --compile`` (eager on the CPU it is 3-4x slower than SDPA).
+  ``benchmarks/rcu_attention_speed.py --device cuda --compile`` (eager on the CPU it is 3.5x (2D) to 14x (3D)
+  slower than SDPA: benchmarks/results/rcu_attention_cpu.md).
 - Position: a fixed, not learned, relative position bias in the attention logits, computed from the grid:
   -d^2 / (2 sigma_h^2) for head h, d = the distance in patch units between the query pixel (where it lies in
   its patch) and the key patch's centre, sigma_h = 0.5 * 2^h (head 0 looks mostly at the pixel's own patch,
