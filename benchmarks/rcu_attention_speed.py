@@ -1,4 +1,4 @@
-"""The RCU's attention layouts side by side (rcu.ATTENTION_LAYOUTS: SDPA, keys first, window sum), CPU or CUDA.
+"""The RCU's attention layouts side by side (rcu.ATTENTION_LAYOUTS), on the CPU or CUDA.
 
 Builds GRCSFTrainer's network from the stored BUSI256 (2d) and Hippocampus (3d_fullres) plans, with one residual
 channel as it trains, runs one forward pass on a random batch to catch each RCU's inputs, then times each RCU's

@@ -39,7 +39,7 @@ def test_rcu_attention_speed_times_every_layout_at_every_rcu_of_the_network(tmp_
     report = json.loads(output.with_suffix(".json").read_text())
     assert [row["rcu"] for row in report["rows"]] == ["decoder.region_compensation.1", "decoder.region_compensation.0"]
     assert [row["features"] for row in report["rows"]] == [[1, 64, 112, 128], [1, 32, 224, 256]]
-    assert report["layouts"] == ["sdpa", "keys_first", "window_sum"]
+    assert report["layouts"] == ["sdpa", "sdpa_folded", "keys_first", "window_sum"]
     for row in report["rows"]:
         assert all(row["median_s"][layout] > 0 for layout in report["layouts"]) and row["ratio_median"]["sdpa"] == 1
     assert "| busi256 | `decoder.region_compensation.0` | 1x32x224x256 |" in output.with_suffix(".md").read_text()

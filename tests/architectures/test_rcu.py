@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from nnunetv2_grcsf.architectures.blocks.rcu import (ATTENTION_LAYOUTS, RegionCompensationUnit,
-                                                     default_token_patch_size, distance_bias, split_into_patches,
-                                                     windowed_cross_attention)
+                                                     default_token_patch_size, distance_bias, low_rank_factors,
+                                                     split_into_patches, windowed_cross_attention)
 
 
 def rcu_inputs(batch, feature_channels, residual_size, feature_stride, residual_channels, global_channels,
@@ -87,10 +87,10 @@ def test_windowed_attention_equals_an_explicit_softmax_qkt_v(size, grid, window,
     assert torch.allclose(out, explicit_windowed_attention(*inputs), atol=1e-10)
 
 
-@pytest.mark.parametrize("layout", ["keys_first", "window_sum"])
+@pytest.mark.parametrize("layout", ["sdpa_folded", "keys_first", "window_sum"])
 @pytest.mark.parametrize("size, grid, window, num_heads", ATTENTION_CASES + [((16, 24, 8), (2, 3, 1), 3, 2)])
 def test_each_attention_layout_equals_sdpa_forward_and_backward(size, grid, window, num_heads, layout):
-    """The CPU layout (the default on CPU tensors) and the window sum against SDPA (the plain version), float32."""
+    """Each layout against SDPA with its mask (the plain version), float32."""
     query, key, value, log_prior, *settings = attention_inputs(size, grid, window, num_heads, torch.float32)
     differentiable = [t.requires_grad_() for t in (query, key, value, log_prior)]
     output_gradient = torch.randn(query.shape, generator=torch.Generator().manual_seed(1))
@@ -119,7 +119,8 @@ def test_float16_attention_computes_logits_beyond_float16s_range_in_float32(layo
 def test_windowed_attention_compiles_without_graph_breaks(layout):
     inputs = attention_inputs((8, 6), (4, 3), 3, 2, torch.float32)
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(windowed_cross_attention)(*inputs, layout=layout)
+    bias_factors = low_rank_factors(inputs[-1])  # as the RCU holds them (computing them is an SVD)
+    explanation = torch._dynamo.explain(windowed_cross_attention)(*inputs, layout=layout, bias_factors=bias_factors)
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
@@ -140,6 +141,14 @@ def test_an_unknown_attention_layout_is_refused():
         RegionCompensationUnit(nn.Conv2d, 8, 1, 16, 4, attention_layout="flash")
     with pytest.raises(ValueError, match="window_sum"):
         windowed_cross_attention(*attention_inputs((8, 6), (4, 3), 3, 2), layout="flash")
+
+
+@pytest.mark.parametrize("pixels_per_patch, rank", [((4, 4), 4), ((2, 4, 4), 5), ((1, 8, 8), 4)])
+def test_low_rank_factors_give_the_distance_bias_back_at_rank_d_plus_2(pixels_per_patch, rank):
+    bias = distance_bias(pixels_per_patch, 3, [0.5, 1.0])
+    query_factor, key_factor = low_rank_factors(bias)
+    assert query_factor.shape == (1, 2, bias.shape[2], rank) and key_factor.shape == (1, 2, bias.shape[3], rank)
+    assert torch.allclose(query_factor @ key_factor.transpose(-1, -2), bias, atol=1e-5)
 
 
 def test_distance_bias_prefers_the_pixels_own_patch_and_the_near_side():

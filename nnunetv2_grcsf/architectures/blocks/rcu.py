@@ -21,19 +21,23 @@ queries, a sigmoid importance; none of its code is used here):
   patches, a window of ``window``^d patches (tokens beyond the border do not take part). A local window keeps
   the cost linear in the pixels (a global one costs N_pixels x N_patches) and a residual patch's influence
   near it. The values are C wide: the attention is linear in them, so the value projection also plays the
-  output projection's role (no per-pixel output projection). Three layouts compute the same attention
-  (``ATTENTION_LAYOUTS``, each tested against an explicit softmax(QK^T)V and against SDPA, forward and backward):
+  output projection's role (no per-pixel output projection). Four layouts compute the same attention
+  (``ATTENTION_LAYOUTS``, each tested against an explicit softmax(QK^T)V and against SDPA, forward and backward;
+  their CPU times: benchmarks/results/rcu_attention_cpu.md):
   'sdpa', by default on CUDA (every device but the CPU): ``torch.nn.functional.scaled_dot_product_attention``
   over the pixels grouped by patch, the bias and log priors as its additive mask; for float16/bfloat16 inputs
   (autocast) every backend computes the logits and the softmax in float32 (the fused kernels accumulate in
-  float32, the math backend upcasts), so they cannot overflow. 'keys_first', by default on the CPU, where SDPA
-  takes its math path (the mask carries the learned importance): plain matmuls laid out keys first, the softmax
-  over the second-to-last axis, in float32 at least: torch's CPU softmax over a last axis as short as a window
-  (9 or 27 keys) is several times slower (measured, README's speed section). 'window_sum': no regrouping of the
-  pixels, one broadcast product and sum per window offset on the features' own layout (elementwise ops that
-  torch.compile fuses); a candidate for CUDA under torch.compile, where the choice is measured by
-  ``benchmarks/rcu_attention_speed.py --device cuda --compile`` (eager on the CPU it is 3.5x (2D) to 14x (3D)
-  slower than SDPA: benchmarks/results/rcu_attention_cpu.md).
+  float32, the math backend upcasts), so they cannot overflow.
+  'sdpa_folded': the same without a mask, the bias (by its exact low-rank factors) and the log priors folded into
+  extra query and key channels, so that CUDA can take its flash kernels; a candidate there (on the CPU 1.1-1.3x
+  SDPA's time).
+  'keys_first', by default on the CPU, where SDPA takes its math path (the mask carries the learned importance):
+  plain matmuls laid out keys first, the softmax over the second-to-last axis, in float32 at least: torch's CPU
+  softmax over a last axis as short as a window (9 or 27 keys) is several times slower (README's speed section).
+  'window_sum': no regrouping of the pixels, one broadcast product and sum per window offset on the features' own
+  layout (elementwise ops that torch.compile fuses); a candidate for CUDA under torch.compile (eager on the CPU
+  3-4x (2D) to 11-13x (3D) SDPA's time).
+  Which layout CUDA should use is measured by ``benchmarks/rcu_attention_speed.py --device cuda [--compile]``.
 - Position: a fixed, not learned, relative position bias in the attention logits, computed from the grid:
   -d^2 / (2 sigma_h^2) for head h, d = the distance in patch units between the query pixel (where it lies in
   its patch) and the key patch's centre, sigma_h = 0.5 * 2^h (head 0 looks mostly at the pixel's own patch,
@@ -66,7 +70,7 @@ Interface (reused by the FIAS-based networks)::
 """
 import itertools
 import math
-from typing import List, Optional, Sequence, Type, Union
+from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -80,7 +84,8 @@ from nnunetv2_grcsf.architectures.helpers import feature_map_estimate
 
 DEFAULT_TOKEN_PATCH_EDGE = 8  # the MAE's patch edge (nnunetv2_grcsf.mae presets)
 EXCLUDED_LOG_WEIGHT = -1000.0  # exp() of it is 0 in float32, and it fits float16
-ATTENTION_LAYOUTS = ("sdpa", "keys_first", "window_sum")  # windowed_cross_attention's layouts, the same function
+#: windowed_cross_attention's layouts, the same function
+ATTENTION_LAYOUTS = ("sdpa", "sdpa_folded", "keys_first", "window_sum")
 
 
 def default_token_patch_size(strides: Sequence[Sequence[int]], edge: int = DEFAULT_TOKEN_PATCH_EDGE) -> List[int]:
@@ -169,9 +174,21 @@ def distance_bias(pixels_per_patch: Sequence[int], window: int, sigmas: Sequence
     return (-squared[None] / (2 * sigmas ** 2)).unsqueeze(0).float()
 
 
+def low_rank_factors(bias: torch.Tensor, tolerance: float = 1e-7) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact low-rank factors of a per-head bias (1, h, Q, W): (1, h, Q, r) and (1, h, W, r) whose product is the
+    bias (an SVD in float64, the singular values split evenly; r the largest numerical rank of the heads; in the
+    bias's dtype). A
+    distance bias has rank d + 2 at most (|x|^2 - 2 x.o + |o|^2): r = 4 in 2D, 5 in 3D."""
+    u, singular, v_transposed = torch.linalg.svd(bias.double(), full_matrices=False)
+    rank = int((singular > tolerance * singular.amax(-1, keepdim=True)).sum(-1).max())
+    root = singular[..., :rank].sqrt()
+    return ((u[..., :rank] * root[..., None, :]).to(bias.dtype),
+            (v_transposed[..., :rank, :].transpose(-1, -2) * root[..., None, :]).to(bias.dtype))
+
+
 def windowed_cross_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, log_prior: torch.Tensor,
-                             num_heads: int, window: int, bias: torch.Tensor, layout: Optional[str] = None
-                             ) -> torch.Tensor:
+                             num_heads: int, window: int, bias: torch.Tensor, layout: Optional[str] = None,
+                             bias_factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Every pixel attends to the tokens of its patch's window; multi-head.
 
     query (B, C, *(T * q)) pixel queries; key, value (B, C, *T) patch tokens; log_prior (B, 1, *T) a log-weight
@@ -182,7 +199,10 @@ def windowed_cross_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     Head h: softmax_j(q_h . k_hj / sqrt(C / h) + log_prior_j + bias_hj) v_hj, computed in one of three layouts
     (``layout``, see :data:`ATTENTION_LAYOUTS`; None: :func:`default_attention_layout`), the same function:
     'sdpa' the pixels grouped by patch (B * M, h, prod(q), c) against their window's tokens (B * M, h, window^d, c),
-    the bias and log priors as SDPA's additive mask; 'keys_first' the same grouping through
+    the bias and log priors as SDPA's additive mask; 'sdpa_folded' the same grouping, the bias and priors folded
+    into extra query and key channels (:func:`folded_sdpa_attention`; ``bias_factors``, the bias's
+    :func:`low_rank_factors`, computed here by an SVD if not given, a graph break under torch.compile: the RCU
+    holds them); 'keys_first' the same grouping through
     :func:`keys_first_attention`; 'window_sum' no grouping: :func:`window_sum_attention`.
     """
     layout = default_attention_layout(query) if layout is None else layout
@@ -203,6 +223,10 @@ def windowed_cross_attention(query: torch.Tensor, key: torch.Tensor, value: torc
         attended = keys_first_attention(group_pixels_by_patch(query, grid, num_heads, pixels_last=True), keys,
                                         values, bias.transpose(-1, -2), window_prior)
         return ungroup_pixels(attended, batch, grid, within, pixels_last=True)
+    if layout == "sdpa_folded":
+        attended = folded_sdpa_attention(group_pixels_by_patch(query, grid, num_heads), keys, values, window_prior,
+                                         *(bias_factors or low_rank_factors(bias)))
+        return ungroup_pixels(attended, batch, grid, within)
     attended = F.scaled_dot_product_attention(group_pixels_by_patch(query, grid, num_heads), keys, values,
                                               attn_mask=(bias + window_prior.transpose(-1, -2)).to(query.dtype))
     return ungroup_pixels(attended, batch, grid, within)
@@ -226,6 +250,32 @@ def keys_first_attention(queries: torch.Tensor, keys: torch.Tensor, values: torc
             logits = logits + mask.to(compute_dtype)
         attended = torch.matmul(values.to(compute_dtype).transpose(-1, -2), torch.softmax(logits, dim=-2))
     return attended.to(queries.dtype)
+
+
+def folded_sdpa_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window_prior: torch.Tensor,
+                          query_factor: torch.Tensor, key_factor: torch.Tensor) -> torch.Tensor:
+    """SDPA without a mask: queries (N, h, Q, c), keys and values (N, h, W, c), window_prior (N, 1, W, 1) (each
+    key's log prior) and the bias's low-rank factors (1, h, Q, r), (1, h, W, r) -> (N, h, Q, c).
+
+    logit = q.k / sqrt(c) + prior_j + bias_pj, with bias = F_q F_k^T, is the scaled dot product of
+    q' = [q, F_q / s, 1 / s] and k' = [k, F_k / s, prior / s] (s = c^-1/4: the extra channels carry the scale,
+    split evenly between the two so that neither grows large in float16); q', k' and v are zero-padded to a
+    multiple of 8 channels. Without a mask and with equal head sizes, SDPA can take its fused flash kernels on CUDA
+    (with a mask it takes the memory-efficient or the math kernel, and computes a mask gradient)."""
+    batch, heads, pixels, channels = queries.shape
+    window = keys.shape[2]
+    scale, root = channels ** -0.5, channels ** -0.25
+    dtype = queries.dtype
+    extra_queries = torch.cat([query_factor.to(dtype) / root,
+                               torch.full_like(query_factor[..., :1], 1 / root, dtype=dtype)], -1)
+    extra_keys = torch.cat([key_factor.to(dtype).expand(batch, heads, window, -1),
+                            window_prior.to(dtype).expand(batch, heads, window, 1)], -1) / root
+    width = channels + extra_keys.shape[-1]
+    padding = (0, -(-width // 8) * 8 - width)
+    q = F.pad(torch.cat([queries, extra_queries.expand(batch, heads, pixels, -1)], -1), padding)
+    k = F.pad(torch.cat([keys.to(dtype), extra_keys], -1), padding)
+    v = F.pad(values.to(dtype), (0, q.shape[-1] - channels))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :channels]
 
 
 def window_sum_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prior: torch.Tensor,
@@ -359,6 +409,9 @@ class RegionCompensationUnit(nn.Module):
         self.register_buffer("attention_bias", distance_bias(self.pixels_per_patch, window,
                                                              [0.5 * 2 ** h for h in range(num_heads)]),
                              persistent=False)
+        query_factor, key_factor = low_rank_factors(self.attention_bias)  # for the 'sdpa_folded' layout
+        self.register_buffer("attention_bias_query_factor", query_factor, persistent=False)
+        self.register_buffer("attention_bias_key_factor", key_factor, persistent=False)
 
     def _check_shapes(self, features: torch.Tensor, residual_map: torch.Tensor,
                       global_features: torch.Tensor) -> List[int]:
@@ -387,7 +440,8 @@ class RegionCompensationUnit(nn.Module):
         key, value = self.key_value(tokens).transpose(1, 2).reshape(batch, -1, *grid).chunk(2, dim=1)
         attended = windowed_cross_attention(self.query(features), key, value * importance,
                                             F.logsigmoid(importance_logits), self.num_heads, self.window,
-                                            self.attention_bias, self.attention_layout)
+                                            self.attention_bias, self.attention_layout,
+                                            (self.attention_bias_query_factor, self.attention_bias_key_factor))
         # the projection is linear without bias: scaling its K input channels by the score scales its output
         pixel_importance = F.interpolate(importance, size=list(features.shape[2:]), mode="nearest")
         return features + attended + self.pixel_projection(self.pool(residual_map) * pixel_importance)
