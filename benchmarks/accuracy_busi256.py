@@ -28,7 +28,9 @@ their labels by ``nnunetv2_grcsf evaluate``.
   trained on the residual data set, of ``TRAINER``'s row, or of ``TRAINER+residual``'s for nnUNetTrainer, tested
   with each test image's residual replaced by the residual of another test image:
   a fixed derangement, ``benchmark_statistics.derangement`` with ``--split-seed``, the partner's residual
-  resampled to the image's size; it costs predictions only).
+  resampled to the image's size; it costs predictions only), or ``nnUNetTrainer+zero_channel`` (trained and tested
+  on the residual data set with its residual channel all zeros, Dataset809: a second input channel without
+  information).
 - Statistics: per row the mean and standard deviation over seeds of the mean per-image Dice, pooled Dice, HD95
   and lesion F1, and the paired bootstrap 95 % interval of the per-image Dice difference to ``nnUNetTrainer``
   (each image's Dice averaged over the seeds of each row first; 10000 resamples over images, seeded):
@@ -54,12 +56,13 @@ from typing import List, Optional, Tuple
 from benchmark_statistics import DEFAULT_SEED, paired_comparisons, summarize_rows
 from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_sentence, error_row, every_run_section,
                               finished_results, held_out_test_split, link_dataset, locked, make_residual_dataset,
-                              parse_with_smoke_settings, plan_and_preprocess, record_result, residual_test_inputs,
-                              run_argument_parser, seed_statistics_cells, shared_dataset, shuffled_test_inputs,
-                              subset_cases, train_and_score)
+                              make_zero_channel_dataset, parse_with_smoke_settings, plan_and_preprocess, record_result,
+                              residual_test_inputs, run_argument_parser, seed_statistics_cells, shared_dataset,
+                              shuffled_test_inputs, subset_cases, train_and_score, zero_channel_test_inputs)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME, FILE_ENDING = 802, 803, "BUSI256", ".png"
+ZERO_CHANNEL_ID = 809  # the residual data set with its residual channel all zeros (Row zero_channel)
 BASELINE = "nnUNetTrainer"
 DEFAULT_ROWS = ["nnUNetTrainer", "nnUNetTrainer+residual", "GRCSFTrainer", "GRCSFTrainer_noRCU", "GRCSFTrainer_noGCU",
                 "GRCSFTrainer+shuffled_residual", "GRCSFTrainer_residualInEncoder", "FIASTrainer", "FIASTrainerAdamW",
@@ -68,6 +71,7 @@ ROW_NOTES = {"nnUNetTrainer+residual": "residual as a plain extra input channel"
              "GRCSFTrainer_noRCU": "GCU only", "GRCSFTrainer_noGCU": "RCU only",
              "GRCSFTrainer+shuffled_residual": "GRCSFTrainer's models, each test image with another's residual",
              "nnUNetTrainer+shuffled_residual": "the plain channel's models, each test image with another's residual",
+             "nnUNetTrainer+zero_channel": "nnU-Net, an extra input channel of zeros",
              "GRCSFTrainer_residualInEncoder": "GRCSF, its encoder also reading the residual"}
 #: (row, reference, what the paired difference row - reference answers): the controls an expert reads against
 #: the trainer rather than against nnU-Net; shown for the pairs whose two rows have runs.
@@ -78,6 +82,8 @@ CONTROL_COMPARISONS = [
                                                        "than another image's: is the residual read?"),
     ("nnUNetTrainer+residual", "nnUNetTrainer+shuffled_residual", "the plain channel's models given each image's own "
                                                                     "residual rather than another image's"),
+    ("nnUNetTrainer+residual", "nnUNetTrainer+zero_channel", "the plain channel against an extra channel of zeros: "
+                                                               "its content, or a second input channel at all?"),
     ("GRCSFTrainer", "GRCSFTrainer_noRCU", "what the RCU adds to the GCU"),
     ("GRCSFTrainer", "GRCSFTrainer_noGCU", "what the GCU adds to the RCU"),
     ("GRCSFTrainer_residualInEncoder", "nnUNetTrainer+residual", "GRCSF with the residual in its encoder too, against "
@@ -97,7 +103,7 @@ __all__ = ["subset_cases", "format_table", "plot", "interval", "report_seeds", "
 # ------------------------------------------------------------------------------------------ prepare
 def prepare(workspace: Workspace, args, rows: List[Row]) -> Tuple[dict, dict, dict]:
     """The data sets and test inputs the rows need: ``({dataset_id: configuration}, {"source" | "residual" |
-    "shuffled": test input folder}, MAE record)``."""
+    "shuffled" | "zero": test input folder}, MAE record)``."""
     configurations, inputs, mae = {}, {}, {}
     with locked(workspace.root / ".prepare.lock"):
         link_dataset(workspace, shared_dataset(f"Dataset{SOURCE_ID}_{DATASET_NAME}", args.data), SOURCE_ID,
@@ -112,6 +118,13 @@ def prepare(workspace: Workspace, args, rows: List[Row]) -> Tuple[dict, dict, di
                 if any(row.shuffled for row in rows):
                     inputs["shuffled"] = shuffled_test_inputs(workspace, SOURCE_ID, inputs["residual"],
                                                               mae["residual_channels"], FILE_ENDING, args.split_seed)
+                if any(row.zero_channel for row in rows):
+                    make_zero_channel_dataset(workspace, RESIDUAL_ID, ZERO_CHANNEL_ID, mae["residual_channels"],
+                                              FILE_ENDING)
+                    configurations[ZERO_CHANNEL_ID] = plan_and_preprocess(workspace, ZERO_CHANNEL_ID, "2d",
+                                                                          args.batch_size)
+                    inputs["zero"] = zero_channel_test_inputs(inputs["residual"], mae["residual_channels"],
+                                                              FILE_ENDING)
             except RuntimeError as error:  # the other rows still run; these report the error
                 print(f"  the residual data set could not be made: {error}", flush=True)
     return configurations, inputs, mae
@@ -119,9 +132,9 @@ def prepare(workspace: Workspace, args, rows: List[Row]) -> Tuple[dict, dict, di
 
 def run_row(workspace: Workspace, args, row: Row, seed: int, configurations: dict, inputs: dict) -> dict:
     """Train (or reuse), predict the test images and score one row at one seed; an error is returned, not raised."""
-    dataset_id = RESIDUAL_ID if row.residual_data else SOURCE_ID
+    dataset_id = ZERO_CHANNEL_ID if row.zero_channel else RESIDUAL_ID if row.residual_data else SOURCE_ID
     full_name = f"{row.trainer}_{args.budget}"
-    kind = "shuffled" if row.shuffled else "residual" if row.residual_data else "source"
+    kind = row.test_inputs_kind()
     started = time.perf_counter()
     result = {"trainer": row.trainer, "trained_as": full_name, "test_inputs_kind": kind}
     try:

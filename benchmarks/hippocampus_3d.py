@@ -22,6 +22,9 @@ lesion-wise F1, with best/worst overlay PNGs of the first seed).
   test cases, ``--split-seed``; the partner's residual resampled (linear) to the case's grid; the pairs in the work
   folder's ``test_inputs/*_shuffled/pairing.json``): is the residual's content read?
   ``nnUNetTrainer+shuffled_residual``: the same for the plain channel's models (those of ``nnUNetTrainer+residual``).
+  ``nnUNetTrainer+zero_channel``: nnU-Net trained and tested on Dataset808_Hippocampus, the residual data set with
+  its residual channel all zeros (same channels, names and normalization): does a second input channel by itself
+  change what 250 steps learn, or is it the residual's content?
 - Budget: configuration ``3d_fullres_bs<B>`` (the planned batch 7 is far too slow for this CPU; added by
   nnU-Net's plans inheritance) and schedule ``<budget>`` (default 10epochs_25iters: 250 training steps; at
   5epochs_20iters, 100 steps, nnU-Net's own network still predicted nothing: Dice 0 on both labels).
@@ -47,12 +50,13 @@ from accuracy_busi256 import check_rows, control_section, interval, report_seeds
 from benchmark_statistics import DEFAULT_SEED
 from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_sentence, error_row, every_run_section,
                               finished_results, held_out_test_split, link_dataset, locked, make_residual_dataset,
-                              parse_with_smoke_settings, plan_and_preprocess, record_result, residual_test_inputs,
-                              run_argument_parser, seed_statistics_cells, shared_dataset, shuffled_test_inputs,
-                              train_and_score)
+                              make_zero_channel_dataset, parse_with_smoke_settings, plan_and_preprocess, record_result,
+                              residual_test_inputs, run_argument_parser, seed_statistics_cells, shared_dataset,
+                              shuffled_test_inputs, train_and_score, zero_channel_test_inputs)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME, FILE_ENDING = 804, 807, "Hippocampus", ".nii.gz"
+ZERO_CHANNEL_ID = 808  # the residual data set with its residual channel all zeros (Row zero_channel)
 DEFAULT_ROWS = ["nnUNetTrainer", "nnUNetTrainer+residual", "GRCSFTrainer", "GRCSFTrainer+shuffled_residual",
                 "GRCSFTrainer_noRCU", "FIASTrainerAdamW", "GRCSF_FIASTrainerAdamW", "FIASTrainer", "GRCSF_FIASTrainer"]
 LABELS = {"1": "anterior", "2": "posterior"}
@@ -64,7 +68,8 @@ SMOKE = {"budget": "2epochs_4iters", "num_cases": 12, "num_test": 2, "mae_steps"
 
 
 def prepare(workspace: Workspace, args, rows) -> tuple:
-    """``({dataset_id: configuration}, {"source" | "residual" | "shuffled": test input folder}, MAE record)``."""
+    """``({dataset_id: configuration}, {"source" | "residual" | "shuffled" | "zero": test input folder}, MAE
+    record)``."""
     configurations, inputs, mae = {}, {}, {}
     with locked(workspace.root / ".prepare.lock"):
         link_dataset(workspace, shared_dataset(f"Dataset{SOURCE_ID}_{DATASET_NAME}", args.data), SOURCE_ID,
@@ -80,6 +85,13 @@ def prepare(workspace: Workspace, args, rows) -> tuple:
                 if any(row.shuffled for row in rows):
                     inputs["shuffled"] = shuffled_test_inputs(workspace, SOURCE_ID, inputs["residual"],
                                                               mae["residual_channels"], FILE_ENDING, args.split_seed)
+                if any(row.zero_channel for row in rows):
+                    make_zero_channel_dataset(workspace, RESIDUAL_ID, ZERO_CHANNEL_ID, mae["residual_channels"],
+                                              FILE_ENDING)
+                    configurations[ZERO_CHANNEL_ID] = plan_and_preprocess(workspace, ZERO_CHANNEL_ID, "3d_fullres",
+                                                                          args.batch_size)
+                    inputs["zero"] = zero_channel_test_inputs(inputs["residual"], mae["residual_channels"],
+                                                              FILE_ENDING)
             except RuntimeError as error:  # the other rows still run; these report the error
                 print(f"  the residual data set could not be made: {error}", flush=True)
     return configurations, inputs, mae
@@ -87,16 +99,16 @@ def prepare(workspace: Workspace, args, rows) -> tuple:
 
 def run_row(workspace: Workspace, args, row: Row, seed: int, configurations: dict, inputs: dict) -> dict:
     """Train (or reuse), predict the test cases and score one row at one seed; an error is returned, not raised."""
-    dataset_id = RESIDUAL_ID if row.residual_data else SOURCE_ID
+    dataset_id = ZERO_CHANNEL_ID if row.zero_channel else RESIDUAL_ID if row.residual_data else SOURCE_ID
     full_name = f"{row.trainer}_{args.budget}"
-    kind = "shuffled" if row.shuffled else "residual" if row.residual_data else "source"
+    kind = row.test_inputs_kind()
     started = time.perf_counter()
     result = {"trainer": row.trainer, "trained_as": full_name, "test_inputs_kind": kind}
     try:
         if dataset_id not in configurations or kind not in inputs:
             raise RuntimeError(f"Dataset{dataset_id} or its test inputs could not be prepared (see {workspace.logs})")
         overlays = inputs[kind] if seed == args.seeds[0] else None
-        prediction_name = f"{full_name}_shuffled" if row.shuffled else full_name
+        prediction_name = f"{full_name}_{kind}"
         result.update(status="ok", **train_and_score(
             workspace, dataset_id, full_name, configurations[dataset_id], args.fold, args.device, seed, inputs[kind],
             prediction_name, workspace.dataset_folder(SOURCE_ID) / "labelsTs", overlays))

@@ -330,7 +330,6 @@ def shuffled_residual_inputs(inputs: Path, output: Path, partner: Dict[str, str]
     return output
 
 
-
 def shuffled_test_inputs(workspace: Workspace, source_id: int, residual_inputs: Path,
                          residual_channels: Sequence[int], file_ending: str, seed: int) -> Path:
     """The shuffled-residual control's test inputs, beside ``residual_inputs`` (``<name>_shuffled``): each test case
@@ -338,6 +337,59 @@ def shuffled_test_inputs(workspace: Workspace, source_id: int, residual_inputs: 
     return shuffled_residual_inputs(residual_inputs, residual_inputs.with_name(residual_inputs.name + "_shuffled"),
                                     residual_pairing(workspace, source_id, file_ending, seed), residual_channels,
                                     file_ending)
+
+
+def zeroed_channel_images(images: Path, output: Path, channels: Sequence[int], file_ending: str) -> Path:
+    """``images`` with the files of ``channels`` replaced by zeros of the same geometry and dtype, the other
+    channels linked. Written to a temporary folder, then renamed into place."""
+    import shutil
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    if output.is_dir():
+        return output
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for file in sorted(images.glob(f"*_[0-9][0-9][0-9][0-9]{file_ending}")):
+        if int(file.name[-len(file_ending) - 4: -len(file_ending)]) not in channels:
+            (partial / file.name).symlink_to(file.resolve())
+            continue
+        image = sitk.ReadImage(str(file))
+        zeros = sitk.GetImageFromArray(np.zeros_like(sitk.GetArrayFromImage(image)))
+        zeros.CopyInformation(image)
+        sitk.WriteImage(zeros, str(partial / file.name))
+    os.replace(partial, output)
+    return output
+
+
+def zero_channel_test_inputs(residual_inputs: Path, residual_channels: Sequence[int], file_ending: str) -> Path:
+    """The zero-channel control's test inputs, beside ``residual_inputs`` (``<name>_zero_channel``): the residual
+    channel(s) all zeros (:func:`zeroed_channel_images`)."""
+    return zeroed_channel_images(residual_inputs, residual_inputs.with_name(residual_inputs.name + "_zero_channel"),
+                                 residual_channels, file_ending)
+
+
+def make_zero_channel_dataset(workspace: Workspace, residual_id: int, zero_id: int,
+                              residual_channels: Sequence[int], file_ending: str) -> None:
+    """``zero_id`` = the residual data set with its residual channel(s) all zeros (the zero-channel control: the
+    same channels, names and normalization, no information in the extra channel); its labels linked."""
+    import shutil
+
+    source, target = workspace.dataset_folder(residual_id), workspace.dataset_folder(zero_id)
+    if (target / "dataset.json").is_file():
+        return
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    zeroed_channel_images(source / "imagesTr", partial / "imagesTr", residual_channels, file_ending)
+    (partial / "labelsTr").symlink_to((source / "labelsTr").resolve())
+    dataset_json = json.loads((source / "dataset.json").read_text())
+    dataset_json.pop("nnunetv2_grcsf", None)  # no MAE made these channels
+    (partial / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+    os.replace(partial, target)
+
 
 def needs_residuals(trainer: str) -> bool:
     """Whether the trainer's network takes the MAE residual channel (then it trains on the residual data set)."""
@@ -353,23 +405,34 @@ class Row(NamedTuple):
 
     Named ``TRAINER`` (its own data: the residual data set when its network reads the residual channel),
     ``TRAINER+residual`` (trained and tested on the residual data set: for ``nnUNetTrainer`` the residual is a plain
-    extra input channel, normalized by nnU-Net as its channel name says) or ``TRAINER+shuffled_residual`` (the
+    extra input channel, normalized by nnU-Net as its channel name says), ``TRAINER+shuffled_residual`` (the
     models trained on the residual data set, those of ``TRAINER``'s row or, for a trainer whose network does not read
     the residual, of ``TRAINER+residual``'s, tested with each test image's residual replaced by another test
-    image's).
+    image's) or ``TRAINER+zero_channel`` (trained and tested on the residual data set with the residual channel all
+    zeros, :func:`make_zero_channel_dataset`: an extra input channel without information).
     """
     name: str
     trainer: str
     residual_data: bool
     shuffled: bool
+    zero_channel: bool = False
 
     @classmethod
     def parse(cls, name: str) -> "Row":
         trainer, _, control = name.partition("+")
-        if control not in ("", "residual", "shuffled_residual"):
-            raise SystemExit(f"row {name}: the part after '+' must be 'residual' or 'shuffled_residual'")
+        if control not in ("", "residual", "shuffled_residual", "zero_channel"):
+            raise SystemExit(f"row {name}: the part after '+' must be 'residual', 'shuffled_residual' or "
+                             f"'zero_channel'")
+        if control == "zero_channel" and needs_residuals(trainer):
+            raise SystemExit(f"row {name}: {trainer} reads the residual channel with its RCU; the zero-channel "
+                             f"control is for trainers that take it as a plain input channel (nnUNetTrainer)")
         residual_data = control != "" or needs_residuals(trainer)
-        return cls(name, trainer, residual_data, control == "shuffled_residual")
+        return cls(name, trainer, residual_data, control == "shuffled_residual", control == "zero_channel")
+
+    def test_inputs_kind(self) -> str:
+        """The test inputs it is scored on: 'zero', 'shuffled', 'residual' or 'source'."""
+        return ("zero" if self.zero_channel else "shuffled" if self.shuffled else "residual" if self.residual_data
+                else "source")
 
 
 def train_and_score(workspace: Workspace, dataset_id: int, trainer: str, configuration: str, fold: int, device: str,

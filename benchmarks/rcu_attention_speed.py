@@ -115,8 +115,8 @@ def format_table(report: dict) -> str:
              f"above what was allocated before it")
     lines = [f"# The RCU's attention layouts on {report['device_name']}", "",
              f"GRCSFTrainer's network on the stored plans; each RCU's forward + backward on its own inputs, on "
-             f"{where}; median of {report['rounds']} rounds (each layout once per round, rotating order); ratio = layout / "
-             f"{REFERENCE_LAYOUT} per round (median, range). Command: `{report['command']}`.", "",
+             f"{where}; median of {report['rounds']} rounds (each layout once per round, rotating order); ratio = "
+             f"layout / {REFERENCE_LAYOUT} per round (median, range). Command: `{report['command']}`.", "",
              "| plans | RCU | features | " + " | ".join(f"{layout} (ms)" for layout in layouts) + " | "
              + " | ".join(f"{layout} / {REFERENCE_LAYOUT}" for layout in layouts if layout != REFERENCE_LAYOUT)
              + (" | " + " | ".join(f"{layout} (MiB)" for layout in layouts) if report["device"] != "cpu" else "")

@@ -203,18 +203,55 @@ def test_shuffled_volumes_pair_the_sorted_test_cases_and_resample_onto_the_own_g
         assert np.all(residual == 10 * (list(shapes).index(partner) + 1))
 
 
+def test_zero_channel_dataset_zeroes_the_residual_keeps_geometry_and_links_the_rest(tmp_path):
+    """The zero-channel control's data set: the residual data set's image channel linked, its residual channel
+    zeros of the same geometry and dtype, its labels linked, its dataset.json without the MAE record."""
+    import SimpleITK as sitk
+
+    workspace = nnunet_workspace.Workspace(tmp_path / "work", "Vol", n_proc_da=0)
+    residual = workspace.dataset_folder(807)
+    (residual / "imagesTr").mkdir(parents=True)
+    (residual / "labelsTr").mkdir()
+    for case in ("c1", "c2"):
+        image = sitk.GetImageFromArray(np.full((4, 6, 5), 3, np.float32))
+        image.SetSpacing((1.5, 1.0, 2.0))
+        sitk.WriteImage(image, str(residual / "imagesTr" / f"{case}_0000.nii.gz"))
+        image = sitk.GetImageFromArray(np.full((4, 6, 5), 200, np.uint8))
+        image.SetSpacing((1.5, 1.0, 2.0))
+        sitk.WriteImage(image, str(residual / "imagesTr" / f"{case}_0001.nii.gz"))
+    dataset_json = {"channel_names": {"0": "T1", "1": "rgb_to_0_1"}, "labels": {"background": 0, "a": 1},
+                    "numTraining": 2, "file_ending": ".nii.gz", "nnunetv2_grcsf": {"residual_channels": [1]}}
+    (residual / "dataset.json").write_text(json.dumps(dataset_json))
+    nnunet_workspace.make_zero_channel_dataset(workspace, 807, 808, [1], ".nii.gz")
+    zero = workspace.dataset_folder(808)
+    written = json.loads((zero / "dataset.json").read_text())
+    assert "nnunetv2_grcsf" not in written and written["channel_names"] == dataset_json["channel_names"]
+    assert (zero / "labelsTr").resolve() == (residual / "labelsTr").resolve()
+    assert (zero / "imagesTr" / "c1_0000.nii.gz").resolve() == (residual / "imagesTr" / "c1_0000.nii.gz").resolve()
+    zeros = sitk.ReadImage(str(zero / "imagesTr" / "c2_0001.nii.gz"))
+    assert zeros.GetSpacing() == (1.5, 1.0, 2.0) and zeros.GetPixelID() == sitk.sitkUInt8
+    assert not sitk.GetArrayFromImage(zeros).any()
+    assert not workspace.dataset_folder(808).with_name(zero.name + ".partial").exists()
+
+
 # ------------------------------------------------------------------------------------------ rows and results
 def test_rows_name_their_data_and_controls():
     row = nnunet_workspace.Row.parse
-    assert row("nnUNetTrainer") == ("nnUNetTrainer", "nnUNetTrainer", False, False)
+    assert row("nnUNetTrainer") == ("nnUNetTrainer", "nnUNetTrainer", False, False, False)
     assert row("nnUNetTrainer+residual").residual_data
     assert row("GRCSFTrainer").residual_data and not row("GRCSFTrainer_noRCU").residual_data
     shuffled = row("GRCSFTrainer+shuffled_residual")
     assert shuffled.trainer == "GRCSFTrainer" and shuffled.residual_data and shuffled.shuffled
     plain = row("nnUNetTrainer+shuffled_residual")  # the plain channel's models, given shuffled residuals
     assert plain.trainer == "nnUNetTrainer" and plain.residual_data and plain.shuffled
-    with pytest.raises(SystemExit, match="'residual' or 'shuffled_residual'"):
+    zero = row("nnUNetTrainer+zero_channel")
+    assert zero.residual_data and zero.zero_channel and not zero.shuffled and zero.test_inputs_kind() == "zero"
+    assert [row(name).test_inputs_kind() for name in ("nnUNetTrainer", "GRCSFTrainer", "GRCSFTrainer+shuffled_residual")
+            ] == ["source", "residual", "shuffled"]
+    with pytest.raises(SystemExit, match="'residual', 'shuffled_residual' or 'zero_channel'"):
         row("GRCSFTrainer+other")
+    with pytest.raises(SystemExit, match="GRCSFTrainer reads the residual channel with its RCU"):
+        row("GRCSFTrainer+zero_channel")
 
 
 def test_results_are_kept_per_row_and_seed_and_never_mixed_with_other_settings(tmp_path):
