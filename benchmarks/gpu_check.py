@@ -17,7 +17,8 @@ fresh process (its own compile caches and peak memory; a row that hangs is stopp
 - a one-epoch ``nnUNetv2_train`` smoke run of each trainer (``<trainer>_1epoch_10iters``) on a small
   synthetic data set made here (nnunetv2_grcsf/synthetic.py, with a residual channel for the RCU trainers).
 Diagnostic rows (``--rows``, benchmarks/trainers): ``FIASTrainer_noCheckpointing`` (FIAS without activation
-checkpointing) and ``FIASTrainer_loopMSDA`` (FIAS with the MSDA's plain-ops loop instead of flex_attention).
+checkpointing), ``FIASTrainer_loopMSDA`` (FIAS with the MSDA's plain-ops loop instead of flex_attention),
+``GRCSFTrainer_rcuFolded`` and ``GRCSFTrainer_rcuWindowSum`` (GRCSF with the RCU's other CUDA attention layouts).
 It writes benchmarks/results/gpu_<card>[_eager].json and .md after every row, so whatever finished survives a
 timeout; a failed row keeps its whole traceback in the JSON and the rest go on.
 
@@ -52,7 +53,9 @@ ROWS = ([("nnUNetTrainer", "nnUNetTrainer", BUSI256, "2d"),
         + [("nnUNetTrainer", "nnUNetTrainer", HIPPOCAMPUS, "3d_fullres")]
         + [(name, name, HIPPOCAMPUS, "3d_fullres") for name in OUR_TRAINERS])
 #: rows run only when ``--rows`` names them (diagnostics)
-EXTRA_ROWS = [(name, name, plans, configuration) for name in ("FIASTrainer_noCheckpointing", "FIASTrainer_loopMSDA")
+EXTRA_ROWS = [(name, name, plans, configuration)
+              for name in ("FIASTrainer_noCheckpointing", "FIASTrainer_loopMSDA", "GRCSFTrainer_rcuFolded",
+                           "GRCSFTrainer_rcuWindowSum")
               for plans, configuration in ((BUSI256, "2d"), (HIPPOCAMPUS, "3d_fullres"))]
 SMOKE_SCHEDULE = "1epoch_10iters"
 SMOKE_DATASET_ID = 990

@@ -5,10 +5,10 @@ the baseline needs ``nnUNetTrainer_<suffix>`` for the ``iters`` schedules of
 :data:`nnunetv2_grcsf.trainers.schedules.SCHEDULES` (the same table the plugin's trainers are generated from).
 They are PluginTrainers whose network is the plans' own (exactly nnUNetTrainer's), so they take the plugin's
 schedules and its ``NNUNETV2_GRCSF_SEED`` seed from PluginTrainer itself. This directory is given to nnU-Net
-through ``nnUNet_extTrainer`` by the benchmarks. ``FIASTrainer_noCheckpointing`` and ``FIASTrainer_loopMSDA`` are
-diagnostic rows of gpu_check.py.
+through ``nnUNet_extTrainer`` by the benchmarks. ``FIASTrainer_noCheckpointing``, ``FIASTrainer_loopMSDA`` and
+``GRCSFTrainer_rcu<Layout>`` are diagnostic rows of gpu_check.py.
 """
-from nnunetv2_grcsf.trainers import FIASTrainer
+from nnunetv2_grcsf.trainers import FIASTrainer, GRCSFTrainer
 from nnunetv2_grcsf.trainers.base import PluginTrainer
 from nnunetv2_grcsf.trainers.schedules import SCHEDULES, schedule_variants
 
@@ -36,3 +36,15 @@ class FIASTrainer_loopMSDA(FIASTrainer):
     too, instead of flex_attention (the same function)."""
 
     network_kwargs = {**FIASTrainer.network_kwargs, "msda_implementation": "loop"}
+
+
+class GRCSFTrainer_rcuFolded(GRCSFTrainer):
+    """Diagnostic row of gpu_check.py: GRCSFTrainer whose RCUs use the 'sdpa_folded' attention layout (no mask)."""
+
+    network_kwargs = {**GRCSFTrainer.network_kwargs, "rcu_attention_layout": "sdpa_folded"}
+
+
+class GRCSFTrainer_rcuWindowSum(GRCSFTrainer):
+    """Diagnostic row of gpu_check.py: GRCSFTrainer whose RCUs use the 'window_sum' attention layout."""
+
+    network_kwargs = {**GRCSFTrainer.network_kwargs, "rcu_attention_layout": "window_sum"}

@@ -380,6 +380,7 @@ class FIASUNet(ResidualMapRoutingUNet):
     - msda_implementation: every MSDA's implementation (blocks/msda.py): 'auto' (flex_attention on CUDA tensors,
       the loop elsewhere), 'flex' or 'loop' (the same function; 'loop' on CUDA is plain PyTorch ops, for a GPU
       where flex_attention does not compile).
+    - rcu_attention_layout: every RCU's attention layout (blocks/rcu.py; None: by the device, the same function).
 
     The input's spatial size is checked in ``forward`` (``check_input_size``): divisible by the product of the
     strides, and every MSDA stage at least as large as its widest dilated window.
@@ -402,7 +403,7 @@ class FIASUNet(ResidualMapRoutingUNet):
                  mlp_ratio: float = 4.0, mc_pool_sizes: Sequence[int] = (1, 2, 3), mc_shuffle_positions: bool = True,
                  activation_checkpointing: bool = True, residual_channels: Sequence[int] = (), use_rcu: bool = False,
                  rcu_stages: Sequence[int] = DEFAULT_RCU_STAGES, rcu_patch_size=None, rcu_num_heads: int = 2,
-                 rcu_window: int = 3, msda_implementation: str = "auto"):
+                 rcu_window: int = 3, msda_implementation: str = "auto", rcu_attention_layout: Optional[str] = None):
         super().__init__()
         if msda_implementation not in IMPLEMENTATIONS:
             raise ValueError(f"FIASUNet: msda_implementation {msda_implementation!r} is not one of {IMPLEMENTATIONS}.")
@@ -452,6 +453,7 @@ class FIASUNet(ResidualMapRoutingUNet):
         for module in self.modules():  # encoder and decoder MSDA alike
             if isinstance(module, MultiScaleDilatedAttention):
                 module.implementation = msda_implementation
+        self.set_rcu_attention_layout(rcu_attention_layout)
 
     def _check_stage_settings(self, stage_attention: Sequence[str], features: Sequence[int], heads: Sequence[int],
                               kernel_sizes: Sequence[Sequence[int]], n_stages: int):

@@ -31,7 +31,7 @@ Shapes: input (B, C_in, *S), S divisible by prod(strides) per axis -> logits (B,
 ``decoder.deep_supervision`` a list of n_stages - 1 logits, full resolution first, then each coarser decoder
 stage (B, num_classes, *(S / prod(strides[:i + 1]))).
 """
-from typing import List, Sequence, Tuple, Type, Union
+from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -173,6 +173,7 @@ class GRCSFUNet(ResidualMapRoutingUNet):
     - rcu_window: patches per axis each pixel attends to (odd).
     - residual_in_encoder: the encoder also reads the residual maps, as extra input channels (with the RCU on;
       input_routing.ResidualMapRoutingUNet).
+    - rcu_attention_layout: every RCU's attention layout (blocks/rcu.py; None: by the device, the same function).
 
     Shapes: see the module docstring.
     """
@@ -189,7 +190,8 @@ class GRCSFUNet(ResidualMapRoutingUNet):
                  block: Union[Type[BasicBlockD], Type[BottleneckD]] = BasicBlockD, bottleneck_channels=None,
                  stem_channels: int = None, residual_channels: Sequence[int] = (), use_gcu: bool = True,
                  use_rcu: bool = True, rcu_stages: Sequence[int] = DEFAULT_RCU_STAGES, rcu_patch_size=None,
-                 rcu_num_heads: int = 2, rcu_window: int = 3, residual_in_encoder: bool = False):
+                 rcu_num_heads: int = 2, rcu_window: int = 3, residual_in_encoder: bool = False,
+                 rcu_attention_layout: Optional[str] = None):
         super().__init__()
         if (n_conv_per_stage is None) == (n_blocks_per_stage is None):
             raise ValueError("GRCSFUNet: give exactly one of n_conv_per_stage (PlainConvUNet plans) and "
@@ -215,6 +217,7 @@ class GRCSFUNet(ResidualMapRoutingUNet):
                                     nonlin_first=nonlin_first, residual_map_channels=len(self.residual_channels),
                                     rcu_stages=rcu_stages, rcu_patch_size=rcu_patch_size,
                                     rcu_num_heads=rcu_num_heads, rcu_window=rcu_window)
+        self.set_rcu_attention_layout(rcu_attention_layout)
         self.size_divisor = np.prod(self.encoder.strides, axis=0).tolist()
 
     def check_input_size(self, size: Sequence[int]):

@@ -8,7 +8,7 @@ variant without the RCU in ``without_rcu_hint`` (for the error message). Their d
 :func:`region_compensation_units` and apply each to the skip connection of its resolution stage, before the
 stage's convolutions.
 """
-from typing import Sequence, Type, Union
+from typing import Optional, Sequence, Type, Union
 
 import numpy as np
 import torch
@@ -17,7 +17,8 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from nnunetv2_grcsf.architectures.blocks.rcu import RegionCompensationUnit, default_token_patch_size
+from nnunetv2_grcsf.architectures.blocks.rcu import (ATTENTION_LAYOUTS, RegionCompensationUnit,
+                                                     default_token_patch_size)
 from nnunetv2_grcsf.residual_channels import ResidualChannelError, check_input_channels, check_residual_channels
 
 DEFAULT_RCU_STAGES = (0, 1)  # the two finest decoder resolution stages
@@ -88,6 +89,16 @@ class ResidualMapRoutingUNet(AbstractDynamicNetworkArchitectures):
         self.image_channels = [c for c in range(input_channels) if c not in self.residual_channels]
         self.residual_in_encoder = use_rcu and residual_in_encoder
         self.encoder_channels = list(range(input_channels)) if self.residual_in_encoder else self.image_channels
+
+    def set_rcu_attention_layout(self, layout: Optional[str]) -> None:
+        """Every RCU's attention layout (blocks/rcu.py ATTENTION_LAYOUTS; None: chosen per call by the device); the
+        layouts compute the same function, so weights trained with one predict with another."""
+        if layout not in (None, *ATTENTION_LAYOUTS):
+            raise ValueError(f"{type(self).__name__}: rcu_attention_layout {layout!r} is not None or one of "
+                             f"{ATTENTION_LAYOUTS}.")
+        for module in self.modules():
+            if isinstance(module, RegionCompensationUnit):
+                module.attention_layout = layout
 
     def check_input_size(self, size: Sequence[int]) -> None:
         raise NotImplementedError

@@ -179,7 +179,8 @@ def test_input_not_divisible_by_the_strides_product_names_the_plans_entry(use_rc
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(rcu_stages=(3,)), "rcu_stages"),
-                                           (dict(n_blocks_per_stage=[1, 1, 1, 1]), "exactly one of")])
+                                           (dict(n_blocks_per_stage=[1, 1, 1, 1]), "exactly one of"),
+                                           (dict(rcu_attention_layout="flash"), "rcu_attention_layout 'flash'")])
 def test_bad_arguments_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         build(**kwargs)
@@ -206,3 +207,19 @@ def test_weight_transfer_keys_and_feature_map_size(plans_networks, plans, config
                      UNetDecoder.compute_conv_feature_map_size(network.decoder, patch_size))
     size = network.compute_conv_feature_map_size(patch_size)
     assert isinstance(size, np.integer) and size > backbone_size
+
+
+def test_rcu_attention_layout_reaches_every_rcu_and_keeps_the_function():
+    """The networks' rcu_attention_layout (FIASUNet's too, through the same routing class) sets every RCU's layout;
+    the layouts give the same logits, so weights trained with one predict with another."""
+    from nnunetv2_grcsf.architectures.blocks.rcu import ATTENTION_LAYOUTS
+
+    x = torch.randn(1, 2, 16, 16, 16)
+    outputs = []
+    for layout in ATTENTION_LAYOUTS:
+        network = build(rcu_attention_layout=layout).eval()
+        units = [m for m in network.modules() if isinstance(m, RegionCompensationUnit)]
+        assert len(units) == 2 and {unit.attention_layout for unit in units} == {layout}
+        with torch.no_grad():
+            outputs.append(network(x)[0])
+    assert all(torch.allclose(outputs[0], other, atol=1e-5) for other in outputs[1:])
