@@ -55,10 +55,9 @@ from typing import List, Optional, Tuple
 
 from benchmark_statistics import DEFAULT_SEED, paired_comparisons, summarize_rows
 from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_sentence, error_row, every_run_section,
-                              finished_results, held_out_test_split, link_dataset, locked, make_residual_dataset,
-                              make_zero_channel_dataset, parse_with_smoke_settings, plan_and_preprocess, record_result,
-                              residual_test_inputs, run_argument_parser, seed_statistics_cells, shared_dataset,
-                              shuffled_test_inputs, subset_cases, train_and_score, zero_channel_test_inputs)
+                              finished_results, held_out_test_split, link_dataset, locked, parse_with_smoke_settings,
+                              plan_and_preprocess, prepare_residual_rows, record_result, run_argument_parser,
+                              seed_statistics_cells, shared_dataset, subset_cases, train_and_score)
 
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME, FILE_ENDING = 802, 803, "BUSI256", ".png"
@@ -112,19 +111,8 @@ def prepare(workspace: Workspace, args, rows: List[Row]) -> Tuple[dict, dict, di
         inputs["source"] = workspace.dataset_folder(SOURCE_ID) / "imagesTs"
         if any(row.residual_data for row in rows):
             try:
-                mae = make_residual_dataset(workspace, SOURCE_ID, RESIDUAL_ID, args.mae_steps, args.device)
-                configurations[RESIDUAL_ID] = plan_and_preprocess(workspace, RESIDUAL_ID, "2d", args.batch_size)
-                inputs["residual"] = residual_test_inputs(workspace, SOURCE_ID, RESIDUAL_ID, args.device)
-                if any(row.shuffled for row in rows):
-                    inputs["shuffled"] = shuffled_test_inputs(workspace, SOURCE_ID, inputs["residual"],
-                                                              mae["residual_channels"], FILE_ENDING, args.split_seed)
-                if any(row.zero_channel for row in rows):
-                    make_zero_channel_dataset(workspace, RESIDUAL_ID, ZERO_CHANNEL_ID, mae["residual_channels"],
-                                              FILE_ENDING)
-                    configurations[ZERO_CHANNEL_ID] = plan_and_preprocess(workspace, ZERO_CHANNEL_ID, "2d",
-                                                                          args.batch_size)
-                    inputs["zero"] = zero_channel_test_inputs(inputs["residual"], mae["residual_channels"],
-                                                              FILE_ENDING)
+                mae = prepare_residual_rows(workspace, rows, (SOURCE_ID, RESIDUAL_ID, ZERO_CHANNEL_ID), "2d",
+                                            args, FILE_ENDING, configurations, inputs)
             except RuntimeError as error:  # the other rows still run; these report the error
                 print(f"  the residual data set could not be made: {error}", flush=True)
     return configurations, inputs, mae

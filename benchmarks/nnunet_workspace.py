@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from benchmark_statistics import DEFAULT_SEED, derangement, held_out_split
 
@@ -389,6 +389,27 @@ def make_zero_channel_dataset(workspace: Workspace, residual_id: int, zero_id: i
     dataset_json.pop("nnunetv2_grcsf", None)  # no MAE made these channels
     (partial / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
     os.replace(partial, target)
+
+
+def prepare_residual_rows(workspace: Workspace, rows: Sequence["Row"], ids: Tuple[int, int, int], configuration: str,
+                          args, file_ending: str, configurations: dict, inputs: dict) -> dict:
+    """The data of the rows that read the residual: the residual data set (``ids``: source, residual, zero-channel
+    data set ids) planned and preprocessed, its test inputs (``inputs['residual']``), and those of the controls the
+    rows name (``'shuffled'``, ``'zero'``: its data set too); ``configurations`` and ``inputs`` are filled in.
+    Returns :func:`mae_record`; a failing command raises RuntimeError."""
+    source_id, residual_id, zero_channel_id = ids
+    mae = make_residual_dataset(workspace, source_id, residual_id, args.mae_steps, args.device)
+    configurations[residual_id] = plan_and_preprocess(workspace, residual_id, configuration, args.batch_size)
+    inputs["residual"] = residual_test_inputs(workspace, source_id, residual_id, args.device)
+    if any(row.shuffled for row in rows):
+        inputs["shuffled"] = shuffled_test_inputs(workspace, source_id, inputs["residual"], mae["residual_channels"],
+                                                  file_ending, args.split_seed)
+    if any(row.zero_channel for row in rows):
+        make_zero_channel_dataset(workspace, residual_id, zero_channel_id, mae["residual_channels"], file_ending)
+        configurations[zero_channel_id] = plan_and_preprocess(workspace, zero_channel_id, configuration,
+                                                              args.batch_size)
+        inputs["zero"] = zero_channel_test_inputs(inputs["residual"], mae["residual_channels"], file_ending)
+    return mae
 
 
 def needs_residuals(trainer: str) -> bool:
