@@ -83,6 +83,7 @@ CONTROL_COMPARISONS = [
                                                                     "residual rather than another image's"),
     ("nnUNetTrainer+residual", "nnUNetTrainer+zero_channel", "the plain channel against an extra channel of zeros: "
                                                                "its content, or a second input channel at all?"),
+    ("GRCSFTrainer", "nnUNetTrainer+zero_channel", "GRCSF against nnU-Net given an extra channel of zeros"),
     ("GRCSFTrainer", "GRCSFTrainer_noRCU", "what the RCU adds to the GCU"),
     ("GRCSFTrainer", "GRCSFTrainer_noGCU", "what the GCU adds to the RCU"),
     ("GRCSFTrainer_residualInEncoder", "nnUNetTrainer+residual", "GRCSF with the residual in its encoder too, against "
