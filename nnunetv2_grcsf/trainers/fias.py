@@ -30,8 +30,9 @@ class FIASTrainer(PluginTrainer):
 
     network_class_name = FIAS_NETWORK
     network_kwargs = {"use_rcu": False}
-    compile_failure_advice = (f"FIAS's MSDA compiles flex_attention on CUDA even then; `{MSDA_VARIABLE}=loop` computes "
-                              f"it with plain PyTorch ops instead (the same function). ")
+    compile_failure_advice = (f"FIAS's MSDA compiles flex_attention on CUDA even with nnUNet_compile=f; "
+                              f"`{MSDA_VARIABLE}=loop` computes it with plain PyTorch ops instead "
+                              f"(the same function). ")
 
     @classmethod
     def configuration_network_kwargs(cls, configuration_manager) -> dict:

@@ -177,8 +177,7 @@ def distance_bias(pixels_per_patch: Sequence[int], window: int, sigmas: Sequence
 def low_rank_factors(bias: torch.Tensor, tolerance: float = 1e-7) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact low-rank factors of a per-head bias (1, h, Q, W): (1, h, Q, r) and (1, h, W, r) whose product is the
     bias (an SVD in float64, the singular values split evenly; r the largest numerical rank of the heads; in the
-    bias's dtype). A
-    distance bias has rank d + 2 at most (|x|^2 - 2 x.o + |o|^2): r = 4 in 2D, 5 in 3D."""
+    bias's dtype). A distance bias has rank d + 2 at most (|x|^2 - 2 x.o + |o|^2): r = 4 in 2D, 5 in 3D."""
     u, singular, v_transposed = torch.linalg.svd(bias.double(), full_matrices=False)
     rank = int((singular > tolerance * singular.amax(-1, keepdim=True)).sum(-1).max())
     root = singular[..., :rank].sqrt()
@@ -196,14 +195,14 @@ def windowed_cross_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     (1, h, prod(q), window^d) added to the logits by position (pixel within its patch, window patch).
     Tokens beyond the border do not exist (weight 0): they get EXCLUDED_LOG_WEIGHT. Returns (B, C, *(T * q)).
 
-    Head h: softmax_j(q_h . k_hj / sqrt(C / h) + log_prior_j + bias_hj) v_hj, computed in one of three layouts
+    Head h: softmax_j(q_h . k_hj / sqrt(C / h) + log_prior_j + bias_hj) v_hj, computed in one of four layouts
     (``layout``, see :data:`ATTENTION_LAYOUTS`; None: :func:`default_attention_layout`), the same function:
     'sdpa' the pixels grouped by patch (B * M, h, prod(q), c) against their window's tokens (B * M, h, window^d, c),
     the bias and log priors as SDPA's additive mask; 'sdpa_folded' the same grouping, the bias and priors folded
     into extra query and key channels (:func:`folded_sdpa_attention`; ``bias_factors``, the bias's
     :func:`low_rank_factors`, computed here by an SVD if not given, a graph break under torch.compile: the RCU
-    holds them); 'keys_first' the same grouping through
-    :func:`keys_first_attention`; 'window_sum' no grouping: :func:`window_sum_attention`.
+    holds them); 'keys_first' the same grouping through :func:`keys_first_attention`; 'window_sum' no grouping:
+    :func:`window_sum_attention`.
     """
     layout = default_attention_layout(query) if layout is None else layout
     if layout not in ATTENTION_LAYOUTS:
