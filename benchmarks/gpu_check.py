@@ -10,7 +10,8 @@ BUSI256 2d and Hippocampus 3d_fullres plans of tests/data/plans (their patch and
 fresh process (its own compile caches and peak memory; a row that hangs is stopped after ``--row-seconds``):
 - nnU-Net's real ``train_step`` (a trainer instance on CUDA: AMP with its GradScaler, ``torch.compile`` as
   ``initialize()`` applies it, or not with ``--compile off``, i.e. ``nnUNet_compile=f``) on synthetic batches:
-  median step time after the compile warm-up;
+  median step time after the compile warm-up; a row whose network torch.compile could not compile (our trainers
+  then train it uncompiled) says so, ``compiled`` false and the compiler's error in ``compile_failure``;
 - nnU-Net's sliding-window inference (``nnUNetPredictor.predict_sliding_window_return_logits``, mirroring on) of
   a synthetic image of twice the patch size per axis;
 - ``torch.cuda.max_memory_allocated`` of each, and the ratios to ``nnUNetTrainer`` on the same plans;
@@ -39,6 +40,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch._dynamo import OptimizedModule
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANS_DIR = ROOT / "tests" / "data" / "plans"
@@ -175,9 +177,11 @@ def measure_row(trainer_name, plans_name, configuration, device, steps, dry_run,
         synchronize(device)
         times.append(time.perf_counter() - start)
     row = {"patch_size": list(trainer.configuration_manager.patch_size), "batch_size": trainer.batch_size,
-           "compiled": trainer._do_i_compile(), "first_step_s": compile_seconds,
+           "compiled": isinstance(trainer.network, OptimizedModule), "first_step_s": compile_seconds,
            "train_step_s": statistics.median(times), "train_loss": float(loss),
            "train_max_memory_mb": peak_memory_mb(device)}
+    if getattr(trainer, "compile_failure", None):  # our trainer went on uncompiled: its times are eager ones
+        row["compile_failure"] = trainer.compile_failure
 
     trained = trainer.network._orig_mod if hasattr(trainer.network, "_orig_mod") else trainer.network
     # the predictor's network, as nnU-Net's predictor builds it: without deep supervision, the trained weights
@@ -297,7 +301,13 @@ def summary_line(row: dict) -> str:
             f"{'' if ratio is None else f' ({ratio:.2f}x)'}"
             f"{'' if memory_mb is None else f', memory {memory_mb:.0f} MiB'}"
             f"{'' if memory is None else f' ({memory:.2f}x)'}, first step {row['first_step_s']:.1f} s, "
-            f"inference {row['inference_s']:.2f} s")
+            f"inference {row['inference_s']:.2f} s{uncompiled_note(row)}")
+
+
+def uncompiled_note(row: dict) -> str:
+    """' (uncompiled: ...)' for a row whose trainer went on uncompiled after torch.compile failed, else ''."""
+    failure = row.get("compile_failure")
+    return "" if not failure else f" (uncompiled: {failure['message'].splitlines()[0].split(': ', 1)[-1][:160]})"
 
 
 def smoke_runs(trainers, device, compile_network: bool, folder, deadline, on_result) -> dict:
@@ -345,7 +355,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {row['plans']} | {row['configuration']} | {row['row']} | error: "
                          f"{error_headline(row['error'])[:160]} |||||||")
             continue
-        lines.append(f"| {row['plans']} | {row['configuration']} | {row['row']} | {1000 * row['train_step_s']:.1f} "
+        lines.append(f"| {row['plans']} | {row['configuration']} | {row['row']}{uncompiled_note(row)} "
+                     f"| {1000 * row['train_step_s']:.1f} "
                      f"| {number(row.get('train_step_ratio'), 2)} | {number(row['train_max_memory_mb'], 0)} "
                      f"| {number(row.get('train_memory_ratio'), 2)} | {row['inference_s']:.2f} "
                      f"| {number(row['inference_max_memory_mb'], 0)} | {row['first_step_s']:.1f} |")

@@ -62,3 +62,20 @@ def test_a_row_that_overruns_is_stopped_recorded_and_the_rest_written(tmp_path):
     assert [row["row"] for row in report["rows"]] == ["nnUNetTrainer", "GRCSFTrainer"]
     assert all(row["error"].startswith("stopped after 2 s") for row in report["rows"])
     assert "stopped after 2 s" in (tmp_path / "gpu_dry_run.md").read_text()
+
+
+def test_a_row_trained_uncompiled_after_a_compile_failure_says_so():
+    """Our trainers go on uncompiled when torch.compile fails: the row's line and table entry say so, with the
+    compiler's error, so that its eager times are not read as compiled ones."""
+    failure = {"message": "FIASTrainer: torch.compile could not compile this network on cuda:0 (torch 2.11.0): "
+                          "LoweringException: no lowering", "traceback": "..."}
+    row = {"row": "FIASTrainer", "plans": "Dataset802_BUSI256_nnUNetPlans", "configuration": "2d",
+           "train_step_s": 0.05, "train_step_ratio": 2.0, "train_max_memory_mb": 1000.0, "train_memory_ratio": 1.2,
+           "first_step_s": 30.0, "inference_s": 1.0, "inference_max_memory_mb": 300.0, "compiled": False,
+           "compile_failure": failure}
+    note = "(uncompiled: torch.compile could not compile this network on cuda:0 (torch 2.11.0): LoweringException"
+    assert note in gpu_check.summary_line(row)
+    report = {"device": "NVIDIA H200", "torch": "2.11.0", "nnunetv2": "2.8.1", "compile": "on", "steps": 5,
+              "rows": [row], "smoke": {}}
+    assert f"| FIASTrainer {note}" in gpu_check.markdown(report)
+    assert "uncompiled" not in gpu_check.summary_line({**row, "compile_failure": None})

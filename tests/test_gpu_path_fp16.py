@@ -40,27 +40,79 @@ def test_float16_train_step_has_finite_loss_and_gradients(name, dimension, tmp_p
     assert any(not torch.equal(a, b) for a, b in zip(weights_before, trainer.network.parameters()))
 
 
-def test_a_network_torch_compile_cannot_compile_stops_with_what_to_do(tmp_path):
-    """A compiler backend that fails (as inductor failed for FIAS on an H200): the train step raises one error
-    naming nnUNet_compile=f, written to the training log too; the compiler's error stays chained."""
+def failing_backend(graph_module, example_inputs):
+    raise NotImplementedError("no kernel for this op")
+
+
+def test_a_network_torch_compile_cannot_compile_trains_uncompiled_and_says_so_once(tmp_path):
+    """A compiler backend that fails (as inductor failed for FIAS on an H200): the train step runs again without
+    nnU-Net's compile wrapper, with the weights it would have had (no optimizer step before the failure), and the
+    console and the log say so once, naming nnUNet_compile=f; the log keeps the end of the compiler's error."""
     trainer = tiny_trainer("GRCSFTrainer", "2d", tmp_path)
-
-    def failing_backend(graph_module, example_inputs):
-        raise NotImplementedError("no kernel for this op")
-
+    reference = tiny_trainer("GRCSFTrainer", "2d", tmp_path / "reference")
+    reference.network.load_state_dict(trainer.network.state_dict())
+    original = trainer.network
     torch._dynamo.reset()
     trainer.network = torch.compile(trainer.network, backend=failing_backend)
-    trainer._do_i_compile = lambda: True  # as on CUDA (nnU-Net never compiles on the CPU)
-    with pytest.raises(RuntimeError, match=r"GRCSFTrainer: torch.compile could not compile this network on cpu "
-                                           r"\(torch .*\): NotImplementedError: no kernel for this op\n"
-                                           r"Train it without compiling.*`nnUNet_compile=f nnUNetv2_train") as raised:
+    batch = synthetic_batch(trainer)
+    torch.manual_seed(3)  # the same random draws in both steps
+    loss = trainer.train_step(batch)["loss"]
+    torch.manual_seed(3)
+    assert loss == pytest.approx(reference.train_step(batch)["loss"], rel=1e-6)
+    assert trainer.network is original
+    assert trainer.compile_failure["message"].endswith("NotImplementedError: no kernel for this op")
+    assert "failing_backend" in trainer.compile_failure["traceback"]
+    for a, b in zip(trainer.network.parameters(), reference.network.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    trainer.validation_step(batch)
+    trainer.train_step(batch)
+    log = Path(trainer.log_file).read_text()
+    assert log.count("GRCSFTrainer: torch.compile could not compile this network on cpu (torch ") == 1
+    assert "NotImplementedError: no kernel for this op\nTraining continues uncompiled (slower). " \
+           "`nnUNet_compile=f nnUNetv2_train ...`" in log
+    assert "the compiler's error, its last lines:" in log
+    torch._dynamo.reset()
+
+
+def test_drop_torch_compile_keeps_a_ddp_wrapper_on_the_same_parameters(tmp_path):
+    """nnU-Net compiles, then wraps in DDP: the DDP wrapper is kept and runs the uncompiled module."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from nnunetv2_grcsf.trainers.base import drop_torch_compile
+
+    module = torch.nn.Linear(3, 2)
+    assert drop_torch_compile(module) is None
+    assert drop_torch_compile(torch.compile(module)) is module
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                         world_size=1)
+    try:
+        torch._dynamo.reset()
+        ddp = DistributedDataParallel(torch.compile(module, backend=failing_backend))
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
+            ddp(torch.randn(4, 3))
+        assert drop_torch_compile(ddp) is ddp and ddp.module is module
+        ddp(torch.randn(4, 3)).sum().backward()
+        assert module.weight.grad is not None
+    finally:
+        torch.distributed.destroy_process_group()
+        torch._dynamo.reset()
+
+
+def test_a_kernel_the_network_compiles_itself_stops_with_what_to_do(tmp_path, monkeypatch):
+    """FIAS compiles flex_attention itself (CUDA); when that fails the error names NNUNETV2_GRCSF_MSDA=loop."""
+    from nnunetv2_grcsf.architectures.blocks import msda
+
+    trainer = tiny_trainer("FIASTrainer", "2d", tmp_path)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(msda, "loop_neighbourhood_attention",
+                        torch.compile(msda.loop_neighbourhood_attention, backend=failing_backend))
+    with pytest.raises(RuntimeError, match=r"FIASTrainer: torch.compile could not compile a kernel of this network "
+                                           r"on cpu \(torch .*\): NotImplementedError: no kernel for this op\n"
+                                           r".*NNUNETV2_GRCSF_MSDA=loop") as raised:
         trainer.train_step(synthetic_batch(trainer))
-    assert isinstance(raised.value.__cause__, torch._dynamo.exc.BackendCompilerFailed)
-    assert "nnUNet_compile=f" in Path(trainer.log_file).read_text()
-    trainer._do_i_compile = lambda: False  # a kernel the network compiles itself, nnU-Net not compiling
-    with pytest.raises(RuntimeError, match=r"could not compile a kernel of this network") as raised:
-        trainer.train_step(synthetic_batch(trainer))
-    assert "nnUNet_compile=f" not in str(raised.value)
+    assert "continues uncompiled" not in str(raised.value)
+    assert "NNUNETV2_GRCSF_MSDA=loop" in Path(trainer.log_file).read_text()
     torch._dynamo.reset()
 
 

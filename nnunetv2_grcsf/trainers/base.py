@@ -7,14 +7,18 @@ torch.compile on CUDA, DDP, validation, checkpoints). At inference nnU-Net's pre
 so everything the network needs must be derivable from those plans (see residual_channels.py).
 """
 
-import contextlib
 import os
 import random
+import traceback
+from typing import Optional
 
 import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from torch import nn
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2_grcsf.model_mae import add_to_checkpoint, describe, mae_entry_for_dataset
 from nnunetv2_grcsf.pretrained import check_pretrained_weights_argument
@@ -46,25 +50,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@contextlib.contextmanager
-def compile_failure_explained(trainer):
-    """Re-raises torch.compile's failure to compile ``trainer``'s network, or a kernel the network compiles itself
-    (BackendCompilerFailed, a long compiler traceback), with what to do: train uncompiled with nnU-Net's own switch
-    ``nnUNet_compile=f``, and the trainer's ``compile_failure_advice``; the message goes to the training log too.
-    Other errors pass unchanged."""
-    try:
-        yield
-    except torch._dynamo.exc.BackendCompilerFailed as error:
-        cause = getattr(error, "inner_exception", None) or error  # what the compiler raised
-        headline = f"{type(cause).__name__}: " + (str(cause).strip().splitlines() or [""])[0]
-        compiling = trainer._do_i_compile()
-        message = (f"{type(trainer).__name__}: torch.compile could not compile "
-                   f"{'this network' if compiling else 'a kernel of this network'} on {trainer.device} "
-                   f"(torch {torch.__version__}): {headline}\n"
-                   + ("Train it without compiling, with nnU-Net's own switch: `nnUNet_compile=f nnUNetv2_train ...`. "
-                      if compiling else "") + trainer.compile_failure_advice + "(The compiler's traceback is above.)")
-        trainer.print_to_log_file(message)
-        raise RuntimeError(message) from error
+def compiler_failure_headline(error: Exception) -> str:
+    """'ExceptionType: first line' of what the compiler raised inside a BackendCompilerFailed."""
+    cause = getattr(error, "inner_exception", None) or error
+    return f"{type(cause).__name__}: " + (str(cause).strip().splitlines() or [""])[0]
+
+
+def drop_torch_compile(network: nn.Module) -> Optional[nn.Module]:
+    """The network without nnU-Net's ``torch.compile`` wrapper (inside a DDP wrapper, which is kept and runs the
+    uncompiled module: the same parameters, so its gradient hooks stay valid), or None if it was not compiled."""
+    wrapper = network.module if isinstance(network, DDP) else network
+    if not isinstance(wrapper, OptimizedModule):
+        return None
+    if isinstance(network, DDP):
+        network.module = wrapper._orig_mod
+        return network
+    return wrapper._orig_mod
+
+
+def last_lines(error: Exception, count: int = 40) -> str:
+    """The last ``count`` lines of ``error``'s traceback (a compiler's runs to hundreds of lines)."""
+    return "\n".join("".join(traceback.format_exception(error)).rstrip().splitlines()[-count:])
 
 
 class PluginTrainer(nnUNetTrainer):
@@ -83,9 +89,11 @@ class PluginTrainer(nnUNetTrainer):
       ``nnunetv2_grcsf pretrained-weights`` (pretrained.py); given the plain model, ``initialize`` says so.
     - ``schedule``: attributes of nnUNetTrainer to override (``num_epochs``, ``num_iterations_per_epoch``...).
 
-    A network that torch.compile cannot compile (nnU-Net compiles on CUDA by default) stops training with a
-    message naming ``nnUNet_compile=f`` and ``compile_failure_advice`` (compile_failure_explained), in the
-    console and the training log.
+    A network that torch.compile cannot compile (nnU-Net compiles on CUDA by default) trains uncompiled: the step
+    that failed is run again without nnU-Net's compile wrapper, and the console and the training log say so once,
+    with the compiler's error and ``nnUNet_compile=f`` to skip the attempt (:meth:`run_compiled_or_not`). A
+    kernel the network compiles itself (FIAS's flex_attention) cannot be dropped: that failure stops training with
+    ``compile_failure_advice``.
 
     Seed: with ``NNUNETV2_GRCSF_SEED`` set, python, numpy and torch are seeded (with seed + DDP rank, so that
     ranks sample different batches; DDP copies rank 0's initial weights to all) before nnU-Net builds the network
@@ -114,8 +122,12 @@ class PluginTrainer(nnUNetTrainer):
         self.print_to_log_file(f"seed: {self.seed} (from {SEED_VARIABLE})" if self.seed is not None else
                                f"seed: none ({SEED_VARIABLE} is unset), as nnU-Net: this run is not reproducible")
 
-    #: What else to try when torch.compile fails (compile_failure_explained), a sentence or ""
+    #: What to try when a kernel the network compiles itself fails to compile (run_compiled_or_not), a sentence
     compile_failure_advice = ""
+
+    #: Set when nnU-Net's torch.compile failed and training went on uncompiled (run_compiled_or_not): the message
+    #: and the end of the compiler's traceback, {"message": ..., "traceback": ...}
+    compile_failure = None
 
     #: The MAE entry stored in every checkpoint (model_mae.py); set at training start, None without an MAE.
     mae_entry = None
@@ -141,12 +153,37 @@ class PluginTrainer(nnUNetTrainer):
             add_to_checkpoint(filename, self.mae_entry)
 
     def train_step(self, batch: dict) -> dict:
-        with compile_failure_explained(self):
-            return super().train_step(batch)
+        return self.run_compiled_or_not(super().train_step, batch)
 
     def validation_step(self, batch: dict) -> dict:
-        with compile_failure_explained(self):
-            return super().validation_step(batch)
+        return self.run_compiled_or_not(super().validation_step, batch)
+
+    def run_compiled_or_not(self, step, batch: dict) -> dict:
+        """``step(batch)``; if torch.compile fails on the network nnU-Net compiled (BackendCompilerFailed: no step
+        has run its optimizer yet, the failure comes at the first call of each graph), the network continues
+        uncompiled and the step runs again, said once in the console and the log. A failure to compile a kernel the
+        network compiles itself (nnU-Net's compile wrapper not there, or dropped) is raised with
+        ``compile_failure_advice``."""
+        try:
+            return step(batch)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            uncompiled = drop_torch_compile(self.network)
+            what = "this network" if uncompiled is not None else "a kernel of this network"
+            message = (f"{type(self).__name__}: torch.compile could not compile {what} on {self.device} "
+                       f"(torch {torch.__version__}): {compiler_failure_headline(error)}\n")
+            traceback_end = last_lines(error)
+            self.print_to_log_file("the compiler's error, its last lines:\n" + traceback_end,
+                                   also_print_to_console=False)
+            if uncompiled is None:
+                message += self.compile_failure_advice + "(The compiler's traceback is above.)"
+                self.print_to_log_file(message)
+                raise RuntimeError(message) from error
+            self.network = uncompiled
+            self.compile_failure = {"message": message.strip(), "traceback": traceback_end}
+            self.print_to_log_file(message + "Training continues uncompiled (slower). `nnUNet_compile=f "
+                                   "nnUNetv2_train ...` (nnU-Net's switch) skips the attempt; the compiler's error "
+                                   "is in the training log.")
+            return self.run_compiled_or_not(step, batch)  # a kernel it compiles itself may still fail
 
     def get_training_transforms(self, *args, **kwargs):
         """nnU-Net's training augmentation; its intensity transforms skip the residual channels (fixed scale)."""
