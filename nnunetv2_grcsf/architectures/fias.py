@@ -43,10 +43,12 @@ MSDA runs as one fused flex_attention kernel with a block-sparse mask, everythin
 (cuDNN); on the CPU the MSDA and the depthwise convs use custom autograd functions with faster backward passes
 (blocks/msda.py, helpers.depthwise_conv). Measured cost: README and benchmarks/results.
 
-torch.compile: TorchDynamo captures the whole network in one graph, 2D and 3D, with and without the RCU; no graph
-break is needed, the fused attention included (flex_attention is traced as a higher-order op, its block mask is
-built from tensor ops, Monte Carlo draws are tensors, and the CPU-only custom autograd functions step aside under
-compilation for their plain versions). Mixed precision: the MSDA's and the CPU global attention's logits and
+torch.compile: on the CPU path (the MSDA's loop) TorchDynamo captures the whole network in one graph, 2D and 3D,
+with and without the RCU (Monte Carlo draws are tensors, and the CPU-only custom autograd functions step aside
+under compilation for their plain versions). On CUDA the MSDA's flex_attention runs outside the network's graph,
+compiled on its own, and the MSDA stages and MixAtt blocks holding it run eagerly (blocks/msda.py); the rest is
+compiled.
+Mixed precision: the MSDA's and the CPU global attention's logits and
 softmax run in float32 (see blocks/msda.py).
 
 Shapes: input (B, C_in, *S), S divisible by prod(strides) per axis -> logits (B, num_classes, *S), or with
@@ -70,7 +72,8 @@ from nnunetv2_grcsf.architectures.blocks.dmk import DepthwiseMultiKernelConv
 from nnunetv2_grcsf.architectures.blocks.mixatt import MixingAttention
 from nnunetv2_grcsf.architectures.blocks.msda import (IMPLEMENTATIONS, AttentionBlock, MultiScaleDilatedAttention,
                                                       check_attention_settings, dilated_window_extent)
-from nnunetv2_grcsf.architectures.helpers import feature_map_estimate, maybe_checkpoint, per_axis_kernel, stage_sizes
+from nnunetv2_grcsf.architectures.helpers import (feature_map_estimate, maybe_checkpoint, per_axis_kernel,
+                                                  run_eagerly, stage_sizes)
 from nnunetv2_grcsf.architectures.input_routing import (DEFAULT_RCU_STAGES, ResidualMapRoutingUNet,
                                                         region_compensation_units)
 
@@ -181,6 +184,11 @@ class DualPathStage(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.units[0].global_path.attention_outside_graph(x):  # MSDA's flex_attention: eagerly (run_eagerly)
+            return run_eagerly(self._forward, x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.units(self.down(x))
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:

@@ -1,7 +1,7 @@
 """Helpers shared by the blocks and networks (as dynamic-network-architectures' ``building_blocks/helper.py``).
 
 - sizes: :func:`stage_sizes`, :func:`per_axis_kernel`, :func:`feature_map_estimate` (nnU-Net's memory units);
-- activation checkpointing: :func:`maybe_checkpoint`;
+- activation checkpointing: :func:`maybe_checkpoint`; eager regions under torch.compile: :func:`run_eagerly`;
 - the depthwise conv of the FIAS blocks, :func:`depthwise_conv`: plain ``F.conv`` (cuDNN) on every device but the
   CPU, where a custom autograd function with a faster backward is used (see :class:`_CPUDepthwiseConv`).
 """
@@ -46,6 +46,15 @@ def maybe_checkpoint(function, x: Union[torch.Tensor, Tuple[torch.Tensor, ...]],
     inputs = x if isinstance(x, tuple) else (x,)
     if checkpointing and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(function, *inputs, use_reentrant=False)
+    return function(*inputs)
+
+
+@torch.compiler.disable(reason="a module holding a kernel compiled on its own (MSDA's flex_attention) runs eagerly")
+def run_eagerly(function, *inputs):
+    """function(*inputs), never traced by torch.compile: one graph break, the compiled graphs of the rest of the
+    network on either side. For the modules whose forward calls a kernel compiled on its own: traced, TorchDynamo
+    would break the graph inside them anyway, capture nothing of a network whose checkpointed region holds the
+    break, and recompile the frames around the break per feature-map size, with dynamic shapes."""
     return function(*inputs)
 
 

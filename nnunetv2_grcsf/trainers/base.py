@@ -125,6 +125,11 @@ class PluginTrainer(nnUNetTrainer):
     #: What to try when a kernel the network compiles itself fails to compile (run_compiled_or_not), a sentence
     compile_failure_advice = ""
 
+    #: Compile with static shapes only (TorchDynamo's automatic dynamic shapes off, for the whole process), for
+    #: networks that run parts eagerly under torch.compile: the compiled frames around those parts run at the
+    #: sizes of several stages, and recompiled with dynamic shapes, inductor failed (FIAS's MSDA stages on CUDA)
+    compile_with_static_shapes = False
+
     #: Set when nnU-Net's torch.compile failed and training went on uncompiled (run_compiled_or_not): the message
     #: and the end of the compiler's traceback, {"message": ..., "traceback": ...}
     compile_failure = None
@@ -151,6 +156,14 @@ class PluginTrainer(nnUNetTrainer):
         super().save_checkpoint(filename)
         if self.mae_entry is not None and self.local_rank == 0 and not self.disable_checkpointing:
             add_to_checkpoint(filename, self.mae_entry)
+
+    def _do_i_compile(self) -> bool:
+        """nnU-Net's choice (CUDA: compile unless ``nnUNet_compile=f``); with ``compile_with_static_shapes`` it also
+        turns TorchDynamo's automatic dynamic shapes off when compiling (one static graph per size)."""
+        compiling = super()._do_i_compile()
+        if compiling and self.compile_with_static_shapes:
+            torch._dynamo.config.automatic_dynamic_shapes = False
+        return compiling
 
     def train_step(self, batch: dict) -> dict:
         return self.run_compiled_or_not(super().train_step, batch)

@@ -30,6 +30,7 @@ class FIASTrainer(PluginTrainer):
 
     network_class_name = FIAS_NETWORK
     network_kwargs = {"use_rcu": False}
+    compile_with_static_shapes = True  # its MSDA stages run eagerly on CUDA (blocks/msda.py)
     compile_failure_advice = (f"FIAS's MSDA compiles flex_attention on CUDA even with nnUNet_compile=f; "
                               f"`{MSDA_VARIABLE}=loop` computes it with plain PyTorch ops instead "
                               f"(the same function). ")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_path import CASES, TRAINERS, synthetic_batch, tiny_trainer  # noqa: E402
@@ -67,3 +68,55 @@ def test_inductor_compiled_train_step_matches_eager(name, tmp_path):
         assert (a - b).norm() <= 5e-2 * a.norm() + floor * a.numel() ** 0.5, parameter
     trainer.network = compiled  # nnUNetTrainer.initialize does the same on CUDA
     assert torch.isfinite(torch.as_tensor(trainer.train_step(batch)["loss"]))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_fias_flex_path_compiles_around_its_attention_with_the_loop_gradients(backend, tmp_path, monkeypatch):
+    """FIAS as on CUDA (every MSDA on flex_attention, checkpointed units): flex_attention runs outside the compiled
+    graphs, and the MSDA stages and MixAtt blocks that hold it run eagerly (TorchDynamo would capture nothing of a
+    network whose checkpointed region holds a graph break); everything else is compiled, with static shapes as
+    FIASTrainer asks when nnU-Net compiles (the frames around the eager stages run at several sizes; recompiled
+    with dynamic shapes, inductor failed here), and loss and gradients are those of the eager loop. flex_attention
+    has no backward on the CPU: its dense equivalent (the same mask, through SDPA) stands in for the kernel."""
+    from test_msda import dense_flex_attention
+    from torch._dynamo.utils import counters
+
+    from nnunetv2_grcsf.architectures.blocks import msda
+
+    monkeypatch.setattr(msda, "fused_flex_attention", dense_flex_attention)
+    trainer = tiny_trainer("FIASTrainer", "2d", tmp_path)
+    monkeypatch.setattr(nnUNetTrainer, "_do_i_compile", lambda self: True)  # as nnU-Net decides on CUDA
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=True):  # restored after the test
+        assert trainer._do_i_compile() and not torch._dynamo.config.automatic_dynamic_shapes  # static shapes
+        results = compiled_and_eager_loop_results(trainer, backend)
+    assert counters["stats"]["unique_graphs"] >= 4 and counters["stats"]["calls_captured"] >= 100
+    assert all("compile" in reason for reason in counters["graph_break"])  # only our torch.compiler.disable
+    (eager_loss, eager_gradients), (loss, gradients) = results
+    assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-4)
+    floor = 1e-4 * max(g.abs().max() for g in eager_gradients if g is not None)
+    for (name, _), a, b in zip(trainer.network.named_parameters(), eager_gradients, gradients):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert (a - b).norm() <= 5e-2 * a.norm() + floor * a.numel() ** 0.5, name
+    torch._dynamo.reset()
+
+
+def compiled_and_eager_loop_results(trainer, backend):
+    """[(loss, gradients)] of the network with every MSDA on the loop, eager, and on flex, compiled by backend."""
+    from torch._dynamo.utils import counters
+
+    from nnunetv2_grcsf.architectures.blocks import msda
+
+    batch = synthetic_batch(trainer)
+    attentions = [m for m in trainer.network.modules() if isinstance(m, msda.MultiScaleDilatedAttention)]
+    assert attentions and any(getattr(m, "checkpointing", False) for m in trainer.network.modules())
+    results = []
+    for implementation, network in (("loop", trainer.network), ("flex", torch.compile(trainer.network,
+                                                                                      backend=backend))):
+        for attention in attentions:
+            attention.implementation = implementation
+        torch._dynamo.reset()
+        counters.clear()
+        with torch._inductor.config.patch(fallback_random=True):
+            results.append(loss_and_gradients(trainer, network, batch))
+    return results

@@ -38,8 +38,9 @@ from dynamic_network_architectures.building_blocks.regularization import Squeeze
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from nnunetv2_grcsf.architectures.blocks.msda import attention_stored_per_position, make_attention
-from nnunetv2_grcsf.architectures.helpers import feature_map_estimate, maybe_checkpoint, per_axis_kernel
+from nnunetv2_grcsf.architectures.blocks.msda import (attention_outside_graph, attention_stored_per_position,
+                                                      make_attention)
+from nnunetv2_grcsf.architectures.helpers import feature_map_estimate, maybe_checkpoint, per_axis_kernel, run_eagerly
 
 
 def adaptive_pool_cell(size: int, grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -140,6 +141,11 @@ class MixingAttention(nn.Module):
         return self.attention.forward_tokens(self.norm(x.movedim(1, -1))).movedim(-1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if attention_outside_graph(self.attention, x):  # MSDA's flex_attention: eagerly (helpers.run_eagerly)
+            return run_eagerly(self._forward, x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x + x * self.channel_attention.weights(x)
         if self.attention is not None:
             out = out + maybe_checkpoint(self.self_attention, x, self.checkpointing)

@@ -30,8 +30,11 @@ Our choices:
   row-major order), one mask per head group (:func:`neighbourhood_mask_mod`) and a block-sparse
   :class:`BlockMask` built from the window offsets (:func:`neighbourhood_block_mask`): only the
   (128 x 128)-position blocks that hold a neighbour pair are computed, nothing of size N^2 is stored, and the
-  fused kernel keeps its softmax statistics in float32 (float16/bfloat16 AMP is safe). Outside torch.compile
-  the call goes through a compiled flex_attention (the eager flex_attention is an unfused dense reference).
+  fused kernel keeps its softmax statistics in float32 (float16/bfloat16 AMP is safe). The call always goes
+  through flex_attention compiled on its own (the eager flex_attention is an unfused dense reference), outside
+  the graph torch.compile makes of the network (:func:`flex_neighbourhood_attention`); the modules holding it
+  (AttentionBlock here, FIAS's MSDA stages and MixAtt) then run eagerly, one graph break each
+  (helpers.run_eagerly): inlined into FIAS's graph, flex_attention failed to compile with inductor on CUDA.
   Its compiled kernel needs head_dim >= 16 (the default). The block mask costs O(H (N / 128)^2) indices; in
   row-major order a block of 128 queries needs the key blocks of the 3 planes x 3 rows around it (in 3D), so the
   kernel evaluates more logits than the k^d neighbours (masked inside each block), still O(N) memory and work
@@ -47,6 +50,7 @@ Our choices:
 - Global attention (deep stages) uses ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on
   CUDA, which accumulate the softmax in float32); on the CPU under a float16/bfloat16 autocast it runs in float32.
 """
+import functools
 import itertools
 import math
 from typing import List, Sequence, Tuple, Type, Union
@@ -60,7 +64,8 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.modules.conv import _ConvNd
 
-from nnunetv2_grcsf.architectures.helpers import depthwise_conv, feature_map_estimate, maybe_checkpoint
+from nnunetv2_grcsf.architectures.helpers import (depthwise_conv, feature_map_estimate, maybe_checkpoint,
+                                                  run_eagerly)
 
 ATTENTION_KINDS = ("msda", "global")
 IMPLEMENTATIONS = ("auto", "flex", "loop")
@@ -242,7 +247,7 @@ def neighbourhood_block_mask(size: Sequence[int], kernel_size: Sequence[int], di
     """The BlockMask of MSDA over the row-major positions of ``size``: for each head and block of ``block_size``
     queries, the key blocks that hold a neighbour of one of them (from the window offsets: O(N K) work and
     (H, N / block_size, N / block_size) block indices, nothing of size N^2), with the exact
-    :func:`neighbourhood_mask_mod` applied inside each block. Plain tensor ops only (traced by torch.compile).
+    :func:`neighbourhood_mask_mod` applied inside each block. Plain tensor ops only.
     """
     positions = math.prod(size)
     n_blocks = -(-positions // block_size)
@@ -269,16 +274,39 @@ def neighbourhood_block_mask(size: Sequence[int], kernel_size: Sequence[int], di
                                     seq_lengths=(positions, positions))
 
 
+@functools.lru_cache(maxsize=64)
+def cached_block_mask(size: Tuple[int, ...], kernel_size: Tuple[int, ...], dilations: Tuple[int, ...],
+                      heads_per_group: int, device: torch.device) -> BlockMask:
+    """:func:`neighbourhood_block_mask`, built once per map size and device (a few small kernels each time
+    otherwise; the same mask object also keeps the compiled kernel's guards stable)."""
+    return neighbourhood_block_mask(size, kernel_size, dilations, heads_per_group, device)
+
+
 def fused_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask,
                          scale: float) -> torch.Tensor:
-    """flex_attention, compiled once per process outside torch.compile (inlined into the graph inside it).
-    q, k, v (B, H, N, d) -> (B, H, N, d). The CPU runs it uncompiled (dense reference; no backward there)."""
+    """flex_attention, compiled once per process (one kernel per shape); the CPU runs it uncompiled (dense
+    reference; no backward there). q, k, v (B, H, N, d) -> (B, H, N, d)."""
     global _compiled_flex_attention
-    if torch.compiler.is_compiling() or q.device.type == "cpu":
+    if q.device.type == "cpu":
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
     if _compiled_flex_attention is None:
         _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+
+
+@torch.compiler.disable(reason="MSDA's flex_attention kernel is compiled on its own, outside the network's graph")
+def flex_neighbourhood_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: Sequence[int],
+                                 kernel_size: Sequence[int], dilations: Sequence[int], scale: float) -> torch.Tensor:
+    """MSDA's attention step by flex_attention: q, k, v (B, H, N, d), N = prod(size) positions in row-major order,
+    H heads in len(dilations) equal groups -> (B, H, N, d).
+
+    Never traced by torch.compile (one graph break where nnU-Net compiles the network): flex_attention inlined
+    into a network's graph failed to compile with inductor on CUDA (an H200, torch 2.11) and is fragile with
+    activation checkpointing around it (pytorch/pytorch issues 167116, 147879), while the standalone compiled
+    flex_attention is its documented use."""
+    block_mask = cached_block_mask(tuple(size), tuple(kernel_size), tuple(dilations), q.shape[1] // len(dilations),
+                                   q.device)
+    return fused_flex_attention(q, k, v, block_mask, scale)
 
 
 class MultiScaleDilatedAttention(nn.Module):
@@ -333,6 +361,7 @@ class MultiScaleDilatedAttention(nn.Module):
                 f"{too_small}; use smaller dilations or global attention at this resolution.")
 
     def uses_flex(self, tokens: torch.Tensor) -> bool:
+        """Whether the attention on ``tokens`` (or their map) runs flex_attention (outside torch.compile's graph)."""
         return self.implementation == "flex" or (self.implementation == "auto" and tokens.is_cuda)
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -340,9 +369,8 @@ class MultiScaleDilatedAttention(nn.Module):
         self.check_size(size)
         if self.uses_flex(tokens):
             qkv = self.qkv(tokens).view(batch, -1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            block_mask = neighbourhood_block_mask(size, self.kernel_size, self.dilations,
-                                                  self.num_heads // len(self.dilations), tokens.device)
-            out = fused_flex_attention(*qkv.unbind(0), block_mask, self.scale)  # (B, H, N, d)
+            out = flex_neighbourhood_attention(*qkv.unbind(0), size, self.kernel_size, self.dilations,
+                                               self.scale)  # (B, H, N, d)
             return self.proj(out.transpose(1, 2).reshape(batch, *size, self.width))
         # channel-first q, k, v, (3 * width, B * N) = (3, G, h, d, B, *S): the projection writes that layout
         # directly (W @ tokens^T), and the output projection reads it transposed
@@ -417,6 +445,13 @@ def make_attention(kind: str, conv_op: Type[_ConvNd], channels: int, num_heads: 
     raise ValueError(f"unknown attention kind {kind!r}; expected one of {ATTENTION_KINDS}.")
 
 
+def attention_outside_graph(attention: Union[None, nn.Module], x: torch.Tensor) -> bool:
+    """Whether ``attention`` (an attention module or None) runs outside torch.compile's graph on ``x``: MSDA's
+    flex_attention (:func:`flex_neighbourhood_attention`); the modules holding it then run eagerly
+    (helpers.run_eagerly)."""
+    return isinstance(attention, MultiScaleDilatedAttention) and attention.uses_flex(x)
+
+
 def attention_stored_per_position(attention: nn.Module, neighbours: int) -> int:
     """Elements an attention module stores per position for its backward: q, k, v, (loop: padded k, v),
     its output, the probabilities (per head and neighbour; global: fused kernels keep one per head)."""
@@ -458,7 +493,14 @@ class AttentionBlock(nn.Module):
         self.neighbours = int(np.prod(kernel_size)) if kind == "msda" else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attention_outside_graph(x):
+            return run_eagerly(maybe_checkpoint, self._forward, x, self.checkpointing)
         return maybe_checkpoint(self._forward, x, self.checkpointing)
+
+    def attention_outside_graph(self, x: torch.Tensor) -> bool:
+        """Whether its attention on ``x`` runs outside torch.compile's graph (MSDA's flex_attention): the block
+        then runs eagerly (helpers.run_eagerly)."""
+        return attention_outside_graph(self.attention, x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         encoding = depthwise_conv(x, self.positional_encoding.weight, self.positional_encoding.bias)
