@@ -79,3 +79,15 @@ def test_a_row_trained_uncompiled_after_a_compile_failure_says_so():
               "rows": [row], "smoke": {}}
     assert f"| FIASTrainer {note}" in gpu_check.markdown(report)
     assert "uncompiled" not in gpu_check.summary_line({**row, "compile_failure": None})
+
+
+def test_profile_step_dry_run_writes_the_kernel_table(tmp_path, monkeypatch):
+    """benchmarks/profile_step.py, as gpu_session.sh runs it, on the CPU with a tiny network."""
+    import profile_step
+
+    monkeypatch.setenv("nnUNet_compile", "t")  # --compile off sets it to f: unset again after the test
+    assert profile_step.main(["GRCSFTrainer_noRCU", "--dry-run", "--compile", "off", "--steps", "1",
+                              "--output", str(tmp_path / "profile")]) == 0
+    table = (tmp_path / "profile.txt").read_text()
+    assert table.startswith("GRCSFTrainer_noRCU on Dataset802_BUSI256_nnUNetPlans 2d") and "aten::" in table
+    assert not (tmp_path / "profile.json").exists()
