@@ -47,9 +47,8 @@ torch.compile: on the CPU path (the MSDA's loop) TorchDynamo captures the whole 
 with and without the RCU (Monte Carlo draws are tensors, and the CPU-only custom autograd functions step aside
 under compilation for their plain versions). On CUDA the MSDA's flex_attention runs outside the network's graph,
 compiled on its own, and the MSDA stages and MixAtt blocks holding it run eagerly (blocks/msda.py); the rest is
-compiled.
-Mixed precision: the MSDA's and the CPU global attention's logits and
-softmax run in float32 (see blocks/msda.py).
+compiled (FIASTrainer compiles with static shapes). Mixed precision: the MSDA's and the CPU global attention's
+logits and softmax run in float32 (see blocks/msda.py).
 
 Shapes: input (B, C_in, *S), S divisible by prod(strides) per axis -> logits (B, num_classes, *S), or with
 ``decoder.deep_supervision`` a list of n_stages - 1 logits, full resolution first, then each coarser decoder
