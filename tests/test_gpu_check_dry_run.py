@@ -86,8 +86,9 @@ def test_profile_step_dry_run_writes_the_kernel_table(tmp_path, monkeypatch):
     import profile_step
 
     monkeypatch.setenv("nnUNet_compile", "t")  # --compile off sets it to f: unset again after the test
-    assert profile_step.main(["GRCSFTrainer_noRCU", "--dry-run", "--compile", "off", "--steps", "1",
+    assert profile_step.main(["GRCSFTrainer_noRCU", "--dry-run", "--compile", "off", "--steps", "1", "--flops",
                               "--output", str(tmp_path / "profile")]) == 0
     table = (tmp_path / "profile.txt").read_text()
     assert table.startswith("GRCSFTrainer_noRCU on Dataset802_BUSI256_nnUNetPlans 2d") and "aten::" in table
+    assert "FLOPs of one train step: " in table and "aten.convolution" in table
     assert not (tmp_path / "profile.json").exists()
