@@ -7,8 +7,8 @@
 #
 # Part 1: gpu_check.py 2d (BUSI256 plans: nnU-Net, GRCSF with the RCU's three CUDA attention layouts, FIAS), each
 #         row in its own process; where GRCSF's step time goes (profile_step.py, GRCSF and GRCSF without the RCU);
-#         rcu_attention_speed.py, eager.
-# Part 2: rcu_attention_speed.py compiled; FIAS's diagnostic rows; gpu_check.py 3d_fullres (Hippocampus plans).
+#         rcu_attention_speed.py, eager, in what time is left.
+# Part 2: rcu_attention_speed.py eager and compiled; FIAS's diagnostic rows; gpu_check.py 3d_fullres (Hippocampus).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR [SECONDS] [PART]}
 seconds=${2:-540}
@@ -44,16 +44,18 @@ check() {  # gpu_check.py rows, bounded by the time left: check NAME CONFIGURATI
 if [ "$part" = 1 ]; then
   check 2d 2d 60 GRCSFTrainer GRCSFTrainer_rcuFolded GRCSFTrainer_rcuWindowSum FIASTrainer
   for trainer in GRCSFTrainer GRCSFTrainer_noRCU; do
-    [ "$(left)" -gt 100 ] && timeout 100 python3 benchmarks/profile_step.py "$trainer" "${dry[@]}" \
+    [ "$(left)" -gt 150 ] && timeout 150 python3 benchmarks/profile_step.py "$trainer" "${dry[@]}" \
       --output "$out/profile_$trainer" > /dev/null
   done
   [ "$(left)" -gt 60 ] && timeout $(( $(left) - 20 )) python3 benchmarks/rcu_attention_speed.py "${attention[@]}" \
     --output "$out/rcu_attention"
 else
-  if [ -z "${GPU_SESSION_DRY_RUN:-}" ]; then
-    timeout $(( $(left) / 3 )) python3 benchmarks/rcu_attention_speed.py "${attention[@]}" --compile \
-      --output "$out/rcu_attention_compiled"
-  fi
+  compiled=(--compile)
+  [ -n "${GPU_SESSION_DRY_RUN:-}" ] && compiled=()  # compiling every layout on the CPU takes too long
+  for extra in "" "${compiled[@]}"; do
+    timeout $(( $(left) / 4 )) python3 benchmarks/rcu_attention_speed.py "${attention[@]}" $extra \
+      --output "$out/rcu_attention${extra:+_compiled}"
+  done
   check 2d_fias 2d 50 FIASTrainer_noCheckpointing FIASTrainer_loopMSDA
   check 3d 3d_fullres 95 GRCSFTrainer GRCSFTrainer_noRCU FIASTrainer
 fi
