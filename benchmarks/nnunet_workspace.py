@@ -236,12 +236,17 @@ def make_residual_dataset(workspace: Workspace, source_id: int, residual_id: int
     """``residual_id`` = the source + MAE residual channel, by the plugin's commands (same case names).
 
     ``mae-train`` reads ``imagesTr`` only (its default), so the MAE never sees a test image; the checkpoint's
-    record of how many images it trained on is checked against ``imagesTr`` (a run is refused otherwise).
+    record of how many images it trained on is checked against ``imagesTr`` (a run is refused otherwise). An MAE
+    training that was interrupted (its ``checkpoint_latest.pth`` there) is resumed.
     Returns :func:`mae_record`.
     """
     if not (workspace.dataset_folder(residual_id) / "dataset.json").is_file():
+        from nnunetv2_grcsf.mae.train import DEFAULT_SUBFOLDER, LATEST
+
         mae = ["mae-train", "-d", str(source_id), "--device", device, "--quiet"]
         mae += ["--steps", str(mae_steps)] if mae_steps else []
+        interrupted = workspace.results / workspace.folder_name(source_id) / DEFAULT_SUBFOLDER / LATEST
+        mae += ["--resume"] if interrupted.is_file() else []  # an interrupted run continues exactly where it stopped
         log = workspace.logs / "residuals.log"
         run_logged([console_script("nnunetv2_grcsf"), *mae], workspace.env, log)
         run_logged([console_script("nnunetv2_grcsf"), "residuals", "-d", str(source_id), "-o", str(residual_id),

@@ -185,3 +185,26 @@ def test_accuracy_plot_places_each_row_at_its_train_step_ratio_to_plainconvunet(
     assert label.endswith(f"not plotted, not in {speed_file.name}: NewTrainer")
     positions, label = accuracy_busi256.speed_positions(report, summaries, tmp_path / "missing_speed.json")
     assert positions == {name: 60.0 / (2 * 6) for name in report["rows"]} and "wall s" in label
+
+
+@pytest.mark.slow
+def test_an_interrupted_mae_training_is_resumed_by_the_benchmark(tmp_path, monkeypatch):
+    """The accuracy benchmarks resume: an MAE training stopped before its end (checkpoint_latest.pth only, as
+    Ctrl-C or a killed run leaves it) is continued with --resume, not refused, and the residual data set is made."""
+    from nnunet_workspace import Workspace, make_residual_dataset
+
+    from nnunetv2_grcsf.mae.train import DEFAULT_SUBFOLDER, FINAL, LATEST, TrainConfig, load_checkpoint, train_mae
+    from nnunetv2_grcsf.synthetic import write_synthetic_dataset
+
+    workspace = Workspace(tmp_path, "SyntheticLesions", n_proc_da=0)
+    write_synthetic_dataset(workspace.raw, 901, num_training=6, num_test=2, shape=(64, 64), progress=False)
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(key, workspace.env[key])
+    mae_folder = workspace.results / "Dataset901_SyntheticLesions" / DEFAULT_SUBFOLDER
+    train_mae(901, train_config=TrainConfig(steps=4, batch_size=4, save_every=2), stop_after_steps=2,
+              progress=False, num_threads=1, log=lambda *a: None)
+    assert (mae_folder / LATEST).is_file() and not (mae_folder / FINAL).exists()
+    record = make_residual_dataset(workspace, 901, 902, mae_steps=4, device="cpu")
+    assert "--resume" in (workspace.logs / "residuals.log").read_text()
+    assert load_checkpoint(mae_folder / FINAL)["step"] == 4 and record["steps"] == 4
+    assert (workspace.dataset_folder(902) / "dataset.json").is_file()
