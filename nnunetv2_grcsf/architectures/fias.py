@@ -71,8 +71,8 @@ from nnunetv2_grcsf.architectures.blocks.dmk import DepthwiseMultiKernelConv
 from nnunetv2_grcsf.architectures.blocks.mixatt import MixingAttention
 from nnunetv2_grcsf.architectures.blocks.msda import (IMPLEMENTATIONS, AttentionBlock, MultiScaleDilatedAttention,
                                                       check_attention_settings, dilated_window_extent)
-from nnunetv2_grcsf.architectures.helpers import (feature_map_estimate, maybe_checkpoint, per_axis_kernel,
-                                                  run_eagerly, stage_sizes)
+from nnunetv2_grcsf.architectures.helpers import (feature_map_estimate, maybe_checkpoint, maybe_eager,
+                                                  per_axis_kernel, stage_sizes)
 from nnunetv2_grcsf.architectures.input_routing import (DEFAULT_RCU_STAGES, ResidualMapRoutingUNet,
                                                         region_compensation_units)
 
@@ -182,10 +182,8 @@ class DualPathStage(nn.Module):
             for _ in range(n_units)])
         self.stride = stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.units[0].global_path.attention_outside_graph(x):  # MSDA's flex_attention: eagerly (run_eagerly)
-            return run_eagerly(self._forward, x)
-        return self._forward(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # eagerly around MSDA's flex_attention (helpers.maybe_eager)
+        return maybe_eager(self._forward, x, self.units[0].global_path.attention_outside_graph(x))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.units(self.down(x))

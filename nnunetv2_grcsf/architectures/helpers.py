@@ -1,7 +1,7 @@
 """Helpers shared by the blocks and networks (as dynamic-network-architectures' ``building_blocks/helper.py``).
 
 - sizes: :func:`stage_sizes`, :func:`per_axis_kernel`, :func:`feature_map_estimate` (nnU-Net's memory units);
-- activation checkpointing: :func:`maybe_checkpoint`; eager regions under torch.compile: :func:`run_eagerly`;
+- activation checkpointing: :func:`maybe_checkpoint`; eager regions under torch.compile: :func:`maybe_eager`;
 - the depthwise conv of the FIAS blocks, :func:`depthwise_conv`: plain ``F.conv`` (cuDNN) on every device but the
   CPU, where a custom autograd function with a faster backward is used (see :class:`_CPUDepthwiseConv`).
 """
@@ -49,12 +49,21 @@ def maybe_checkpoint(function, x: Union[torch.Tensor, Tuple[torch.Tensor, ...]],
     return function(*inputs)
 
 
+def maybe_eager(function, x: Union[torch.Tensor, Tuple], eager: bool):
+    """function(x) (function(*x) for a tuple); with ``eager``, through :func:`run_eagerly` (never traced by
+    torch.compile)."""
+    inputs = x if isinstance(x, tuple) else (x,)
+    return run_eagerly(function, *inputs) if eager else function(*inputs)
+
+
 @torch.compiler.disable(reason="a module holding a kernel compiled on its own (MSDA's flex_attention) runs eagerly")
 def run_eagerly(function, *inputs):
     """function(*inputs), never traced by torch.compile: one graph break, the compiled graphs of the rest of the
     network on either side. For the modules whose forward calls a kernel compiled on its own: traced, TorchDynamo
-    would break the graph inside them anyway, capture nothing of a network whose checkpointed region holds the
-    break, and recompile the frames around the break per feature-map size, with dynamic shapes."""
+    would break the graph inside them anyway, there inside an activation checkpoint (which it then runs untraced,
+    the frames inside compiled on their own), so one clean break per module is chosen instead. (Measured on the
+    CPU: a toy network of torch.nn containers around such a checkpoint had no graph at all; FIAS itself compiled
+    around the break either way, with static shapes.)"""
     return function(*inputs)
 
 

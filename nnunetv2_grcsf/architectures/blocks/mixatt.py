@@ -40,7 +40,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from nnunetv2_grcsf.architectures.blocks.msda import (attention_outside_graph, attention_stored_per_position,
                                                       make_attention)
-from nnunetv2_grcsf.architectures.helpers import feature_map_estimate, maybe_checkpoint, per_axis_kernel, run_eagerly
+from nnunetv2_grcsf.architectures.helpers import feature_map_estimate, maybe_checkpoint, maybe_eager, per_axis_kernel
 
 
 def adaptive_pool_cell(size: int, grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -140,10 +140,8 @@ class MixingAttention(nn.Module):
         """attention(LayerNorm(x)) without the residual: (B, C, *S) -> (B, C, *S)."""
         return self.attention.forward_tokens(self.norm(x.movedim(1, -1))).movedim(-1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if attention_outside_graph(self.attention, x):  # MSDA's flex_attention: eagerly (helpers.run_eagerly)
-            return run_eagerly(self._forward, x)
-        return self._forward(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # eagerly around MSDA's flex_attention (helpers.maybe_eager)
+        return maybe_eager(self._forward, x, attention_outside_graph(self.attention, x))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x + x * self.channel_attention.weights(x)

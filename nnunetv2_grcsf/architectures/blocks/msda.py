@@ -34,7 +34,7 @@ Our choices:
   through flex_attention compiled on its own (the eager flex_attention is an unfused dense reference), outside
   the graph torch.compile makes of the network (:func:`flex_neighbourhood_attention`); the modules holding it
   (AttentionBlock here, FIAS's MSDA stages and MixAtt) then run eagerly, one graph break each
-  (helpers.run_eagerly): inlined into FIAS's graph, flex_attention failed to compile with inductor on CUDA.
+  (helpers.maybe_eager): inlined into FIAS's graph, flex_attention failed to compile with inductor on CUDA.
   Its compiled kernel needs head_dim >= 16 (the default). The block mask costs O(H (N / 128)^2) indices; in
   row-major order a block of 128 queries needs the key blocks of the 3 planes x 3 rows around it (in 3D), so the
   kernel evaluates more logits than the k^d neighbours (masked inside each block), still O(N) memory and work
@@ -64,8 +64,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.modules.conv import _ConvNd
 
-from nnunetv2_grcsf.architectures.helpers import (depthwise_conv, feature_map_estimate, maybe_checkpoint,
-                                                  run_eagerly)
+from nnunetv2_grcsf.architectures.helpers import depthwise_conv, feature_map_estimate, maybe_checkpoint, maybe_eager
 
 ATTENTION_KINDS = ("msda", "global")
 IMPLEMENTATIONS = ("auto", "flex", "loop")
@@ -448,7 +447,7 @@ def make_attention(kind: str, conv_op: Type[_ConvNd], channels: int, num_heads: 
 def attention_outside_graph(attention: Union[None, nn.Module], x: torch.Tensor) -> bool:
     """Whether ``attention`` (an attention module or None) runs outside torch.compile's graph on ``x``: MSDA's
     flex_attention (:func:`flex_neighbourhood_attention`); the modules holding it then run eagerly
-    (helpers.run_eagerly)."""
+    (helpers.maybe_eager)."""
     return isinstance(attention, MultiScaleDilatedAttention) and attention.uses_flex(x)
 
 
@@ -493,13 +492,11 @@ class AttentionBlock(nn.Module):
         self.neighbours = int(np.prod(kernel_size)) if kind == "msda" else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.attention_outside_graph(x):
-            return run_eagerly(maybe_checkpoint, self._forward, x, self.checkpointing)
-        return maybe_checkpoint(self._forward, x, self.checkpointing)
+        return maybe_eager(maybe_checkpoint, (self._forward, x, self.checkpointing), self.attention_outside_graph(x))
 
     def attention_outside_graph(self, x: torch.Tensor) -> bool:
         """Whether its attention on ``x`` runs outside torch.compile's graph (MSDA's flex_attention): the block
-        then runs eagerly (helpers.run_eagerly)."""
+        then runs eagerly (helpers.maybe_eager)."""
         return attention_outside_graph(self.attention, x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
