@@ -1,6 +1,6 @@
 """Benchmark: MAE residual maps on real 3D glioma MRI (Dataset805_BraTS6), held-out volumes, on this CPU.
 
-Runs the real commands in a fresh work folder (``benchmarks/work/mae_brats6``: its own nnUNet_raw /
+Runs the real commands in a fresh work folder (``benchmarks/work/NAME``, see Usage: its own nnUNet_raw /
 _preprocessed / _results; the shared volumes linked, never modified), each in its own process:
 
 1. The work folder's raw data set holds volumes 1-4 in ``imagesTr`` / ``labelsTr`` and the held-out volumes
@@ -16,9 +16,10 @@ _preprocessed / _results; the shared volumes linked, never modified), each in it
 
 Panel: the report's first panel (FLAIR as the MAE sees it | reconstruction | residual | tumour).
 
-Usage: python benchmarks/mae_brats6.py [--steps N] [--threads N]
+Usage: python benchmarks/mae_brats6.py [--steps N] [--threads N] [--mae-train-args ARGS] [--output NAME]
 Needs ../shared/data/Dataset805_BraTS6 (or $GRCSF_SHARED_DATA/Dataset805_BraTS6); exits with a message if
-absent. Results: benchmarks/results/mae_brats6.json and benchmarks/results/mae_brats6_panel.png.
+absent. Results: benchmarks/results/NAME.json and benchmarks/results/NAME_panel.png (NAME: mae_brats6 unless
+``--output``); work folder benchmarks/work/NAME.
 """
 
 import argparse
@@ -26,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,22 +38,23 @@ from nnunet_workspace import shared_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-WORK = ROOT / "benchmarks" / "work" / "mae_brats6"
+WORK_ROOT = ROOT / "benchmarks" / "work"
+DEFAULT_OUTPUT = "mae_brats6"
 DATASET = "Dataset805_BraTS6"
 SOURCE_ID = 805
 MASK_RATIOS = (0.5, 0.75)
 HELD_OUT = ("brats_pat0005", "brats_pat0006")
 
 
-def setup_env() -> Path:
+def setup_env(work: Path) -> Path:
     """A fresh work folder: volumes 1-4 as imagesTr/labelsTr, the held-out ones as imagesTs/labelsTs (links)."""
     src = shared_dataset(DATASET, None)
-    if WORK.exists():
-        shutil.rmtree(WORK)
+    if work.exists():
+        shutil.rmtree(work)
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (WORK / var).mkdir(parents=True)
-        os.environ[var] = str(WORK / var)
-    dst = WORK / "nnUNet_raw" / DATASET
+        (work / var).mkdir(parents=True)
+        os.environ[var] = str(work / var)
+    dst = work / "nnUNet_raw" / DATASET
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (dst / sub).mkdir(parents=True)
     for f in sorted((src / "imagesTr").iterdir()):
@@ -80,25 +83,30 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None, help="MAE training steps (default: the command's own)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both commands (default 1)")
+    parser.add_argument("--mae-train-args", default="", help="more mae-train arguments, e.g. \"--max-shift 3\"")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT,
+                        help=f"name of the results and of the work folder (default {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
+    work = WORK_ROOT / args.output
 
     import nnunetv2_grcsf
     from nnunetv2_grcsf.mae import checkpoint_saw_test_images
     from nnunetv2_grcsf.mae.report import format_comparison
 
-    raw = setup_env()
+    raw = setup_env(work)
     load_start = os.getloadavg()
-    print(f"work folder {WORK}; torch threads {args.threads}; load average {load_start}", flush=True)
+    print(f"work folder {work}; torch threads {args.threads}; load average {load_start}", flush=True)
     train_args = ["mae-train", "-d", str(SOURCE_ID), "--num-threads", str(args.threads), "--quiet"]
     if args.steps is not None:
         train_args += ["--steps", str(args.steps)]
+    train_args += shlex.split(args.mae_train_args)
     train_wall = run_command(train_args)
-    mae_folder = WORK / "nnUNet_results" / DATASET / "nnunetv2_grcsf_mae"
+    mae_folder = work / "nnUNet_results" / DATASET / "nnunetv2_grcsf_mae"
     log = json.loads((mae_folder / "training_log.json").read_text())
     checkpoint = mae_folder / "checkpoint_final.pth"
     assert checkpoint_saw_test_images(checkpoint) is False, "the benchmark MAE must not see the held-out volumes"
 
-    out_folder, report_folder = WORK / "held_out_with_residuals", WORK / "held_out_report"
+    out_folder, report_folder = work / "held_out_with_residuals", work / "held_out_report"
     residual_args = ["residuals", "-i", str(raw / "imagesTs"), "-o", str(out_folder), "-m", str(checkpoint),
                      "--labels", str(raw / "labelsTs"), "--report", "--report-dir", str(report_folder),
                      "--report-cases", "1", "--mask-ratios", *[f"{r:g}" for r in MASK_RATIOS],
@@ -108,7 +116,7 @@ def main(argv=None):
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     if report["panels"]:
-        shutil.copyfile(report["panels"][0], RESULTS / "mae_brats6_panel.png")
+        shutil.copyfile(report["panels"][0], RESULTS / f"{args.output}_panel.png")
     out = {"dataset": DATASET, "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "nnunetv2_grcsf": nnunetv2_grcsf.__version__, "python": platform.python_version(),
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
@@ -122,13 +130,13 @@ def main(argv=None):
            "residuals_command": {"command": "nnunetv2_grcsf " + " ".join(residual_args),
                                  "seconds": round(residual_wall, 1)},
            "held_out": {k: report[k] for k in ("overall", "baselines", "reconstruction", "cases")},
-           "panel": "benchmarks/results/mae_brats6_panel.png" if report["panels"] else None}
-    (RESULTS / "mae_brats6.json").write_text(json.dumps(out, indent=2))
+           "panel": f"benchmarks/results/{args.output}_panel.png" if report["panels"] else None}
+    (RESULTS / f"{args.output}.json").write_text(json.dumps(out, indent=2))
     print(f"\nheld-out volumes {', '.join(HELD_OUT)}; MAE {log['steps']} steps, mae-train {train_wall:.0f} s wall; "
           f"residuals -i (+ report, incl. the untrained MAE) {residual_wall:.0f} s")
     for line in format_comparison(report):
         print(line)
-    print(f"results: {RESULTS / 'mae_brats6.json'}")
+    print(f"results: {RESULTS / args.output}.json")
 
 
 if __name__ == "__main__":

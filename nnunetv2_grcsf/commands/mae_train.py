@@ -71,6 +71,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     opt.add_argument("--save-every", type=int, default=100, help="write checkpoint_latest.pth every N steps (default 100)")
     opt.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    opt.add_argument("--max-shift", type=int, default=0, metavar="PATCHES",
+                     help="shift each training slice by a random whole number of patches, up to this many per axis, "
+                          "so the MAE reconstructs from the visible tissue around a patch rather than from where "
+                          "anatomy usually lies (default 0: no shifts)")
     opt.add_argument("--max-slices-per-case", type=int, default=None,
                      help="3D: keep at most N evenly spaced slices per volume in memory (default: all)")
     opt.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default auto)")
@@ -94,7 +98,7 @@ def run(args) -> int:
     train_config = TrainConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                mask_ratios=args.mask_ratios, seed=args.seed, save_every=args.save_every,
                                flip=not args.no_flip, max_slices_per_case=args.max_slices_per_case,
-                               skip_labelled_patches=args.skip_labelled_patches)
+                               skip_labelled_patches=args.skip_labelled_patches, max_shift_patches=args.max_shift)
     train_config.check()
     if args.num_threads is not None and args.num_threads < 1:
         raise MAEError(f"--num-threads {args.num_threads}: give at least 1")

@@ -21,7 +21,8 @@ images (``in_slice_spacing``: the two spacings of the slice plane, in slice-arra
 
 Optimization (ours, for short budgets; the paper trains 800-1600 epochs): AdamW (betas 0.9/0.95,
 weight decay 0.05 on weight matrices only, as in MAE), learning rate with linear warm-up (5 % of the
-steps) then cosine decay to 0; random horizontal flips; batches from a per-epoch random permutation;
+steps) then cosine decay to 0; random horizontal flips (and, with ``max_shift_patches``, random shifts by whole
+patches: :func:`random_shifts`); batches from a per-epoch random permutation;
 each step masks at one of ``mask_ratios`` (default 0.5 and 0.75, the ratios the residual maps use),
 taken in turn.
 All randomness of step ``t`` comes from generators seeded by ``(seed, t)`` (and the permutation from
@@ -87,6 +88,7 @@ class TrainConfig(DictRoundTrip):
     flip: bool = True
     max_slices_per_case: int = None
     skip_labelled_patches: bool = True
+    max_shift_patches: int = 0
 
     def __post_init__(self):
         self.mask_ratios = tuple(float(r) for r in self.mask_ratios)
@@ -95,7 +97,8 @@ class TrainConfig(DictRoundTrip):
     def from_dict(cls, d: dict):
         if "mask_ratios" not in d and "mask_ratio" in d:  # checkpoints of version 1 trained at one ratio
             d = {**d, "mask_ratios": [d["mask_ratio"]]}
-        return super().from_dict({"skip_labelled_patches": False, **d})  # older checkpoints trained on every patch
+        # older checkpoints trained on every patch, without shifts
+        return super().from_dict({"skip_labelled_patches": False, "max_shift_patches": 0, **d})
 
     def check(self) -> None:
         """:class:`MAEError` naming the command-line option of the first setting out of range."""
@@ -113,6 +116,8 @@ class TrainConfig(DictRoundTrip):
                             f"and 1 (exclusive)")
         if self.save_every < 1:
             problems.append(f"--save-every {self.save_every}: give at least 1")
+        if self.max_shift_patches < 0:
+            problems.append(f"--max-shift {self.max_shift_patches}: give 0 (no shifts) or more patches")
         if self.max_slices_per_case is not None and self.max_slices_per_case < 1:
             problems.append(f"--max-slices-per-case {self.max_slices_per_case}: give at least 1")
         if problems:
@@ -475,6 +480,29 @@ def random_flips(x: torch.Tensor, excluded, generator: torch.Generator) -> tuple
     return x, excluded
 
 
+def random_shifts(x: torch.Tensor, excluded, max_shift: int, patch_size: int, generator: torch.Generator) -> tuple:
+    """Shift each slice of ``x`` ``[N, C, S, S]`` by a random whole number of patches, up to ``max_shift`` per axis,
+    filling with the slice's per-channel minimum (the model grid's background, :func:`~.data.to_model_grid`), and
+    its patch flags ``excluded`` (``[N, L]`` bool, or ``None``) alike (patches shifted in are not excluded).
+    Whole patches keep the patch grid on the content, so the flags stay exact."""
+    if max_shift < 1:
+        return x, excluded
+    shifts = torch.randint(-max_shift, max_shift + 1, (x.shape[0], 2), generator=generator).tolist()
+    margin = max_shift * patch_size
+    fill = x.amin(dim=(2, 3), keepdim=True)
+    padded = fill.expand(-1, -1, x.shape[2] + 2 * margin, x.shape[3] + 2 * margin).clone()
+    padded[:, :, margin:-margin, margin:-margin] = x
+    size = x.shape[-1]
+    starts = [(margin - dy * patch_size, margin - dx * patch_size) for dy, dx in shifts]
+    x = torch.stack([padded[i, :, top:top + size, left:left + size] for i, (top, left) in enumerate(starts)])
+    if excluded is not None:
+        side = math.isqrt(excluded.shape[1])
+        grid = torch.nn.functional.pad(excluded.reshape(-1, side, side), [max_shift] * 4, value=False)
+        excluded = torch.stack([grid[i, max_shift - dy:max_shift - dy + side, max_shift - dx:max_shift - dx + side]
+                                for i, (dy, dx) in enumerate(shifts)]).flatten(1)
+    return x, excluded
+
+
 def _param_groups(model, weight_decay):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -636,6 +664,7 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
             excluded = labelled[idx] if labelled is not None else None
             if train_config.flip:
                 x, excluded = random_flips(x, excluded, gen)
+            x, excluded = random_shifts(x, excluded, train_config.max_shift_patches, model_config.patch_size, gen)
             if excluded is not None:
                 excluded = excluded.to(dev)
             ratio = train_config.mask_ratios[step % len(train_config.mask_ratios)]

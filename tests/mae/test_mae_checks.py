@@ -46,6 +46,7 @@ def test_mae_train_reads_imagesTr_only_unless_asked(nnunet_env, tmp_path):
     (["--steps", "0"], "--steps 0"), (["--steps", "-5"], "--steps -5"), (["--batch-size", "0"], "--batch-size 0"),
     (["--lr", "-1"], "--lr -1"), (["--lr", "nan"], "--lr nan"), (["--epochs", "0"], "--epochs 0"),
     (["--mask-ratios", "0.5", "1.5"], "--mask-ratios 0.5 1.5"), (["--save-every", "0"], "--save-every 0"),
+    (["--max-shift", "-1"], "--max-shift -1"),
     (["--num-threads", "0"], "--num-threads 0"), (["--patch-size", "0"], "patch_size 0"),
     (["--image-size", "30"], "multiple")])
 def test_bad_arguments_are_refused_before_anything_is_written(nnunet_env, argv, message):

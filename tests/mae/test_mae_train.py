@@ -8,7 +8,8 @@ import torch
 from nnunetv2_grcsf.datasets import DatasetNotFoundError
 from nnunetv2_grcsf.mae import MAECheckpointError, MAEDatasetError, MAEImageReadError, MAEOutputExistsError
 from nnunetv2_grcsf.mae.train import (FINAL, LATEST, TrainConfig, find_latest_checkpoint, learning_rate,
-                                      load_checkpoint, model_from_checkpoint, random_flips, train_mae)
+                                      load_checkpoint, model_from_checkpoint, random_flips, random_shifts,
+                                      train_mae)
 
 from mae_testutils import (make_raw_dataset, nnunet_env, run_command, snapshot, tiny_model_config,  # noqa: F401
                            write_image)
@@ -144,6 +145,19 @@ def test_random_flips_move_the_excluded_patches_with_their_pixels():
     assert torch.equal(flags, (torch.nn.functional.max_pool2d(flipped, 8) > 0).flatten(1))
     assert random_flips(x, None, torch.Generator().manual_seed(0))[1] is None
 
+
+def test_random_shifts_move_whole_patches_and_their_flags():
+    x = torch.full((96, 2, 32, 32), -1.0)
+    x[..., 8:16, 16:24] = torch.tensor([2.0, 3.0]).view(1, 2, 1, 1)  # patch (1, 2) of 8-px patches
+    excluded = (torch.nn.functional.max_pool2d(x[:, :1], 8) > 0).flatten(1)
+    shifted, flags = random_shifts(x, excluded, 1, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(flags, (torch.nn.functional.max_pool2d(shifted[:, :1], 8) > 0).flatten(1))
+    assert torch.equal(flags.sum(1), torch.ones(96, dtype=torch.long))  # one patch each, never shifted out
+    where = flags.float().reshape(96, 4, 4).nonzero()[:, 1:] - torch.tensor([1, 2])
+    assert set(map(tuple, where.tolist())) == {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}  # all 9 shifts
+    assert torch.equal(torch.unique(shifted[:, 1]), torch.tensor([-1.0, 3.0]))  # background fill: the slice minimum
+    assert random_shifts(x, excluded, 0, 8, torch.Generator())[0] is x
+
 def test_learning_rate_schedule():
     lrs = [learning_rate(s, 100, 1e-3, 0.05) for s in range(100)]
     assert lrs[0] == pytest.approx(2e-4) and max(lrs) == pytest.approx(1e-3) and lrs[-1] < 1e-5
@@ -154,10 +168,11 @@ def test_cli_mae_train(nnunet_env, tmp_path, capsys):
     code = run_command("mae_train", ["mae-train", "-d", "17", "-o", str(tmp_path / "cli"), "--image-size", "32",
                                      "--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--decoder-dim", "32",
                                      "--decoder-depth", "1", "--steps", "2", "--batch-size", "2", "--quiet",
-                                     "--num-threads", "1"])
+                                     "--num-threads", "1", "--max-shift", "1"])
     assert code == 0 and (tmp_path / "cli" / FINAL).is_file()
     ckpt = load_checkpoint(tmp_path / "cli" / FINAL)
     assert ckpt["model_config"]["embed_dim"] == 32 and ckpt["train_config"]["total_steps"] == 2
+    assert ckpt["train_config"]["max_shift_patches"] == 1
     assert ckpt["train_config"]["skip_labelled_patches"] is True
     run_command("mae_train", ["mae-train", "-d", "17", "-o", str(tmp_path / "every_patch"), "--image-size", "32",
                               "--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--decoder-dim", "32",
