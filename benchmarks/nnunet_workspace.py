@@ -699,10 +699,15 @@ def finished_results(workspace: Workspace, results_file: Path, run_settings: dic
 def record_result(workspace: Workspace, results_file: Path, settings: dict, row: str, seed: Optional[int],
                   result: dict) -> None:
     """Merge one run's result (row, seed) and the run's settings into the results JSON, under the workspace's lock;
-    the file is replaced whole (written beside it, then renamed), so an interruption never leaves it half written."""
+    the file is replaced whole (written beside it, then renamed), so an interruption never leaves it half written.
+    Settings already in the file that this run does not set (notes on earlier runs) are kept. A row that reads
+    residual maps records the sha256 of the MAE that made them (``settings["mae"]``): an MAE trained again for
+    later seeds (a new work folder) stays told apart per run."""
+    if Row.parse(row).test_inputs_kind() in ("residual", "shuffled"):
+        result = {**result, "mae_sha256": settings.get("mae", {}).get("sha256")}
     with locked(workspace.root / ".results.lock"):
         report = json.loads(results_file.read_text()) if results_file.is_file() else {"rows": {}}
-        report["settings"] = settings
+        report["settings"] = {**report.get("settings", {}), **settings}
         report["rows"].setdefault(row, {})[str(seed)] = result
         results_file.parent.mkdir(parents=True, exist_ok=True)
         partial = results_file.with_name(results_file.name + ".partial")

@@ -258,19 +258,38 @@ def test_results_are_kept_per_row_and_seed_and_never_mixed_with_other_settings(t
     workspace = nnunet_workspace.Workspace(tmp_path / "work", "Demo", 0)
     results = tmp_path / "results.json"
     settings = {"budget": "5epochs_20iters", "fold": 0}
-    nnunet_workspace.record_result(workspace, results, settings, "A", 0, {"status": "ok"})
-    nnunet_workspace.record_result(workspace, results, settings, "A", 1, {"status": "error"})
+    nnunet_workspace.record_result(workspace, results, settings, "nnUNetTrainer", 0, {"status": "ok"})
+    nnunet_workspace.record_result(workspace, results, settings, "nnUNetTrainer", 1, {"status": "error"})
     assert nnunet_workspace.finished_results(workspace, results, settings) == {
-        "A": {"0": {"status": "ok"}, "1": {"status": "error"}}}
+        "nnUNetTrainer": {"0": {"status": "ok"}, "1": {"status": "error"}}}
     with pytest.raises(SystemExit, match="budget: '5epochs_20iters' there, '10epochs_25iters' now"):
         nnunet_workspace.finished_results(workspace, results, {"budget": "10epochs_25iters", "fold": 0})
     with pytest.raises(SystemExit, match="test_split: 'not recorded' there"):
         nnunet_workspace.finished_results(workspace, results, {**settings, "test_split": {"seed": 0}})
     old = tmp_path / "old.json"  # one result per trainer, as the benchmark wrote before seeds
-    old.write_text(json.dumps({"settings": settings, "trainers": {"A": {"status": "ok"}}}))
+    old.write_text(json.dumps({"settings": settings, "trainers": {"nnUNetTrainer": {"status": "ok"}}}))
     with pytest.raises(SystemExit, match="no seeds"):
         nnunet_workspace.finished_results(workspace, old, settings)
     assert nnunet_workspace.finished_results(workspace, tmp_path / "none.json", settings) == {}
+
+
+def test_results_keep_notes_on_earlier_runs_and_the_mae_of_each_residual_run(tmp_path):
+    workspace = nnunet_workspace.Workspace(tmp_path / "work", "Demo", 0)
+    results = tmp_path / "results.json"
+    first = {"fold": 0, "mae": {"sha256": "first"}}
+    nnunet_workspace.record_result(workspace, results, first, "GRCSFTrainer", 0, {"status": "ok"})
+    report = json.loads(results.read_text())
+    report["settings"]["mae_note"] = "seed 0 read the first MAE"  # written by hand after the run
+    results.write_text(json.dumps(report))
+    again = {"fold": 0, "mae": {"sha256": "retrained"}}  # a new work folder trained the MAE again
+    for row in ("GRCSFTrainer", "nnUNetTrainer+shuffled_residual", "nnUNetTrainer", "nnUNetTrainer+zero_channel"):
+        nnunet_workspace.record_result(workspace, results, again, row, 1, {"status": "ok"})
+    report = json.loads(results.read_text())
+    assert report["settings"] == {**again, "mae_note": "seed 0 read the first MAE"}
+    assert [report["rows"]["GRCSFTrainer"][seed]["mae_sha256"] for seed in "01"] == ["first", "retrained"]
+    assert report["rows"]["nnUNetTrainer+shuffled_residual"]["1"]["mae_sha256"] == "retrained"
+    assert "mae_sha256" not in report["rows"]["nnUNetTrainer"]["1"]
+    assert "mae_sha256" not in report["rows"]["nnUNetTrainer+zero_channel"]["1"]
 
 
 def test_a_seeded_run_has_its_own_results_folder_and_seed_variable(tmp_path):
