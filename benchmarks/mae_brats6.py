@@ -87,6 +87,9 @@ def main(argv=None):
     parser.add_argument("--output", default=DEFAULT_OUTPUT,
                         help=f"name of the results and of the work folder (default {DEFAULT_OUTPUT})")
     args = parser.parse_args(argv)
+    if Path(args.output).name != args.output or args.output in (".", ".."):
+        parser.error(f"--output {args.output!r}: give a plain name (it names benchmarks/work/NAME, which the run "
+                     f"deletes and makes anew, and results/NAME.json)")
     work = WORK_ROOT / args.output
 
     import nnunetv2_grcsf

@@ -208,3 +208,13 @@ def test_an_interrupted_mae_training_is_resumed_by_the_benchmark(tmp_path, monke
     assert "--resume" in (workspace.logs / "residuals.log").read_text()
     assert load_checkpoint(mae_folder / FINAL)["step"] == 4 and record["steps"] == 4
     assert (workspace.dataset_folder(902) / "dataset.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "..", "work/sub"])
+def test_mae_brats6_refuses_an_output_name_that_is_a_path(name, monkeypatch, capsys):
+    import mae_brats6
+
+    monkeypatch.setattr(mae_brats6, "setup_env", lambda work: pytest.fail(f"would have replaced {work}"))
+    with pytest.raises(SystemExit):
+        mae_brats6.main(["--output", name])
+    assert "give a plain name" in capsys.readouterr().err
