@@ -488,18 +488,19 @@ def random_shifts(x: torch.Tensor, excluded, max_shift: int, patch_size: int, ge
     if max_shift < 1:
         return x, excluded
     shifts = torch.randint(-max_shift, max_shift + 1, (x.shape[0], 2), generator=generator).tolist()
-    margin = max_shift * patch_size
-    fill = x.amin(dim=(2, 3), keepdim=True)
-    padded = fill.expand(-1, -1, x.shape[2] + 2 * margin, x.shape[3] + 2 * margin).clone()
-    padded[:, :, margin:-margin, margin:-margin] = x
-    size = x.shape[-1]
-    starts = [(margin - dy * patch_size, margin - dx * patch_size) for dy, dx in shifts]
-    x = torch.stack([padded[i, :, top:top + size, left:left + size] for i, (top, left) in enumerate(starts)])
+
+    def shifted(t: torch.Tensor, unit: int, fill: torch.Tensor) -> torch.Tensor:
+        """``t`` ``[N, ..., S, S]`` with slice i moved by ``shifts[i]`` units of ``unit`` pixels, ``fill`` around."""
+        margin, size = max_shift * unit, t.shape[-1]
+        padded = fill.expand(*t.shape[:-2], size + 2 * margin, size + 2 * margin).clone()
+        padded[..., margin:-margin, margin:-margin] = t
+        return torch.stack([padded[i, ..., margin - dy * unit:margin - dy * unit + size,
+                                   margin - dx * unit:margin - dx * unit + size] for i, (dy, dx) in enumerate(shifts)])
+
+    x = shifted(x, patch_size, x.amin(dim=(2, 3), keepdim=True))
     if excluded is not None:
         side = math.isqrt(excluded.shape[1])
-        grid = torch.nn.functional.pad(excluded.reshape(-1, side, side), [max_shift] * 4, value=False)
-        excluded = torch.stack([grid[i, max_shift - dy:max_shift - dy + side, max_shift - dx:max_shift - dx + side]
-                                for i, (dy, dx) in enumerate(shifts)]).flatten(1)
+        excluded = shifted(excluded.reshape(-1, side, side), 1, excluded.new_zeros(())).flatten(1)
     return x, excluded
 
 
