@@ -22,11 +22,13 @@ from nnunetv2_grcsf.architectures.blocks.rcu import (ATTENTION_LAYOUTS, RegionCo
 from nnunetv2_grcsf.residual_channels import ResidualChannelError, check_input_channels, check_residual_channels
 
 DEFAULT_RCU_STAGES = (0, 1)  # the two finest decoder resolution stages
+#: rcu_stages value: every decoder resolution stage whose stride divides the token patch (the finest ones)
+EVERY_TOKEN_SCALE = "every"
 
 
 def region_compensation_units(network_name: str, conv_op: Type[_ConvNd], features_per_stage: Sequence[int],
                               strides: Sequence[Sequence[int]], residual_map_channels: int,
-                              rcu_stages: Sequence[int] = DEFAULT_RCU_STAGES,
+                              rcu_stages: Union[str, Sequence[int]] = DEFAULT_RCU_STAGES,
                               rcu_patch_size: Union[None, int, Sequence[int]] = None, rcu_num_heads: int = 2,
                               rcu_window: int = 3) -> nn.ModuleDict:
     """One RegionCompensationUnit per resolution stage in ``rcu_stages`` (0 = full resolution, as the plans count;
@@ -35,14 +37,12 @@ def region_compensation_units(network_name: str, conv_op: Type[_ConvNd], feature
     Each fuses into the features of its stage (features_per_stage[stage] channels, at the product of
     strides[:stage + 1]); its global features are the bottleneck (features_per_stage[-1] channels).
     ``rcu_patch_size`` None -> :func:`default_token_patch_size` of the strides (8 per axis where they allow it).
+    ``rcu_stages`` :data:`EVERY_TOKEN_SCALE` -> every decoder stage whose stride divides the token patch per axis
+    (on the BUSI256 2d plans stages 0-3, on Hippocampus' 3d_fullres 0-2).
     """
     if residual_map_channels == 0:
         return nn.ModuleDict()
     n_stages = len(strides)
-    bad_stages = [s for s in rcu_stages if not 0 <= s < n_stages - 1]
-    if bad_stages:
-        raise ValueError(f"{network_name}: rcu_stages {bad_stages} out of range; decoder resolution stages are "
-                         f"0..{n_stages - 2} (0 = full resolution).")
     strides = np.array(strides)
     size_divisor = np.prod(strides, axis=0)
     patch_size = default_token_patch_size(strides) if rcu_patch_size is None else [
@@ -50,9 +50,19 @@ def region_compensation_units(network_name: str, conv_op: Type[_ConvNd], feature
     if any(d % p for d, p in zip(size_divisor, patch_size)):
         raise ValueError(f"{network_name}: rcu_patch_size {patch_size} must divide the product of the strides "
                          f"{size_divisor.tolist()} on every axis (inputs are only guaranteed divisible by that).")
+    feature_strides = np.cumprod(strides, axis=0)
+    if isinstance(rcu_stages, str):
+        if rcu_stages != EVERY_TOKEN_SCALE:
+            raise ValueError(f"{network_name}: rcu_stages {rcu_stages!r} is neither {EVERY_TOKEN_SCALE!r} nor a list "
+                             f"of decoder resolution stages.")
+        rcu_stages = [s for s in range(n_stages - 1) if not np.any(np.array(patch_size) % feature_strides[s])]
+    bad_stages = [s for s in rcu_stages if not 0 <= s < n_stages - 1]
+    if bad_stages:
+        raise ValueError(f"{network_name}: rcu_stages {bad_stages} out of range; decoder resolution stages are "
+                         f"0..{n_stages - 2} (0 = full resolution).")
     units = {}
     for stage in sorted(set(rcu_stages)):
-        feature_stride = np.prod(strides[:stage + 1], axis=0).tolist()
+        feature_stride = feature_strides[stage].tolist()
         if any(p % r for p, r in zip(patch_size, feature_stride)):
             raise ValueError(f"{network_name}: rcu_stages includes stage {stage}, whose stride {feature_stride} does "
                              f"not divide rcu_patch_size {patch_size}; use finer rcu_stages or a larger patch.")

@@ -1,5 +1,6 @@
 """GRCSF trainers: the full framework and one ablation per unit (as in the paper's ablation study)."""
 
+from nnunetv2_grcsf.architectures.input_routing import EVERY_TOKEN_SCALE
 from nnunetv2_grcsf.trainers.base import PluginTrainer
 
 GRCSF_NETWORK = "nnunetv2_grcsf.architectures.grcsf.GRCSFUNet"
@@ -31,3 +32,11 @@ class GRCSFTrainer_residualInEncoder(GRCSFTrainer):
     fusing them in the decoder as in GRCSFTrainer."""
 
     network_kwargs = {"use_gcu": True, "use_rcu": True, "residual_in_encoder": True}
+
+
+class GRCSFTrainer_rcuEveryScale(GRCSFTrainer):
+    """GRCSF with an RCU at every decoder scale whose stride divides the token patch (BUSI256 2d: the four finest;
+    Hippocampus 3d_fullres: all three), not only at the two finest: the residual also reaches the coarse decoder
+    stages, whose convolutions see a lesion whole."""
+
+    network_kwargs = {"use_gcu": True, "use_rcu": True, "rcu_stages": EVERY_TOKEN_SCALE}
