@@ -166,7 +166,8 @@ class GRCSFUNet(ResidualMapRoutingUNet):
       required (non-empty) when ``use_rcu``; ignored otherwise (then all channels are image channels).
     - use_gcu / use_rcu: the ablation switches (no GCU modules / no RCU modules and no channel split).
     - rcu_stages: resolution stages (0 = full resolution) whose skip connection an RCU fuses with the residual
-      map; default (0, 1).
+      map; default (0, 1); ``"every"``: every decoder stage whose stride divides the token patch
+      (input_routing.region_compensation_units).
     - rcu_patch_size: RCU token patch size in pixels (int or per axis); None -> 8 per axis, capped to a divisor
       of the strides' product (blocks/rcu.py, default_token_patch_size).
     - rcu_num_heads: RCU attention heads (head h has distance scale 0.5 * 2^h patches).

@@ -129,6 +129,18 @@ def test_switches_change_the_module_set(kwargs, n_gcu, n_rcu):
     assert sum(isinstance(m, RegionCompensationUnit) for m in network.modules()) == n_rcu
 
 
+@pytest.mark.parametrize("plans, configuration, input_size, patch, stages", [
+    (BUSI, "2d", (64, 96), None, ["0", "1", "2", "3"]),  # strides' products 1, 2, 4, 8 divide the 8-px patch; 16 not
+    (BUSI, "2d", (64, 96), 4, ["0", "1", "2"]),
+    (HIPPOCAMPUS, "3d_fullres", (16, 24, 16), None, ["0", "1", "2"]),  # every decoder stage (strides 1, 2, 4)
+])
+def test_rcu_at_every_token_scale(plans, configuration, input_size, patch, stages):
+    network = build(plans, configuration, rcu_stages="every", rcu_patch_size=patch)
+    assert list(network.decoder.region_compensation) == stages
+    outputs = network(torch.randn(1, 2, *input_size))
+    assert outputs[0].shape == (1, 3, *input_size)
+
+
 def test_without_both_units_it_is_the_plain_unet_of_the_plans():
     kwargs = dict(plans=HIPPOCAMPUS, configuration="3d_fullres", input_channels=2, num_classes=3)
     network = build(**kwargs, use_gcu=False, use_rcu=False)
@@ -179,6 +191,7 @@ def test_input_not_divisible_by_the_strides_product_names_the_plans_entry(use_rc
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(rcu_stages=(3,)), "rcu_stages"),
+                                           (dict(rcu_stages="coarse"), "rcu_stages 'coarse' is neither 'every'"),
                                            (dict(n_blocks_per_stage=[1, 1, 1, 1]), "exactly one of"),
                                            (dict(rcu_attention_layout="flash"), "rcu_attention_layout 'flash'")])
 def test_bad_arguments_are_clear_errors(kwargs, match):

@@ -11,6 +11,7 @@ from conftest import build_network_from_plans
 
 BUSI = "Dataset802_BUSI256_nnUNetPlans"
 NETWORKS = {"GRCSFTrainer": ("nnunetv2_grcsf.architectures.grcsf.GRCSFUNet", {}),
+            "GRCSFTrainer_rcuEveryScale": ("nnunetv2_grcsf.architectures.grcsf.GRCSFUNet", {"rcu_stages": "every"}),
             "GRCSF_FIASTrainer": ("nnunetv2_grcsf.architectures.fias.FIASUNet", {})}
 SQUARE, INNER, OUTER = 16, 8, 16
 
