@@ -305,8 +305,8 @@ class FIASDecoder(nn.Module):
                  deep_supervision: bool, num_heads: Sequence[int], dilations: Sequence[int],
                  mc_pool_sizes: Sequence[int] = (1, 2, 3), mc_shuffle_positions: bool = True,
                  nonlin_first: bool = False, residual_map_channels: int = 0,
-                 rcu_stages: Sequence[int] = DEFAULT_RCU_STAGES, rcu_patch_size=None, rcu_num_heads: int = 2,
-                 checkpointing: bool = False, rcu_window: int = 3):
+                 rcu_stages: Union[str, Sequence[int]] = DEFAULT_RCU_STAGES, rcu_patch_size=None,
+                 rcu_num_heads: int = 2, checkpointing: bool = False, rcu_window: int = 3):
         super().__init__()
         self.deep_supervision = deep_supervision
         self.num_classes = num_classes
@@ -407,8 +407,9 @@ class FIASUNet(ResidualMapRoutingUNet):
                  msda_dilations: Sequence[int] = DEFAULT_MSDA_DILATIONS, dmk_kernel_sizes: Sequence[int] = (3, 5, 7),
                  mlp_ratio: float = 4.0, mc_pool_sizes: Sequence[int] = (1, 2, 3), mc_shuffle_positions: bool = True,
                  activation_checkpointing: bool = True, residual_channels: Sequence[int] = (), use_rcu: bool = False,
-                 rcu_stages: Sequence[int] = DEFAULT_RCU_STAGES, rcu_patch_size=None, rcu_num_heads: int = 2,
-                 rcu_window: int = 3, msda_implementation: str = "auto", rcu_attention_layout: Optional[str] = None):
+                 rcu_stages: Union[str, Sequence[int]] = DEFAULT_RCU_STAGES, rcu_patch_size=None,
+                 rcu_num_heads: int = 2, rcu_window: int = 3, msda_implementation: str = "auto",
+                 rcu_attention_layout: Optional[str] = None):
         super().__init__()
         if msda_implementation not in IMPLEMENTATIONS:
             raise ValueError(f"FIASUNet: msda_implementation {msda_implementation!r} is not one of {IMPLEMENTATIONS}.")

@@ -123,8 +123,8 @@ class GRCSFDecoder(UNetDecoder):
 
     def __init__(self, encoder: GRCSFEncoder, num_classes: int, n_conv_per_stage, deep_supervision: bool,
                  nonlin_first: bool = False, residual_map_channels: int = 0,
-                 rcu_stages: Sequence[int] = DEFAULT_RCU_STAGES, rcu_patch_size=None, rcu_num_heads: int = 2,
-                 rcu_window: int = 3):
+                 rcu_stages: Union[str, Sequence[int]] = DEFAULT_RCU_STAGES, rcu_patch_size=None,
+                 rcu_num_heads: int = 2, rcu_window: int = 3):
         super().__init__(encoder, num_classes, n_conv_per_stage, deep_supervision, nonlin_first=nonlin_first)
         self.region_compensation = region_compensation_units(
             "GRCSFUNet", encoder.conv_op, encoder.output_channels, encoder.strides, residual_map_channels,
@@ -190,7 +190,7 @@ class GRCSFUNet(ResidualMapRoutingUNet):
                  deep_supervision: bool = False, nonlin_first: bool = False,
                  block: Union[Type[BasicBlockD], Type[BottleneckD]] = BasicBlockD, bottleneck_channels=None,
                  stem_channels: int = None, residual_channels: Sequence[int] = (), use_gcu: bool = True,
-                 use_rcu: bool = True, rcu_stages: Sequence[int] = DEFAULT_RCU_STAGES, rcu_patch_size=None,
+                 use_rcu: bool = True, rcu_stages: Union[str, Sequence[int]] = DEFAULT_RCU_STAGES, rcu_patch_size=None,
                  rcu_num_heads: int = 2, rcu_window: int = 3, residual_in_encoder: bool = False,
                  rcu_attention_layout: Optional[str] = None):
         super().__init__()

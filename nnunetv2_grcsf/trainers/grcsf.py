@@ -37,6 +37,7 @@ class GRCSFTrainer_residualInEncoder(GRCSFTrainer):
 class GRCSFTrainer_rcuEveryScale(GRCSFTrainer):
     """GRCSF with an RCU at every decoder scale whose stride divides the token patch (BUSI256 2d: the four finest;
     Hippocampus 3d_fullres: all three), not only at the two finest: the residual also reaches the coarse decoder
-    stages, whose convolutions see a lesion whole."""
+    stages, whose convolutions see a lesion whole. On held-out BUSI256 it did worse than GRCSFTrainer and cost more
+    (README, Accuracy); kept so that the comparison can be rerun."""
 
     network_kwargs = {"use_gcu": True, "use_rcu": True, "rcu_stages": EVERY_TOKEN_SCALE}
