@@ -50,12 +50,13 @@ def region_compensation_units(network_name: str, conv_op: Type[_ConvNd], feature
     if any(d % p for d, p in zip(size_divisor, patch_size)):
         raise ValueError(f"{network_name}: rcu_patch_size {patch_size} must divide the product of the strides "
                          f"{size_divisor.tolist()} on every axis (inputs are only guaranteed divisible by that).")
-    feature_strides = np.cumprod(strides, axis=0)
+    feature_strides = np.cumprod(strides, axis=0)  # (n_stages, d): each stage's stride to the input
+    stride_divides_patch = [not np.any(np.array(patch_size) % stride) for stride in feature_strides]
     if isinstance(rcu_stages, str):
         if rcu_stages != EVERY_TOKEN_SCALE:
             raise ValueError(f"{network_name}: rcu_stages {rcu_stages!r} is neither {EVERY_TOKEN_SCALE!r} nor a list "
                              f"of decoder resolution stages.")
-        rcu_stages = [s for s in range(n_stages - 1) if not np.any(np.array(patch_size) % feature_strides[s])]
+        rcu_stages = [s for s in range(n_stages - 1) if stride_divides_patch[s]]
     bad_stages = [s for s in rcu_stages if not 0 <= s < n_stages - 1]
     if bad_stages:
         raise ValueError(f"{network_name}: rcu_stages {bad_stages} out of range; decoder resolution stages are "
@@ -63,7 +64,7 @@ def region_compensation_units(network_name: str, conv_op: Type[_ConvNd], feature
     units = {}
     for stage in sorted(set(rcu_stages)):
         feature_stride = feature_strides[stage].tolist()
-        if any(p % r for p, r in zip(patch_size, feature_stride)):
+        if not stride_divides_patch[stage]:
             raise ValueError(f"{network_name}: rcu_stages includes stage {stage}, whose stride {feature_stride} does "
                              f"not divide rcu_patch_size {patch_size}; use finer rcu_stages or a larger patch.")
         units[str(stage)] = RegionCompensationUnit(conv_op, features_per_stage[stage], residual_map_channels,

@@ -192,6 +192,8 @@ def test_input_not_divisible_by_the_strides_product_names_the_plans_entry(use_rc
 
 @pytest.mark.parametrize("kwargs, match", [(dict(rcu_stages=(3,)), "rcu_stages"),
                                            (dict(rcu_stages="coarse"), "rcu_stages 'coarse' is neither 'every'"),
+                                           (dict(plans=BUSI, configuration="2d", rcu_stages=(4,)),
+                                            r"stage 4, whose stride \[16, 16\] does not divide"),
                                            (dict(n_blocks_per_stage=[1, 1, 1, 1]), "exactly one of"),
                                            (dict(rcu_attention_layout="flash"), "rcu_attention_layout 'flash'")])
 def test_bad_arguments_are_clear_errors(kwargs, match):
