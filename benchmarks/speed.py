@@ -10,6 +10,8 @@ the run goes on.
 
     python benchmarks/speed.py                          # CPU (or CUDA if present): 2d BUSI256 + 3d generated volume
     python benchmarks/speed.py --dims 2d --networks GRCSFTrainer FIASTrainer --steps 5
+    python benchmarks/speed.py --dims 2d --cases busi256 --networks FIASTrainer --paired \
+        --variant FIASTrainer mlp_ratio=2 --variant FIASTrainer activation_checkpointing=false
     python benchmarks/speed.py --dims 3d --cases hippocampus --output benchmarks/results/speed_cpu_hippocampus
     python benchmarks/speed.py --dims 3d --cases brats6 --batch-size 1 --steps 1 --inference-runs 1 \
         --image-scale 1 --memory-limit-gb 10 --output benchmarks/results/speed_cpu_brats6
@@ -52,6 +54,7 @@ class Network:
     plans: str  # "default" or "resenc"
     network_kwargs: dict = field(default_factory=dict)
     needs_residual_channels: bool = False
+    kwargs_override: dict = field(default_factory=dict)  # a --variant's constructor arguments over the trainer's
 
 
 def networks() -> List[Network]:
@@ -77,6 +80,25 @@ def select_networks(names: Optional[List[str]]) -> List[Network]:
     return [known[REFERENCE.lower()]] + chosen
 
 
+def variant_network(words: List[str]) -> Network:
+    """A ``--variant NAME KEY=VALUE ...`` row: trainer NAME's network with those constructor arguments over its
+    own (each VALUE read as JSON, else as a string), named ``NAME(KEY=VALUE, ...)``."""
+    name, *assignments = words
+    known = {n.name: n for n in networks() if n.trainer != "nnUNetTrainer"}
+    if name not in known or not assignments or any("=" not in a for a in assignments):
+        raise SystemExit(f"--variant {' '.join(words)}: expected one of {sorted(known)} then KEY=VALUE pairs, e.g. "
+                         f"--variant FIASTrainer mlp_ratio=2")
+    override = {}
+    for key, _, text in (a.partition("=") for a in assignments):
+        try:
+            override[key] = json.loads(text)
+        except json.JSONDecodeError:
+            override[key] = text
+    base = known[name]
+    return Network(f"{name}({', '.join(assignments)})", base.trainer, base.plans,
+                   {**base.network_kwargs, **override}, base.needs_residual_channels, override)
+
+
 def with_residual_channel(dataset_json: dict) -> dict:
     """The dataset.json plus one MAE residual channel, declared as `nnunetv2_grcsf residuals` declares it."""
     from nnunetv2_grcsf.residual_channels import DATASET_JSON_KEY
@@ -92,7 +114,8 @@ def network_spec(case: Case, network: Network) -> Optional[dict]:
     if plans is None:
         return None
     dataset_json = with_residual_channel(case.dataset_json) if network.needs_residual_channels else case.dataset_json
-    return {"trainer": network.trainer, "plans": plans, "dataset_json": dataset_json}
+    return {"trainer": network.trainer, "network_kwargs_override": network.kwargs_override, "plans": plans,
+            "dataset_json": dataset_json}
 
 
 def worker_spec(case: Case, network: Network, reference: Optional[Network], args, result_file: Path) -> Optional[dict]:
@@ -274,6 +297,11 @@ def parse_args(argv=None):
                         help="plans to run on (default: busi256 for 2d, volume for 3d; extra: hippocampus, brats6)")
     parser.add_argument("--networks", nargs="+", default=None, metavar="NAME",
                         help="rows to measure (PlainConvUNet always runs: it is the reference); default: all")
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="WORD",
+                        help="one more row: NAME KEY=VALUE ...: trainer NAME's network with these constructor "
+                             "arguments (JSON values) over its own, e.g. --variant FIASTrainer mlp_ratio=2 "
+                             "activation_checkpointing=false (repeatable; without --networks: the reference and "
+                             "the variants only)")
     parser.add_argument("--batch-size", type=int, default=2, help="training batch size (same for every network)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed training steps and warm-up forward passes")
@@ -334,7 +362,8 @@ def main(argv=None) -> int:
     if args.render:
         print(render(Path(args.render)))
         return 0
-    rows = select_networks(args.networks)
+    rows = select_networks(args.networks if args.networks or not args.variant else [REFERENCE])
+    rows += [variant_network(words) for words in args.variant]
     output = Path(args.output) if args.output else RESULTS / f"speed_{args.device}"
     work = Path(args.work_dir)
     started = time.perf_counter()

@@ -74,6 +74,8 @@ def build_trainer(spec: dict, device: torch.device):
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
     cls = trainer_class(spec["trainer"])
+    if spec.get("network_kwargs_override"):  # a --variant row of speed.py
+        cls = type(cls.__name__, (cls,), {"network_kwargs": {**cls.network_kwargs, **spec["network_kwargs_override"]}})
     with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's citation banner and device line
         trainer = cls({**spec["plans"], "continue_training": False}, spec["configuration"], 0, spec["dataset_json"],
                       device)

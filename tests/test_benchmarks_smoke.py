@@ -17,12 +17,16 @@ import speed  # noqa: E402
 @pytest.mark.slow
 def test_speed_measures_the_reference_and_a_plugin_network_on_busi_plans(tmp_path):
     output = tmp_path / "speed_cpu"
-    speed.main(["--device", "cpu", "--dims", "2d", "--networks", "GRCSFTrainer_noRCU", "--patch-size", "64", "64",
+    speed.main(["--device", "cpu", "--dims", "2d", "--networks", "GRCSFTrainer_noRCU",
+                "--variant", "GRCSFTrainer_noRCU", "use_gcu=false", "--patch-size", "64", "64",
                 "--batch-size", "1", "--steps", "1", "--warmup", "0", "--inference-runs", "1", "--image-scale", "1",
                 "--output", str(output), "--work-dir", str(tmp_path / "work")])
     report = json.loads(output.with_suffix(".json").read_text())
     rows = {r["name"]: r for r in report["cases"][0]["rows"]}
-    assert list(rows) == ["PlainConvUNet", "GRCSFTrainer_noRCU"]
+    assert list(rows) == ["PlainConvUNet", "GRCSFTrainer_noRCU", "GRCSFTrainer_noRCU(use_gcu=false)"]
+    # the variant's arguments reach its network: without GCUs it has the plain network's parameters
+    assert rows["GRCSFTrainer_noRCU(use_gcu=false)"]["network_kwargs"] == {"use_rcu": False, "use_gcu": False}
+    assert rows["GRCSFTrainer_noRCU(use_gcu=false)"]["params"] == rows["PlainConvUNet"]["params"]
     assert all(r["status"] == "ok" for r in rows.values()), rows
     assert rows["PlainConvUNet"]["network_class"].endswith("PlainConvUNet")
     assert rows["GRCSFTrainer_noRCU"]["network_class"].endswith("GRCSFUNet")
@@ -30,6 +34,18 @@ def test_speed_measures_the_reference_and_a_plugin_network_on_busi_plans(tmp_pat
     assert rows["GRCSFTrainer_noRCU"]["train_step_cpu_median_s"] > 0
     assert rows["GRCSFTrainer_noRCU"]["train_step_ratio"] > 0
     assert "| GRCSFTrainer_noRCU |" in output.with_suffix(".md").read_text()
+
+
+def test_speed_variant_rows_parse_their_arguments_and_refuse_unknown_trainers():
+    row = speed.variant_network(["FIASTrainer", "mlp_ratio=2", "activation_checkpointing=false",
+                                 "msda_implementation=loop"])
+    assert row.name == "FIASTrainer(mlp_ratio=2, activation_checkpointing=false, msda_implementation=loop)"
+    assert row.trainer == "FIASTrainer"
+    assert row.kwargs_override == {"mlp_ratio": 2, "activation_checkpointing": False, "msda_implementation": "loop"}
+    assert row.network_kwargs["use_rcu"] is False  # the trainer's own arguments stay
+    for words in (["NoSuchTrainer", "a=1"], ["FIASTrainer"], ["FIASTrainer", "mlp_ratio"]):
+        with pytest.raises(SystemExit, match="--variant"):
+            speed.variant_network(words)
 
 
 @pytest.mark.slow
