@@ -65,14 +65,15 @@ ZERO_CHANNEL_ID = 809  # the residual data set with its residual channel all zer
 BASELINE = "nnUNetTrainer"
 DEFAULT_ROWS = ["nnUNetTrainer", "nnUNetTrainer+residual", "GRCSFTrainer", "GRCSFTrainer_noRCU", "GRCSFTrainer_noGCU",
                 "GRCSFTrainer+shuffled_residual", "GRCSFTrainer_residualInEncoder", "GRCSFTrainer_rcuEveryScale",
-                "FIASTrainer", "FIASTrainerAdamW", "GRCSF_FIASTrainerAdamW"]
+                "GRCSFTrainer_noRCU_gcuZeroProjection", "FIASTrainer", "FIASTrainerAdamW", "GRCSF_FIASTrainerAdamW"]
 ROW_NOTES = {"nnUNetTrainer+residual": "residual as a plain extra input channel",
              "GRCSFTrainer_noRCU": "GCU only", "GRCSFTrainer_noGCU": "RCU only",
              "GRCSFTrainer+shuffled_residual": "GRCSFTrainer's models, each test image with another's residual",
              "nnUNetTrainer+shuffled_residual": "the plain channel's models, each test image with another's residual",
              "nnUNetTrainer+zero_channel": "nnU-Net, an extra input channel of zeros",
              "GRCSFTrainer_residualInEncoder": "GRCSF, its encoder also reading the residual",
-             "GRCSFTrainer_rcuEveryScale": "GRCSF, an RCU at every decoder scale the token patch allows"}
+             "GRCSFTrainer_rcuEveryScale": "GRCSF, an RCU at every decoder scale the token patch allows",
+             "GRCSFTrainer_noRCU_gcuZeroProjection": "GCU only, starting by a zero-initialized projection"}
 #: (row, reference, what the paired difference row - reference answers): the controls an expert reads against
 #: the trainer rather than against nnU-Net; shown for the pairs whose two rows have runs.
 CONTROL_COMPARISONS = [
@@ -92,7 +93,9 @@ CONTROL_COMPARISONS = [
     ("GRCSFTrainer_residualInEncoder", "GRCSFTrainer", "what reading the residual in the encoder too adds to GRCSF"),
     ("GRCSFTrainer_rcuEveryScale", "nnUNetTrainer+residual", "GRCSF with RCUs at every token scale, against the plain "
                                                               "channel"),
-    ("GRCSFTrainer_rcuEveryScale", "GRCSFTrainer", "what RCUs at the coarser decoder stages add to GRCSF")]
+    ("GRCSFTrainer_rcuEveryScale", "GRCSFTrainer", "what RCUs at the coarser decoder stages add to GRCSF"),
+    ("GRCSFTrainer_noRCU_gcuZeroProjection", "GRCSFTrainer_noRCU", "the GCU started by a zero projection rather "
+                                                                   "than a zero scale")]
 DEFAULT_SEEDS = [0, 1, 2]
 BOOTSTRAP_RESAMPLES = 10000
 #: The whole pipeline in small (minutes): every kind of row (the reference, the plain-channel control, a residual

@@ -15,7 +15,8 @@ Our design (see blocks/gcu.py and blocks/rcu.py for the units):
   ResidualEncoderUNet of the same plans and encoder input channels load into GRCSFUNet with ``strict=False``
   (only the GCU/RCU weights are then missing).
 - GCU: one after every encoder stage whose stride product is > 1 (keys ``encoder.global_compensation.<stage>``);
-  each is exactly the identity at initialization (zero-initialized output scale).
+  each is exactly the identity at initialization (a zero-initialized output scale, or with
+  ``gcu_start='zero_projection'`` a zero-initialized projection, blocks/gcu.py).
 - Input routing (input_routing.py): with the RCU on, the input channels listed in ``residual_channels`` (MAE
   residual maps, see nnunetv2_grcsf.residual_channels) are split off: only the image channels go through the
   encoder, the residual map (B, K, *S) goes to the RCUs; with ``residual_in_encoder`` the encoder reads the residual
@@ -58,11 +59,11 @@ class GRCSFEncoder(nn.Module):
     Shapes: image (B, C_img, *S) -> skips [(B, features_per_stage[i], *(S / prod(strides[:i + 1])))], i < n_stages.
     """
 
-    def add_global_compensation(self, stage_input_channels: Sequence[int], use_gcu: bool):
-        """One GCU per stage with a stride product > 1 (none if ``use_gcu`` is False)."""
+    def add_global_compensation(self, stage_input_channels: Sequence[int], use_gcu: bool, gcu_start: str):
+        """One GCU per stage with a stride product > 1 (none if ``use_gcu`` is False), starting as ``gcu_start``."""
         self.global_compensation = nn.ModuleDict({
             str(stage): GlobalCompensationUnit(self.conv_op, stage_input_channels[stage], self.output_channels[stage],
-                                               stride, self.norm_op, self.norm_op_kwargs)
+                                               stride, self.norm_op, self.norm_op_kwargs, start=gcu_start)
             for stage, stride in enumerate(self.strides) if use_gcu and np.prod(stride) > 1})
 
     def embed_input(self, image: torch.Tensor) -> torch.Tensor:
@@ -89,24 +90,28 @@ class GRCSFEncoder(nn.Module):
 
 
 class GRCSFPlainConvEncoder(GRCSFEncoder, PlainConvEncoder):
-    """PlainConvEncoder (nnU-Net's default plans) with GCUs; arguments as PlainConvEncoder plus ``use_gcu``."""
+    """PlainConvEncoder (nnU-Net's default plans) with GCUs; arguments as PlainConvEncoder plus ``use_gcu`` and
+    ``gcu_start``."""
 
     def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op: Type[_ConvNd], kernel_sizes,
-                 strides, n_conv_per_stage, use_gcu: bool = True, **plain_encoder_kwargs):
+                 strides, n_conv_per_stage, use_gcu: bool = True, gcu_start: str = "zero_scale",
+                 **plain_encoder_kwargs):
         super().__init__(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
                          n_conv_per_stage, return_skips=True, **plain_encoder_kwargs)
-        self.add_global_compensation([input_channels, *self.output_channels[:-1]], use_gcu)
+        self.add_global_compensation([input_channels, *self.output_channels[:-1]], use_gcu, gcu_start)
 
 
 class GRCSFResidualEncoder(GRCSFEncoder, ResidualEncoder):
-    """ResidualEncoder (nnU-Net's ResEnc plans) with GCUs; arguments as ResidualEncoder plus ``use_gcu``."""
+    """ResidualEncoder (nnU-Net's ResEnc plans) with GCUs; arguments as ResidualEncoder plus ``use_gcu`` and
+    ``gcu_start``."""
 
     def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op: Type[_ConvNd], kernel_sizes,
-                 strides, n_blocks_per_stage, use_gcu: bool = True, **residual_encoder_kwargs):
+                 strides, n_blocks_per_stage, use_gcu: bool = True, gcu_start: str = "zero_scale",
+                 **residual_encoder_kwargs):
         super().__init__(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
                          n_blocks_per_stage, return_skips=True, **residual_encoder_kwargs)
         stem_channels = self.stem.output_channels
-        self.add_global_compensation([stem_channels, *self.output_channels[:-1]], use_gcu)
+        self.add_global_compensation([stem_channels, *self.output_channels[:-1]], use_gcu, gcu_start)
 
     def embed_input(self, image: torch.Tensor) -> torch.Tensor:
         return self.stem(image)
@@ -165,6 +170,8 @@ class GRCSFUNet(ResidualMapRoutingUNet):
     - residual_channels: input channel indices that are MAE residual maps (the rest are image channels);
       required (non-empty) when ``use_rcu``; ignored otherwise (then all channels are image channels).
     - use_gcu / use_rcu: the ablation switches (no GCU modules / no RCU modules and no channel split).
+    - gcu_start: how each GCU starts as the identity, 'zero_scale' (default) or 'zero_projection'
+      (blocks/gcu.py, GCU_STARTS).
     - rcu_stages: resolution stages (0 = full resolution) whose skip connection an RCU fuses with the residual
       map; default (0, 1); ``"every"``: every decoder stage whose stride divides the token patch
       (input_routing.region_compensation_units).
@@ -192,7 +199,7 @@ class GRCSFUNet(ResidualMapRoutingUNet):
                  stem_channels: int = None, residual_channels: Sequence[int] = (), use_gcu: bool = True,
                  use_rcu: bool = True, rcu_stages: Union[str, Sequence[int]] = DEFAULT_RCU_STAGES, rcu_patch_size=None,
                  rcu_num_heads: int = 2, rcu_window: int = 3, residual_in_encoder: bool = False,
-                 rcu_attention_layout: Optional[str] = None):
+                 rcu_attention_layout: Optional[str] = None, gcu_start: str = "zero_scale"):
         super().__init__()
         if (n_conv_per_stage is None) == (n_blocks_per_stage is None):
             raise ValueError("GRCSFUNet: give exactly one of n_conv_per_stage (PlainConvUNet plans) and "
@@ -203,14 +210,14 @@ class GRCSFUNet(ResidualMapRoutingUNet):
                       dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
         backbone = (len(self.encoder_channels), n_stages, features_per_stage, conv_op, kernel_sizes, strides)
         if n_conv_per_stage is not None:
-            self.encoder = GRCSFPlainConvEncoder(*backbone, n_conv_per_stage, use_gcu=use_gcu,
+            self.encoder = GRCSFPlainConvEncoder(*backbone, n_conv_per_stage, use_gcu=use_gcu, gcu_start=gcu_start,
                                                  nonlin_first=nonlin_first, **common)
             self.key_to_stem = "encoder.stages.0"
             self.keys_to_in_proj = ("encoder.stages.0.0.convs.0.all_modules.0", "encoder.stages.0.0.convs.0.conv")
         else:
-            self.encoder = GRCSFResidualEncoder(*backbone, n_blocks_per_stage, use_gcu=use_gcu, block=block,
-                                                bottleneck_channels=bottleneck_channels, stem_channels=stem_channels,
-                                                **common)
+            self.encoder = GRCSFResidualEncoder(*backbone, n_blocks_per_stage, use_gcu=use_gcu, gcu_start=gcu_start,
+                                                block=block, bottleneck_channels=bottleneck_channels,
+                                                stem_channels=stem_channels, **common)
             self.key_to_stem = "encoder.stem"
             self.keys_to_in_proj = ("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0")
         self.key_to_encoder = "encoder"  # stem, stages and GCUs
@@ -232,5 +239,9 @@ class GRCSFUNet(ResidualMapRoutingUNet):
 
     @staticmethod
     def initialize(module):
+        """nnU-Net's initialization (He for every conv, the last norm of a residual block zero), then each GCU back
+        to the identity (``network.apply`` visits a module after its children)."""
         InitWeights_He(1e-2)(module)
         init_last_bn_before_add_to_0(module)
+        if isinstance(module, GlobalCompensationUnit):
+            module.reset_to_identity()

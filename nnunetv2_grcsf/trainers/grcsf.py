@@ -41,3 +41,11 @@ class GRCSFTrainer_rcuEveryScale(GRCSFTrainer):
     (README, Accuracy); kept so that the comparison can be rerun."""
 
     network_kwargs = {"use_gcu": True, "use_rcu": True, "rcu_stages": EVERY_TOKEN_SCALE}
+
+
+class GRCSFTrainer_noRCU_gcuZeroProjection(GRCSFTrainer_noRCU):
+    """GCU only, each GCU starting as the identity by a zero-initialized detail projection (ControlNet's zero
+    convolution) instead of a zero output scale, so that it changes the function at a conv's pace under nnU-Net's
+    SGD (blocks/gcu.py, GCU_STARTS)."""
+
+    network_kwargs = {"use_gcu": True, "use_rcu": False, "gcu_start": "zero_projection"}

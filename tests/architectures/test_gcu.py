@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2_grcsf.architectures.blocks.gcu import GlobalCompensationUnit
+from nnunetv2_grcsf.architectures.blocks.gcu import GCU_STARTS, GlobalCompensationUnit
 
 
 def stage_output_for(stage_input: torch.Tensor, out_channels: int, stride) -> torch.Tensor:
@@ -15,9 +15,14 @@ def stage_output_for(stage_input: torch.Tensor, out_channels: int, stride) -> to
 
 
 def trained_a_little(gcu: GlobalCompensationUnit) -> GlobalCompensationUnit:
-    """Moves the zero-initialized scale away from 0, as the first optimizer steps do."""
+    """Moves what starts at zero (the scale, or the detail projection and the context's output layer) away from 0,
+    as the first optimizer steps do."""
     with torch.no_grad():
-        gcu.scale.normal_(0, 0.5)
+        if gcu.start == "zero_scale":
+            gcu.scale.normal_(0, 0.5)
+        else:
+            gcu.detail_projection.weight.normal_(0, 0.5)
+            gcu.context.mlp[-1].weight.normal_(0, 0.5)
     return gcu
 
 
@@ -28,9 +33,10 @@ def trained_a_little(gcu: GlobalCompensationUnit) -> GlobalCompensationUnit:
     (nn.Conv3d, (8, 16, 12), (2, 2, 2), (4, 8, 6)),
     (nn.Conv3d, (8, 16, 12), (1, 2, 2), (8, 8, 6)),
 ])
-def test_identity_at_initialization_and_the_stage_output_shape(conv_op, input_size, stride, output_size):
+@pytest.mark.parametrize("start", GCU_STARTS)
+def test_identity_at_initialization_and_the_stage_output_shape(conv_op, input_size, stride, output_size, start):
     torch.manual_seed(0)
-    gcu = GlobalCompensationUnit(conv_op, 4, 6, stride)
+    gcu = GlobalCompensationUnit(conv_op, 4, 6, stride, start=start)
     stage_input = torch.randn(2, 4, *input_size)
     stage_output = stage_output_for(stage_input, 6, stride)
     out = gcu(stage_input, stage_output)
@@ -58,6 +64,41 @@ def test_every_parameter_gets_a_gradient_within_two_sgd_steps(conv_op, stride):
             assert with_gradient == {"scale"}
         optimizer.step()
     assert with_gradient == {name for name, _ in gcu.named_parameters()}
+
+
+@pytest.mark.parametrize("conv_op, stride", [(nn.Conv2d, (2, 2)), (nn.Conv3d, (1, 2, 2))])
+def test_a_zero_projection_start_learns_its_detail_projection_from_the_first_step(conv_op, stride):
+    """Started by a zero-initialized projection, the detail projection (every weight its own gradient, as any
+    conv's) and the context's output layer get gradients at the first step; every parameter after one step. One
+    SGD step at the same rate moves the function far more than for a unit started by a zero scale."""
+    dims = 3 if conv_op is nn.Conv3d else 2
+    torch.manual_seed(0)
+    stage_input = torch.randn(2, 16, *[8] * dims)
+    stage_output = stage_output_for(stage_input, 8, stride).detach()
+    target = torch.randn_like(stage_output)
+    moved = {}
+    for start in GCU_STARTS:
+        torch.manual_seed(0)
+        gcu = GlobalCompensationUnit(conv_op, 16, 8, stride, start=start)
+        optimizer = torch.optim.SGD(gcu.parameters(), lr=0.01)
+        for step in range(2):
+            optimizer.zero_grad()
+            (gcu(stage_input, stage_output) - target).square().mean().backward()
+            with_gradient = {name for name, p in gcu.named_parameters() if p.grad is not None and p.grad.abs().sum()}
+            if step == 0 and start == "zero_projection":
+                assert with_gradient == {"detail_projection.weight", "context.mlp.2.weight", "context.mlp.2.bias"}
+                assert isinstance(gcu.detail_norm, nn.Identity) and gcu.scale is None
+            optimizer.step()
+            if step == 0:
+                with torch.no_grad():
+                    moved[start] = (gcu(stage_input, stage_output) - stage_output).norm() / stage_output.norm()
+        assert with_gradient == {name for name, _ in gcu.named_parameters()}
+    assert moved["zero_projection"] > 5 * moved["zero_scale"]
+
+
+def test_an_unknown_start_is_a_clear_error():
+    with pytest.raises(ValueError, match="start 'zero' is not one of"):
+        GlobalCompensationUnit(nn.Conv2d, 2, 4, 2, start="zero")
 
 
 @pytest.mark.parametrize("in_channels, out_channels", [(2, 4), (4, 4)])

@@ -153,11 +153,13 @@ def test_without_both_units_it_is_the_plain_unet_of_the_plans():
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(network(x), plain(x)))
 
 
-@pytest.mark.parametrize("use_rcu", [False, True])
-def test_plain_unet_weights_load_and_at_initialization_only_the_rcu_changes_its_output(use_rcu):
+@pytest.mark.parametrize("use_rcu, gcu_start", [(False, "zero_scale"), (True, "zero_scale"),
+                                                (False, "zero_projection")])
+def test_plain_unet_weights_load_and_at_initialization_only_the_rcu_changes_its_output(use_rcu, gcu_start):
     """A PlainConvUNet of the same plans (on the image channels) loads with only GCU/RCU keys missing; then,
-    GCUs being the identity at initialization, the network without RCUs gives exactly PlainConvUNet's output."""
-    network = build(use_rcu=use_rcu, input_channels=2, residual_channels=[1]).eval()
+    GCUs being the identity at initialization, the network without RCUs gives exactly PlainConvUNet's output
+    (with either way of starting as the identity: nnU-Net's He initialization of every conv must not undo it)."""
+    network = build(use_rcu=use_rcu, input_channels=2, residual_channels=[1], gcu_start=gcu_start).eval()
     plain, _ = build_network_from_plans("dynamic_network_architectures.architectures.unet.PlainConvUNet",
                                         HIPPOCAMPUS, "3d_fullres", len(network.image_channels), 3)
     missing, unexpected = network.load_state_dict(plain.state_dict(), strict=False)
