@@ -10,6 +10,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import accuracy_busi256  # noqa: E402
 import compare  # noqa: E402
+import gcu_activity  # noqa: E402
 import rcu_attention_speed  # noqa: E402
 import speed  # noqa: E402
 
@@ -46,6 +47,28 @@ def test_speed_variant_rows_parse_their_arguments_and_refuse_unknown_trainers():
     for words in (["NoSuchTrainer", "a=1"], ["FIASTrainer"], ["FIASTrainer", "mlp_ratio"]):
         with pytest.raises(SystemExit, match="--variant"):
             speed.variant_network(words)
+
+
+@pytest.mark.parametrize("gcu_start", ["zero_scale", "zero_projection"])
+def test_gcu_activity_is_zero_for_new_units_and_names_the_stage_a_trained_one_changes(gcu_start):
+    import torch
+    from conftest import build_network_from_plans
+
+    torch.manual_seed(0)
+    network, _ = build_network_from_plans("nnunetv2_grcsf.architectures.grcsf.GRCSFUNet",
+                                          "Dataset802_BUSI256_nnUNetPlans", "2d", 1, 2, use_rcu=False,
+                                          gcu_start=gcu_start)
+    batches = [torch.randn(1, 1, 64, 64) for _ in range(2)]
+    fresh = gcu_activity.gcu_contributions(network, batches)
+    assert sorted(fresh) == ["1", "2", "3", "4", "5"] and all(v == [0.0, 0.0] for v in fresh.values())
+    unit = network.encoder.global_compensation["2"]
+    with torch.no_grad():
+        (unit.scale if gcu_start == "zero_scale" else unit.detail_projection.weight).normal_(0, 0.1)
+    moved = gcu_activity.gcu_contributions(network, batches)
+    assert all(v > 0 for v in moved["2"]) and moved["1"] == [0.0, 0.0]
+    assert gcu_activity.base_trainer_name("GRCSFTrainer_noRCU_10epochs_25iters") == "GRCSFTrainer_noRCU"
+    assert gcu_activity.has_gcus("GRCSFTrainer_20epochs_25iters") and not gcu_activity.has_gcus("GRCSFTrainer_noGCU")
+    assert not gcu_activity.has_gcus("nnUNetTrainer_10epochs_25iters")
 
 
 @pytest.mark.slow
