@@ -24,6 +24,9 @@ from typing import Dict, List, Sequence
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check import write_atomically  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -93,7 +96,7 @@ def trained_models(work: Path, trainers: Sequence[str]):
     for checkpoint in sorted(work.glob("seeds/seed_*/nnUNet_results/*/*__*__*/fold_*/checkpoint_final.pth")):
         model = checkpoint.parent.parent
         trainer, _, configuration = model.name.split("__")
-        if trainers and base_trainer_name(trainer) not in trainers or not has_gcus(trainer):
+        if (trainers and base_trainer_name(trainer) not in trainers) or not has_gcus(trainer):
             continue
         yield checkpoint.parents[4].name, model.parent.name, trainer, configuration, checkpoint
 
@@ -161,10 +164,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"no trained model with GCUs under {work}/seeds")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(report, indent=1)), (".md", markdown(report))):
-        partial = output.with_suffix(suffix + ".partial")
-        partial.write_text(text)
-        partial.replace(output.with_suffix(suffix))
+    write_atomically(output.with_suffix(".json"), json.dumps(report, indent=1))
+    write_atomically(output.with_suffix(".md"), markdown(report))
     return 0
 
 
