@@ -68,6 +68,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="leave patches that hold a labelled voxel (labelsTr) out of the loss, so the MAE learns "
                           "normal tissue only and lesions stand out in its residual (default: on; "
                           "--no-skip-labelled-patches trains on every patch)")
+    opt.add_argument("--crop-to-foreground", action=argparse.BooleanOptionalAction, default=True,
+                     help="cut each image to the bounding box of its foreground (voxels where any channel is above "
+                          "its minimum, e.g. a skull-stripped brain) before slicing, so the anatomy fills the MAE's "
+                          "input (default: on; recorded in the checkpoint, residuals cut alike)")
     opt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     opt.add_argument("--save-every", type=int, default=100, help="write checkpoint_latest.pth every N steps (default 100)")
     opt.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
@@ -98,7 +102,8 @@ def run(args) -> int:
     train_config = TrainConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                mask_ratios=args.mask_ratios, seed=args.seed, save_every=args.save_every,
                                flip=not args.no_flip, max_slices_per_case=args.max_slices_per_case,
-                               skip_labelled_patches=args.skip_labelled_patches, max_shift_patches=args.max_shift)
+                               skip_labelled_patches=args.skip_labelled_patches, max_shift_patches=args.max_shift,
+                               crop_to_foreground=args.crop_to_foreground)
     train_config.check()
     if args.num_threads is not None and args.num_threads < 1:
         raise MAEError(f"--num-threads {args.num_threads}: give at least 1")

@@ -8,7 +8,7 @@
   plus the mean of the per-case AUROCs. Pooling rewards maps whose level is comparable across images
   (as the network sees them); the per-case mean measures localization within an image.
 - Foreground: the same figures over the case's foreground only, the pixels/voxels where any image channel
-  is above its minimum in that case (``foreground_mask``). The constant background of a skull-stripped MRI
+  is above its minimum in that case (:func:`~.data.foreground_mask`). The constant background of a skull-stripped MRI
   volume or the black frame of an ultrasound image has a low residual and is never lesion, so counting it
   inflates the AUROC.
 - Baselines, the same figures for maps that need no MAE, computed per channel of the normalized image the
@@ -76,13 +76,6 @@ class PooledAUROC:
             return None
         neg_below = np.cumsum(self.neg) - self.neg  # negatives in lower bins
         return float(((self.pos * neg_below).sum() + 0.5 * (self.pos * self.neg).sum()) / (n_pos * n_neg))
-
-
-def foreground_mask(image: np.ndarray) -> np.ndarray:
-    """``image [C, *S]`` -> bool ``[*S]``: where any channel is above its minimum over the case."""
-    image = np.asarray(image)
-    minima = image.reshape(len(image), -1).min(axis=1).reshape(-1, *[1] * (image.ndim - 1))
-    return (image > minima).any(axis=0)
 
 
 def baseline_maps(normalized: np.ndarray, sigma: float = BASELINE_SIGMA) -> dict:
@@ -199,7 +192,7 @@ class ResidualReport:
         self.residual = [AUROCFigures(0.0, 4.0 * self.scale) for _ in self.mask_ratios]
         self.untrained = [AUROCFigures(*DIFFERENCE_RANGE) for _ in self.mask_ratios] if with_untrained else None
         self.baselines = {}  # (name, channel) -> AUROCFigures
-        self.psnr = []  # [(case, psnr_reconstruction, psnr_mean)]
+        self.psnr = []  # [(case, psnr_reconstruction, psnr_mean, psnr_interpolation or nan)]
         self.panels = []
         self.cases_without_label = 0
 
@@ -211,11 +204,12 @@ class ResidualReport:
         return mask is not None
 
     def add_case(self, case: str, residuals: np.ndarray, mask, image=None, recon=None, axis: int = 0,
-                 foreground=None, untrained_residuals=None) -> None:
+                 foreground=None, untrained_residuals=None, interpolated=None) -> None:
         """``residuals [R, Z, Y, X]`` float; ``mask [Z, Y, X]`` bool or None; ``image`` (normalized, as the MAE
         sees it) and ``recon`` ``[C, Z, Y, X]`` for the baselines, the PSNR and a panel; ``foreground [Z, Y, X]``
-        bool (``foreground_mask`` of the raw image) for the foreground figures; ``untrained_residuals`` like
-        ``residuals``, from an untrained MAE of the same settings."""
+        bool (:func:`~.data.foreground_mask` of the raw image) for the foreground figures; ``untrained_residuals`` like
+        ``residuals``, from an untrained MAE of the same settings; ``interpolated`` like ``recon``, the model-free
+        reconstruction from the visible patches (:func:`~.residuals.interpolated_reconstruction`)."""
         if mask is None:
             self.cases_without_label += 1
             return
@@ -242,7 +236,10 @@ class ResidualReport:
             psnr = reconstruction_psnr(image, recon, where)
             if psnr is not None:
                 entry["psnr_reconstruction"], entry["psnr_mean_image"] = psnr
-                self.psnr.append((case, *psnr))
+                interpolation = reconstruction_psnr(image, interpolated, where)[0] if interpolated is not None \
+                    else float("nan")
+                entry["psnr_interpolation"] = interpolation
+                self.psnr.append((case, *psnr, interpolation))
         self.cases[case] = entry
         if image is not None and recon is not None and self.wants_panel(mask):
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -279,15 +276,21 @@ class ResidualReport:
     def reconstruction_summary(self) -> dict:
         if not self.psnr:
             return {}
-        rec, mean = np.array([v[1:] for v in self.psnr], dtype=np.float64).T
+        rec, mean, interpolation = np.array([v[1:] for v in self.psnr], dtype=np.float64).T
         gap = rec - mean
-        return {"cases": len(self.psnr), "median_psnr_reconstruction": float(np.median(rec)),
-                "median_psnr_mean_image": float(np.median(mean)), "median_psnr_gap_db": float(np.median(gap)),
-                "mean_psnr_gap_db": float(gap.mean()), "share_of_cases_gap_below_1db": float((gap < 1.0).mean()),
-                "mask_ratio": self.mask_ratios[0],
-                "definition": "PSNR (peak = the image's intensity range there) of the MAE reconstruction (each pixel "
-                              "predicted while its patch was masked) on the lesion-free foreground pixels of the "
-                              "normalized image, against predicting each channel's mean there"}
+        out = {"cases": len(self.psnr), "median_psnr_reconstruction": float(np.median(rec)),
+               "median_psnr_mean_image": float(np.median(mean)), "median_psnr_gap_db": float(np.median(gap)),
+               "mean_psnr_gap_db": float(gap.mean()), "share_of_cases_gap_below_1db": float((gap < 1.0).mean()),
+               "mask_ratio": self.mask_ratios[0],
+               "definition": "PSNR (peak = the image's intensity range there) of the MAE reconstruction (each pixel "
+                             "predicted while its patch was masked) on the lesion-free foreground pixels of the "
+                             "normalized image, against predicting each channel's mean there, and against "
+                             "interpolating each masked patch from the visible pixels around it (Gaussian-weighted "
+                             "mean, same masks)"}
+        if not np.isnan(interpolation).any():
+            out["median_psnr_interpolation"] = float(np.median(interpolation))
+            out["median_interpolation_gap_db"] = float(np.median(interpolation - mean))
+        return out
 
     def summary(self) -> dict:
         overall = {}
@@ -331,4 +334,8 @@ def format_comparison(summary: dict) -> list:
                      f"{rec['cases']} cases): {rec['median_psnr_reconstruction']:.2f} dB against "
                      f"{rec['median_psnr_mean_image']:.2f} dB for the mean image "
                      f"(gap {rec['median_psnr_gap_db']:+.2f} dB)")
+        if "median_psnr_interpolation" in rec:
+            lines.append(f"  interpolating masked patches from the visible pixels (no model): "
+                         f"{rec['median_psnr_interpolation']:.2f} dB "
+                         f"(gap {rec['median_interpolation_gap_db']:+.2f} dB)")
     return lines

@@ -3,8 +3,9 @@
 Residual definition (ours; GRCSF's abstract only says "pixel-wise difference between an MAE
 reconstruction and the image"):
 
-1. The image is normalized with the MAE's own stored normalization (:mod:`.data`), cut into slices
-   along its lowest-resolution axis and each slice resized-and-padded to the model input.
+1. The image is normalized with the MAE's own stored normalization (:mod:`.data`), cut to its foreground
+   box if the MAE was trained so (``crop_to_foreground``, mae-train's default: outside the box the residual
+   is 0), cut into slices along its lowest-resolution axis and each slice resized-and-padded to the model input.
 2. For a mask ratio ``r = m / K`` the slice is reconstructed in ``K`` passes with **complementary
    masks** (:func:`~nnunetv2_grcsf.mae.model.complementary_masks`): the visible patches of the ``K``
    passes partition the image, so every patch is removed in exactly ``m`` passes (3 of 4 at 0.75, 1
@@ -78,10 +79,10 @@ from nnunetv2_grcsf.datasets import nnunet_folder
 from nnunetv2_grcsf.interruption import incomplete_folder, sigterm_raises, stale_incomplete_folders
 from nnunetv2_grcsf.mae import (MAEDatasetError, MAEError, MAEIncompatibleError, MAEOutputExistsError)
 from nnunetv2_grcsf.mae import data as mdata
-from nnunetv2_grcsf.mae.model import complementary_masks, masked_reconstruction
-from nnunetv2_grcsf.mae.report import ResidualReport, foreground_mask, format_comparison
-from nnunetv2_grcsf.mae.train import (autocast_context, find_latest_checkpoint, load_checkpoint, model_from_checkpoint,
-                                      resolve_device, torch_threads, untrained_checkpoint)
+from nnunetv2_grcsf.mae.model import complementary_masks, masked_reconstruction, patch_mask_to_pixels
+from nnunetv2_grcsf.mae.report import ResidualReport, format_comparison
+from nnunetv2_grcsf.mae.train import (TrainConfig, autocast_context, find_latest_checkpoint, load_checkpoint,
+                                      model_from_checkpoint, resolve_device, torch_threads, untrained_checkpoint)
 from nnunetv2_grcsf.residual_channels import DATASET_JSON_KEY
 
 RESIDUAL_CHANNEL_NAME = "rgb_to_0_1"
@@ -92,6 +93,8 @@ REPORT_SUBFOLDER = "nnunetv2_grcsf_residual_report"
 SPACING_WARNING_FACTOR = 2.0
 #: Cases named in that warning; the others are counted.
 SPACING_WARNING_MAX_CASES = 5
+#: Gaussian sigma, in MAE patches, of the report's interpolation baseline (:func:`interpolated_reconstruction`).
+INTERPOLATION_SIGMA_PATCHES = 0.5
 
 
 @dataclass
@@ -138,6 +141,29 @@ def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return y.reshape(n, c, h, w)
 
 
+def interpolated_reconstruction(imgs: torch.Tensor, masks: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The report's model-free reconstruction ``[N, C, S, S]`` of ``imgs`` under ``masks`` ``[P, N, L]``.
+
+    As :func:`~nnunetv2_grcsf.mae.model.masked_reconstruction` (each pixel the mean of its predictions made
+    while its patch was removed), but each prediction is a Gaussian-weighted mean of the *visible* pixels
+    (normalized convolution, sigma ``INTERPOLATION_SIGMA_PATCHES`` patches; where no visible pixel is near,
+    the slice's visible mean): what the visible tissue around a patch tells without any learned model. An MAE
+    that does not beat it has learned no more than interpolation.
+    """
+    sigma = INTERPOLATION_SIGMA_PATCHES * patch_size
+    total = torch.zeros(imgs.shape, dtype=torch.float32, device=imgs.device)
+    count = torch.zeros((imgs.shape[0], 1, *imgs.shape[2:]), dtype=torch.float32, device=imgs.device)
+    for mask in masks.to(imgs.device):
+        removed = patch_mask_to_pixels(mask, patch_size)
+        visible = 1.0 - removed
+        weight = gaussian_smooth(visible, sigma)
+        estimate = gaussian_smooth(imgs * visible, sigma) / weight.clamp_min(1e-6)
+        visible_mean = (imgs * visible).sum(dim=(2, 3), keepdim=True) / visible.sum(dim=(2, 3), keepdim=True)
+        total += torch.where(weight > 1e-3, estimate, visible_mean) * removed
+        count += removed
+    return total / count
+
+
 class ResidualMapper:
     """Residual maps of whole images with one MAE checkpoint (see the module docstring for the definition)."""
 
@@ -155,6 +181,7 @@ class ResidualMapper:
         self.image_dim = int(self.ckpt["data"]["image_dim"])
         self.size = int(self.ckpt["model_config"]["img_size"])
         self.patch_size = int(self.ckpt["model_config"]["patch_size"])
+        self.crop_to_foreground = TrainConfig.from_dict(self.ckpt["train_config"]).crop_to_foreground
         trained = self.ckpt["data"].get("in_slice_spacing")
         self.trained_in_slice_spacing = None if trained is None else tuple(float(v) for v in trained)
         self.scale = float(self.ckpt.get("residual_scale") or 3.0)
@@ -168,8 +195,11 @@ class ResidualMapper:
         """Residual maps for ``items`` = ``[(case_id, image [C, Z, Y, X], spacing), ...]``.
 
         Returns, per item, ``{"residuals": [R, Z, Y, X] float32, "axis": slice axis, and for case ids in
-        want_recon "normalized": [C, Z, Y, X], "recon": [C, Z, Y, X] (first mask ratio)}``. Slices of all
-        items are batched together; masks depend only on the case id and the seed.
+        want_recon "normalized": [C, Z, Y, X], "recon": [C, Z, Y, X] and "interpolated": [C, Z, Y, X]
+        (:func:`interpolated_reconstruction`), both at the first mask ratio}``. Slices of all
+        items are batched together; masks depend only on the case id and the seed. An MAE trained with
+        ``crop_to_foreground`` sees each image cut to its foreground box, as in training; outside the box
+        (constant in every channel) the residual is 0 and the reconstruction is the image.
         """
         s = self.settings
         length = self.model.config.num_patches
@@ -177,16 +207,19 @@ class ResidualMapper:
         for case, image, spacing in items:
             norm = self.normalizer(image)
             axis = mdata.slice_axis(spacing, image.shape[1:])
-            sl = mdata.to_slices(norm, axis)
+            box = mdata.foreground_box(image, axis, self.patch_size) if self.crop_to_foreground else \
+                tuple(slice(0, n) for n in image.shape[1:])
+            sl = mdata.to_slices(norm[(slice(None), *box)], axis)
             grids.append(mdata.to_model_grid(sl, self.size))
             gen = torch.Generator().manual_seed(mdata.case_seed(case, s.seed))
             for j, ratio in enumerate(s.mask_ratios):
                 masks[j].append(complementary_masks(sl.shape[0], length, ratio, s.repeats, gen))
-            prepared.append((case, norm, axis, sl.shape))
+            prepared.append((case, norm, axis, sl.shape, box))
         grid = torch.cat(grids)
         masks = [torch.cat(m, dim=1) for m in masks]
         res_grid = torch.empty((grid.shape[0], len(s.mask_ratios), self.size, self.size))
         rec_grid = torch.empty_like(grid)
+        interp_grid = torch.empty_like(grid) if want_recon else None
         for start in range(0, grid.shape[0], self.batch_size):
             sel = slice(start, start + self.batch_size)
             x = grid[sel].to(self.device)
@@ -196,16 +229,20 @@ class ResidualMapper:
                 res_grid[sel, j] = (x - recon.float()).abs().mean(dim=1).cpu()
                 if j == 0:
                     rec_grid[sel] = recon.float().cpu()
+                if j == 0 and interp_grid is not None:
+                    interp_grid[sel] = interpolated_reconstruction(x.float(), masks[0][:, sel], self.patch_size).cpu()
         out, start = [], 0
-        for case, norm, axis, shape in prepared:
+        for case, norm, axis, shape, box in prepared:
             n, _, h, w = shape
             nh, nw = mdata.content_size(h, w, self.size)
             r = gaussian_smooth(res_grid[start:start + n, :, :nh, :nw], s.smoothing_sigma)
             r = mdata.from_model_grid(F.pad(r, (0, self.size - nw, 0, self.size - nh)), h, w)
-            entry = {"residuals": mdata.from_slices(r.clamp_min(0).numpy(), axis).astype(np.float32), "axis": axis}
+            r = mdata.from_slices(r.clamp_min(0).numpy(), axis).astype(np.float32)
+            entry = {"residuals": mdata.uncropped(r, box, norm.shape[1:], 0.0), "axis": axis}
             if case in want_recon:
-                rec = mdata.from_model_grid(rec_grid[start:start + n], h, w).numpy()
-                entry["recon"] = mdata.from_slices(rec, axis)
+                for key, source in (("recon", rec_grid), ("interpolated", interp_grid)):
+                    rec = mdata.from_model_grid(source[start:start + n], h, w).numpy()
+                    entry[key] = mdata.uncropped(mdata.from_slices(rec, axis), box, norm.shape[1:], norm)
                 entry["normalized"] = norm
             out.append(entry)
             start += n
@@ -327,7 +364,9 @@ def _process_cases(cases: dict, reader, mapper: ResidualMapper, checks: InputChe
                                      ending, props)
             if report is not None:
                 report.add_case(case, res["residuals"], mask, res.get("normalized"), res.get("recon"), res["axis"],
-                                foreground=foreground_mask(image), untrained_residuals=res_untrained.get("residuals"))
+                                foreground=mdata.foreground_mask(image),
+                                untrained_residuals=res_untrained.get("residuals"),
+                                interpolated=res.get("interpolated"))
             n_done += 1
             bar.update(1)
     bar.close()

@@ -12,7 +12,8 @@ Ours, after a third-party reading of GRCSF whose MAE is trained on lesion-free p
 says only that the MAE models the data set's images. The checkpoint records the folders
 read (``training_splits``; :func:`nnunetv2_grcsf.mae.checkpoint_saw_test_images`). Images are read with
 nnU-Net's reader, normalized (:class:`~nnunetv2_grcsf.mae.data.IntensityNormalizer`, fitted here and stored in the
-checkpoint), cut into slices along the lowest-resolution axis, resized-and-padded to the model input.
+checkpoint), cut to their foreground box (``crop_to_foreground``, :func:`~nnunetv2_grcsf.mae.data.foreground_box`),
+cut into slices along the lowest-resolution axis, resized-and-padded to the model input.
 The slices are kept in memory as float16 (``N * C * img_size^2 * 2`` bytes; use ``max_slices_per_case``
 for large 3D data sets). A case whose slices are smaller than one patch (``patch_size`` voxels) along
 either axis is refused. The checkpoint's ``data`` records the median in-slice spacing of the training
@@ -89,6 +90,7 @@ class TrainConfig(DictRoundTrip):
     max_slices_per_case: int = None
     skip_labelled_patches: bool = True
     max_shift_patches: int = 0
+    crop_to_foreground: bool = True
 
     def __post_init__(self):
         self.mask_ratios = tuple(float(r) for r in self.mask_ratios)
@@ -97,8 +99,9 @@ class TrainConfig(DictRoundTrip):
     def from_dict(cls, d: dict):
         if "mask_ratios" not in d and "mask_ratio" in d:  # checkpoints of version 1 trained at one ratio
             d = {**d, "mask_ratios": [d["mask_ratio"]]}
-        # older checkpoints trained on every patch, without shifts
-        return super().from_dict({"skip_labelled_patches": False, "max_shift_patches": 0, **d})
+        # older checkpoints trained on every patch, without shifts, on whole images
+        return super().from_dict({"skip_labelled_patches": False, "max_shift_patches": 0, "crop_to_foreground": False,
+                                  **d})
 
     def check(self) -> None:
         """:class:`MAEError` naming the command-line option of the first setting out of range."""
@@ -350,8 +353,10 @@ def training_label_files(folder: Path, cases: dict, file_ending: str) -> dict:
 
 def load_training_slices(cases: dict, reader, normalizer: mdata.IntensityNormalizer, img_size: int, patch_size: int,
                          num_channels: int, max_slices_per_case=None, fit: bool = True, progress: bool = True,
-                         label_files: dict = None):
+                         label_files: dict = None, crop_to_foreground: bool = False):
     """Read every case, fit the normalizer's global channels (if ``fit``), return slices and metadata.
+
+    With ``crop_to_foreground`` each image is cut to its :func:`~.data.foreground_box` after normalizing.
 
     Returns ``(slices [N, C, img_size, img_size] float16, sizes [(h, w)] per slice, image dim 2 or 3,
     median in-slice spacing (a, b), labelled [N, L] bool or None)``: ``labelled`` (with ``label_files``, see
@@ -385,12 +390,14 @@ def load_training_slices(cases: dict, reader, normalizer: mdata.IntensityNormali
     slices, sizes, labelled = [], [], []
     num_patches = (img_size // patch_size) ** 2
     for image, spacing, label in images:
-        s, hw, kept = mdata.training_slices(image, normalizer, spacing, img_size, max_slices_per_case)
+        box = mdata.foreground_box(image, mdata.slice_axis(spacing, image.shape[1:]), patch_size) \
+            if crop_to_foreground else None
+        s, hw, kept = mdata.training_slices(image, normalizer, spacing, img_size, max_slices_per_case, box)
         slices.append(s)
         sizes += [hw] * s.shape[0]
         if label_files:
-            labelled.append(mdata.labelled_patches(label, spacing, kept, img_size, patch_size) if label is not None
-                            else torch.zeros(s.shape[0], num_patches, dtype=torch.bool))
+            labelled.append(mdata.labelled_patches(label, spacing, kept, img_size, patch_size, box)
+                            if label is not None else torch.zeros(s.shape[0], num_patches, dtype=torch.bool))
     slices = torch.cat(slices)
     if slices.shape[0] == 0:
         raise MAEDatasetError("no image of the data set has any non-constant slice to train on")
@@ -436,7 +443,7 @@ def reconstruction_check(model: MaskedAutoencoder, slices: torch.Tensor, sizes, 
     minimum, so that the constant background around a skull-stripped brain does not count). Returns the
     medians and the median gap in dB.
     """
-    from nnunetv2_grcsf.mae.report import foreground_mask, reconstruction_psnr
+    from nnunetv2_grcsf.mae.report import reconstruction_psnr
 
     model.eval()
     n = slices.shape[0]
@@ -446,7 +453,7 @@ def reconstruction_check(model: MaskedAutoencoder, slices: torch.Tensor, sizes, 
         recon = masked_reconstruction(model, x, mask_ratio, generator=_step_generator(seed, -(10 ** 9) - 1))
     x, recon = x.cpu().numpy(), recon.float().cpu().numpy()
     pairs = [reconstruction_psnr(x[j], recon[j], mdata.content_mask(*sizes[i], x.shape[-1]).numpy()
-                                 & foreground_mask(x[j]))
+                                 & mdata.foreground_mask(x[j]))
              for j, i in enumerate(idx)]
     pairs = np.array([p for p in pairs if p is not None]).reshape(-1, 2)
     if not len(pairs):
@@ -599,7 +606,8 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
         if train_config.skip_labelled_patches else None
     slices, sizes, dim, spacing, labelled = load_training_slices(
         cases, reader, normalizer, model_config.img_size, model_config.patch_size, num_channels,
-        train_config.max_slices_per_case, fit=ckpt is None, progress=progress, label_files=label_files)
+        train_config.max_slices_per_case, fit=ckpt is None, progress=progress, label_files=label_files,
+        crop_to_foreground=train_config.crop_to_foreground)
     n = slices.shape[0]
     total = total_steps(train_config, n)
     labelled_share = float(labelled.float().mean()) if labelled is not None else None

@@ -6,7 +6,7 @@ import torch
 
 from nnunetv2_grcsf.mae import MAEError, MAEImageReadError, checkpoint_saw_test_images
 from nnunetv2_grcsf.mae.model import MAEConfig, MaskedAutoencoder, random_mask
-from nnunetv2_grcsf.mae.report import ResidualReport, auroc, baseline_maps, reconstruction_psnr
+from nnunetv2_grcsf.mae.report import ResidualReport, auroc, baseline_maps, format_comparison, reconstruction_psnr
 from nnunetv2_grcsf.mae.train import (FINAL, TrainConfig, load_checkpoint, model_from_checkpoint,
                                       reconstruction_warning, save_checkpoint, train_mae)
 
@@ -137,7 +137,7 @@ def test_report_compares_the_residual_with_baselines(tmp_path):
         image[0][lesion] -= 3.0
         residual = rng.uniform(size=(1, 1, 24, 24)).astype(np.float32)
         report.add_case(f"c{i}", residual, lesion, image=image, recon=np.zeros_like(image),
-                        untrained_residuals=residual[:, ::-1].copy())
+                        untrained_residuals=residual[:, ::-1].copy(), interpolated=image + 0.1)
     summary = report.summary()
     intensity = summary["baselines"]["intensity"]
     assert intensity["mean_case_auroc"] > 0.95 and intensity["pooled_auroc"] > 0.95  # the better (inverted) sign
@@ -146,7 +146,9 @@ def test_report_compares_the_residual_with_baselines(tmp_path):
     assert set(summary["baselines"]) == {"intensity", "abs_minus_median", "abs_minus_smoothed", "intensity_smoothed",
                                          "abs_minus_median_smoothed", "abs_minus_smoothed_smoothed",
                                          "untrained_mae@0.5"}
-    assert summary["reconstruction"]["cases"] == 3
+    rec = summary["reconstruction"]
+    assert rec["cases"] == 3 and rec["median_interpolation_gap_db"] > rec["median_psnr_gap_db"] + 10
+    assert any("interpolating masked patches" in line for line in format_comparison(summary))
     maps = baseline_maps(image)
     assert all(m.shape == image.shape for m in maps.values())
 

@@ -110,6 +110,52 @@ def test_training_slices_of_a_volume_skip_empty_slices():
     assert slices.shape[0] == 2 and kept == [1, 4]
 
 
+def _brain_in_a_box(shape=(6, 40, 50), box=(slice(1, 5), slice(8, 28), slice(10, 40)), seed=0):
+    """A 2-channel volume, constant (a different value per channel) outside ``box``, random inside it."""
+    vol = np.stack([np.full(shape, -1.5, np.float32), np.full(shape, 0.25, np.float32)])
+    vol[(slice(None), *box)] = np.random.default_rng(seed).random((2, *[s.stop - s.start for s in box])) + 1
+    return vol
+
+
+def test_foreground_box_is_the_bounding_box_of_any_channel_above_its_minimum():
+    box = (slice(1, 5), slice(8, 28), slice(10, 40))
+    vol = _brain_in_a_box(box=box)
+    assert mdata.foreground_box(vol, axis=0) == box
+    vol[1, 3, 30, 45] = 5.0  # one voxel of the second channel widens the box
+    assert mdata.foreground_box(vol, axis=0) == (slice(1, 5), slice(8, 31), slice(10, 46))
+    # widened around its centre to a patch along the in-slice axes only, and kept inside the image
+    tiny = np.zeros((1, 6, 40, 50), np.float32)
+    tiny[0, 2, 38, 1] = 1.0
+    assert mdata.foreground_box(tiny, axis=0, min_size=8) == (slice(2, 3), slice(32, 40), slice(0, 8))
+    assert mdata.foreground_box(np.zeros((1, 1, 9, 9), np.float32), axis=0) == (slice(0, 1), slice(0, 9), slice(0, 9))
+
+
+def test_uncropped_puts_the_box_back_into_the_image_grid():
+    box = (slice(1, 3), slice(2, 5), slice(0, 4))
+    inside = np.arange(2 * 2 * 3 * 4, dtype=np.float32).reshape(2, 2, 3, 4)
+    full = mdata.uncropped(inside, box, (4, 6, 5), 0.0)
+    assert full.shape == (2, 4, 6, 5) and np.array_equal(full[(slice(None), *box)], inside)
+    assert full.sum() == inside.sum()  # zero elsewhere
+    image = np.random.rand(2, 4, 6, 5).astype(np.float32)
+    assert np.array_equal(mdata.uncropped(image[(slice(None), *box)], box, (4, 6, 5), image), image)
+
+
+def test_training_slices_cut_to_the_foreground_box_fill_the_model_grid():
+    box = (slice(1, 5), slice(8, 28), slice(10, 40))
+    vol = _brain_in_a_box(box=box)
+    norm = mdata.IntensityNormalizer(["global", "global"], [{"low": -2.0, "high": 3.0, "mean": 0.0, "std": 1.0}] * 2)
+    whole, hw, kept = mdata.training_slices(vol, norm, (1.0, 1.0, 1.0), 32)
+    assert hw == (40, 50) and kept == [1, 2, 3, 4]  # constant slices skipped either way
+    cut, hw, kept = mdata.training_slices(vol, norm, (1.0, 1.0, 1.0), 32, box=mdata.foreground_box(vol, 0))
+    assert hw == (20, 30) and kept == [0, 1, 2, 3] and cut.shape == (4, 2, 32, 32)
+    nh, nw = mdata.content_size(20, 30, 32)
+    assert bool((cut[:, 0, :nh, :nw] >= 0.9).all())  # the whole content is foreground (values 1..2)
+    assert float((whole[:, 0] >= 0.9).float().mean()) < 0.4  # uncut, the foreground is a fraction of the grid
+    label = np.zeros(vol.shape[1:], dtype=bool)
+    label[2, 8:12, 10:14] = True  # the box's top-left corner: its first patch on the cut grid
+    flags = mdata.labelled_patches(label, (1.0, 1.0, 1.0), kept, 32, 8, box=mdata.foreground_box(vol, 0))
+    assert flags.shape == (4, 16) and flags.sum() == 1 and bool(flags[1, 0])
+
 
 def test_labelled_patches_flag_the_patches_a_label_touches_on_the_model_grid():
     label = np.zeros((1, 64, 32), dtype=bool)  # 2D case: slice axis 0; long side 64 -> 32 px grid, content 32 x 16

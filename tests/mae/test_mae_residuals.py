@@ -10,7 +10,8 @@ import torch
 from nnunetv2_grcsf.datasets import DatasetNotFoundError
 from nnunetv2_grcsf.mae import (MAECheckpointError, MAEDatasetError, MAEError, MAEImageReadError,
                                 MAEIncompatibleError, MAEOutputExistsError)
-from nnunetv2_grcsf.mae.report import PooledAUROC, ResidualReport, auroc, foreground_mask
+from nnunetv2_grcsf.mae.data import foreground_mask
+from nnunetv2_grcsf.mae.report import PooledAUROC, ResidualReport, auroc
 from nnunetv2_grcsf.mae.residuals import (RESIDUAL_CHANNEL_NAME, ResidualMapper, ResidualSettings, gaussian_smooth,
                                           make_residual_dataset, make_residual_folder)
 from nnunetv2_grcsf.mae.train import TrainConfig, load_checkpoint, train_mae
@@ -49,6 +50,52 @@ def test_residuals_are_deterministic_per_case_and_independent_of_batching(blob_f
     b = [r["residuals"] for r in big.compute(items[::-1])][::-1]
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_an_mae_trained_on_foreground_boxes_reads_an_image_wherever_its_foreground_lies(blob_free_mae):
+    """mae-train's default crops each image to its foreground box, and residuals crop alike: the same anatomy
+    at two places of a constant canvas gets the same residual, 0 on the canvas; an MAE from before the crop
+    (train_config without the key) sees the whole canvas, so there the place matters."""
+    content = smooth_background(np.random.default_rng(5), (40, 48)).astype(np.float32)
+
+    def on_canvas(top, left):
+        canvas = np.full((1, 1, 72, 80), content.min() - 20.0, np.float32)
+        canvas[0, 0, top:top + 40, left:left + 48] = content
+        return canvas
+
+    items = [("case", on_canvas(4, 6), (999, 1, 1)), ("case", on_canvas(30, 28), (999, 1, 1))]
+    mapper = ResidualMapper(blob_free_mae["checkpoint"], device="cpu")
+    assert mapper.crop_to_foreground
+    a, b = mapper.compute(items[:1], want_recon=("case",)) + mapper.compute(items[1:])
+    np.testing.assert_array_equal(a["residuals"][:, :, 4:44, 6:54], b["residuals"][:, :, 30:70, 28:76])
+    outside = np.ones((72, 80), bool)
+    outside[4:44, 6:54] = False
+    assert a["residuals"][:, :, 4:44, 6:54].min() > 0 and not a["residuals"][:, :, outside].any()
+    np.testing.assert_array_equal(a["recon"][0, 0][outside], a["normalized"][0, 0][outside])
+
+    ckpt = load_checkpoint(blob_free_mae["checkpoint"])
+    ckpt["train_config"].pop("crop_to_foreground")
+    whole = ResidualMapper(ckpt, device="cpu")
+    assert not whole.crop_to_foreground
+    a, b = (whole.compute([item])[0]["residuals"] for item in items)
+    assert np.abs(a[:, :, 4:44, 6:54] - b[:, :, 30:70, 28:76]).max() > 0.05
+
+
+def test_interpolation_baseline_predicts_a_patch_from_the_visible_pixels_only():
+    from nnunetv2_grcsf.mae.model import complementary_masks
+    from nnunetv2_grcsf.mae.residuals import interpolated_reconstruction
+
+    masks = complementary_masks(2, 16, 0.5, generator=torch.Generator().manual_seed(0))  # 32 px, 8-px patches
+    flat = torch.full((2, 2, 32, 32), 0.7)
+    torch.testing.assert_close(interpolated_reconstruction(flat, masks, 8), flat)
+    ramp = torch.linspace(-1, 1, 32).view(1, 1, 1, 32).expand(2, 2, 32, 32).contiguous()
+    error = (interpolated_reconstruction(ramp, masks, 8) - ramp).abs()
+    assert float(error.mean()) < 0.5 * float(ramp.abs().mean())  # at most half the error of the mean image (0)
+    spiked = ramp.clone()
+    spiked[:, :, 10:14, 18:22] += 5.0  # inside the patch at grid (1, 2): its own prediction must not see it
+    a, b = interpolated_reconstruction(ramp, masks, 8), interpolated_reconstruction(spiked, masks, 8)
+    torch.testing.assert_close(a[:, :, 8:16, 16:24], b[:, :, 8:16, 16:24])
+    assert float((a - b).abs().max()) > 0.1  # while its neighbours, predicted from it when visible, do
 
 
 def test_gaussian_smooth():

@@ -126,6 +126,7 @@ def test_labelled_patches_are_skipped_by_default_reading_training_labels_only(nn
     assert with_test["training_splits"] == ["imagesTr", "imagesTs"]  # and labelsTs/case_006.png was not read
     assert with_test["data"]["labelled_patch_share"] < skip["data"]["labelled_patch_share"]
     assert TrainConfig.from_dict({"steps": 3}).skip_labelled_patches is False  # checkpoints from before the option
+    assert TrainConfig.from_dict({"steps": 3}).crop_to_foreground is False and TrainConfig().crop_to_foreground
     (raw / "labelsTr" / "case_002.png").unlink()
     with pytest.raises(MAEDatasetError, match=r"labelsTr/case_002.png is missing.*--no-skip-labelled-patches"):
         train_mae(18, tmp_path / "missing", train_config=TrainConfig(steps=1), **cfg, **QUIET)
@@ -173,12 +174,13 @@ def test_cli_mae_train(nnunet_env, tmp_path, capsys):
     ckpt = load_checkpoint(tmp_path / "cli" / FINAL)
     assert ckpt["model_config"]["embed_dim"] == 32 and ckpt["train_config"]["total_steps"] == 2
     assert ckpt["train_config"]["max_shift_patches"] == 1
-    assert ckpt["train_config"]["skip_labelled_patches"] is True
+    assert ckpt["train_config"]["skip_labelled_patches"] is True and ckpt["train_config"]["crop_to_foreground"] is True
     run_command("mae_train", ["mae-train", "-d", "17", "-o", str(tmp_path / "every_patch"), "--image-size", "32",
                               "--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--decoder-dim", "32",
                               "--decoder-depth", "1", "--steps", "1", "--quiet", "--num-threads", "1",
-                              "--no-skip-labelled-patches"])
-    assert load_checkpoint(tmp_path / "every_patch" / FINAL)["train_config"]["skip_labelled_patches"] is False
+                              "--no-skip-labelled-patches", "--no-crop-to-foreground"])
+    every_patch = load_checkpoint(tmp_path / "every_patch" / FINAL)["train_config"]
+    assert every_patch["skip_labelled_patches"] is False and every_patch["crop_to_foreground"] is False
     with pytest.raises(MAEOutputExistsError):
         run_command("mae_train", ["mae-train", "-d", "17", "-o", str(tmp_path / "cli"), "--quiet"])
 
