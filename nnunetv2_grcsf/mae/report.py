@@ -16,11 +16,14 @@
   ``|x - median(x)|`` (per-case median) and ``|x - G_sigma * x|`` (Gaussian smoothing, ``BASELINE_SIGMA``
   voxels, in 3D for volumes), each also smoothed (``BASELINE_POST_SMOOTHING``) as the residual is; and, where
   given, the residual of an *untrained* MAE of the same settings
-  (what the architecture and the complementary masks give without learning anything).
+  (what the architecture and the complementary masks give without learning anything), and the residual of
+  interpolating each masked patch from the visible pixels around it (``interpolation@r``: what the visible
+  context gives without a model of the images; an MAE that models normal tissue should beat it on lesions).
 - Reconstruction: per labelled case, the PSNR of the MAE's reconstruction (every pixel predicted while
   its patch was masked, first mask ratio) on the lesion-free foreground pixels, against the PSNR of
   predicting each channel's mean there; the gap (dB) is ``10 log10(MSE_mean / MSE_reconstruction)``.
-  A gap near 0 means the MAE predicts little more than the mean intensity.
+  A gap near 0 means the MAE predicts little more than the mean intensity. Beside it, the same PSNR of the
+  interpolation from the visible pixels (same masks).
 - AUROC is computed on the float residual before its 8-bit encoding.
 - Panels (matplotlib, Agg backend): image | MAE reconstruction | residual | lesion mask, for the first
   few cases with a lesion; for 3D the slice (along the slice axis) with the largest lesion area.
@@ -191,6 +194,7 @@ class ResidualReport:
         self.cases = {}
         self.residual = [AUROCFigures(0.0, 4.0 * self.scale) for _ in self.mask_ratios]
         self.untrained = [AUROCFigures(*DIFFERENCE_RANGE) for _ in self.mask_ratios] if with_untrained else None
+        self.interpolation = [AUROCFigures(*DIFFERENCE_RANGE) for _ in self.mask_ratios]
         self.baselines = {}  # (name, channel) -> AUROCFigures
         self.psnr = []  # [(case, psnr_reconstruction, psnr_mean, psnr_interpolation or nan)]
         self.panels = []
@@ -204,12 +208,13 @@ class ResidualReport:
         return mask is not None
 
     def add_case(self, case: str, residuals: np.ndarray, mask, image=None, recon=None, axis: int = 0,
-                 foreground=None, untrained_residuals=None, interpolated=None) -> None:
+                 foreground=None, untrained_residuals=None, interpolated=None, interpolation_residuals=None) -> None:
         """``residuals [R, Z, Y, X]`` float; ``mask [Z, Y, X]`` bool or None; ``image`` (normalized, as the MAE
         sees it) and ``recon`` ``[C, Z, Y, X]`` for the baselines, the PSNR and a panel; ``foreground [Z, Y, X]``
         bool (:func:`~.data.foreground_mask` of the raw image) for the foreground figures; ``untrained_residuals`` like
-        ``residuals``, from an untrained MAE of the same settings; ``interpolated`` like ``recon``, the model-free
-        reconstruction from the visible patches (:func:`~.residuals.interpolated_reconstruction`)."""
+        ``residuals``, from an untrained MAE of the same settings; ``interpolated`` like ``recon`` and
+        ``interpolation_residuals`` like ``residuals``: the model-free reconstruction from the visible patches
+        (:func:`~.residuals.interpolated_reconstruction`) and its residual."""
         if mask is None:
             self.cases_without_label += 1
             return
@@ -224,6 +229,9 @@ class ResidualReport:
                 entry[f"auroc_foreground@{ratio:g}"] = af
             if untrained_residuals is not None and self.untrained is not None:
                 entry[f"untrained_auroc@{ratio:g}"] = self.untrained[j].add(untrained_residuals[j], mask, foreground)[0]
+            if interpolation_residuals is not None:
+                entry[f"interpolation_auroc@{ratio:g}"] = self.interpolation[j].add(interpolation_residuals[j], mask,
+                                                                                    foreground)[0]
         if image is not None:
             for name, maps in baseline_maps(image).items():
                 for c, score in enumerate(maps):
@@ -271,6 +279,9 @@ class ResidualReport:
         if self.untrained is not None:
             for j, ratio in enumerate(self.mask_ratios):
                 out[f"untrained_mae@{ratio:g}"] = self.untrained[j].summary()
+        for j, ratio in enumerate(self.mask_ratios):
+            if self.interpolation[j].per_case:
+                out[f"interpolation@{ratio:g}"] = self.interpolation[j].summary()
         return out
 
     def reconstruction_summary(self) -> dict:

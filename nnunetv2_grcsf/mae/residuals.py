@@ -195,11 +195,12 @@ class ResidualMapper:
         """Residual maps for ``items`` = ``[(case_id, image [C, Z, Y, X], spacing), ...]``.
 
         Returns, per item, ``{"residuals": [R, Z, Y, X] float32, "axis": slice axis, and for case ids in
-        want_recon "normalized": [C, Z, Y, X], "recon": [C, Z, Y, X] and "interpolated": [C, Z, Y, X]
-        (:func:`interpolated_reconstruction`), both at the first mask ratio}``. Slices of all
-        items are batched together; masks depend only on the case id and the seed. An MAE trained with
-        ``crop_to_foreground`` sees each image cut to its foreground box, as in training; outside the box
-        (constant in every channel) the residual is 0 and the reconstruction is the image.
+        want_recon "normalized": [C, Z, Y, X], "recon": [C, Z, Y, X] (first mask ratio), and the model-free
+        baseline (:func:`interpolated_reconstruction`, same masks): "interpolated" like "recon" and
+        "interpolation_residuals" like "residuals"}``. Slices of all items are batched together; masks depend
+        only on the case id and the seed. An MAE trained with ``crop_to_foreground`` sees each image cut to its
+        foreground box, as in training; outside the box (constant in every channel) the residuals are 0 and the
+        reconstructions are the image.
         """
         s = self.settings
         length = self.model.config.num_patches
@@ -219,6 +220,7 @@ class ResidualMapper:
         masks = [torch.cat(m, dim=1) for m in masks]
         res_grid = torch.empty((grid.shape[0], len(s.mask_ratios), self.size, self.size))
         rec_grid = torch.empty_like(grid)
+        interp_res_grid = torch.empty_like(res_grid) if want_recon else None
         interp_grid = torch.empty_like(grid) if want_recon else None
         for start in range(0, grid.shape[0], self.batch_size):
             sel = slice(start, start + self.batch_size)
@@ -229,21 +231,31 @@ class ResidualMapper:
                 res_grid[sel, j] = (x - recon.float()).abs().mean(dim=1).cpu()
                 if j == 0:
                     rec_grid[sel] = recon.float().cpu()
-                if j == 0 and interp_grid is not None:
-                    interp_grid[sel] = interpolated_reconstruction(x.float(), masks[0][:, sel], self.patch_size).cpu()
+                if interp_grid is not None:
+                    interp = interpolated_reconstruction(x.float(), masks[j][:, sel], self.patch_size)
+                    interp_res_grid[sel, j] = (x - interp).abs().mean(dim=1).cpu()
+                    if j == 0:
+                        interp_grid[sel] = interp.cpu()
         out, start = [], 0
         for case, norm, axis, shape, box in prepared:
             n, _, h, w = shape
             nh, nw = mdata.content_size(h, w, self.size)
-            r = gaussian_smooth(res_grid[start:start + n, :, :nh, :nw], s.smoothing_sigma)
-            r = mdata.from_model_grid(F.pad(r, (0, self.size - nw, 0, self.size - nh)), h, w)
-            r = mdata.from_slices(r.clamp_min(0).numpy(), axis).astype(np.float32)
-            entry = {"residuals": mdata.uncropped(r, box, norm.shape[1:], 0.0), "axis": axis}
+
+            def on_image_grid(part: torch.Tensor, fill) -> np.ndarray:
+                """This case's ``[n, K, size, size]`` model-grid slices back on the image's grid, ``fill`` outside
+                the box."""
+                part = mdata.from_model_grid(part, h, w).numpy()
+                return mdata.uncropped(mdata.from_slices(part, axis), box, norm.shape[1:], fill)
+
+            def residual(source: torch.Tensor) -> np.ndarray:
+                r = gaussian_smooth(source[start:start + n, :, :nh, :nw], s.smoothing_sigma)
+                return on_image_grid(F.pad(r, (0, self.size - nw, 0, self.size - nh)).clamp_min(0), 0.0)
+
+            entry = {"residuals": residual(res_grid).astype(np.float32), "axis": axis}
             if case in want_recon:
-                for key, source in (("recon", rec_grid), ("interpolated", interp_grid)):
-                    rec = mdata.from_model_grid(source[start:start + n], h, w).numpy()
-                    entry[key] = mdata.uncropped(mdata.from_slices(rec, axis), box, norm.shape[1:], norm)
-                entry["normalized"] = norm
+                entry.update(normalized=norm, recon=on_image_grid(rec_grid[start:start + n], norm),
+                             interpolated=on_image_grid(interp_grid[start:start + n], norm),
+                             interpolation_residuals=residual(interp_res_grid).astype(np.float32))
             out.append(entry)
             start += n
         return out
@@ -366,7 +378,8 @@ def _process_cases(cases: dict, reader, mapper: ResidualMapper, checks: InputChe
                 report.add_case(case, res["residuals"], mask, res.get("normalized"), res.get("recon"), res["axis"],
                                 foreground=mdata.foreground_mask(image),
                                 untrained_residuals=res_untrained.get("residuals"),
-                                interpolated=res.get("interpolated"))
+                                interpolated=res.get("interpolated"),
+                                interpolation_residuals=res.get("interpolation_residuals"))
             n_done += 1
             bar.update(1)
     bar.close()

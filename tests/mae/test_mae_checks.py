@@ -137,7 +137,8 @@ def test_report_compares_the_residual_with_baselines(tmp_path):
         image[0][lesion] -= 3.0
         residual = rng.uniform(size=(1, 1, 24, 24)).astype(np.float32)
         report.add_case(f"c{i}", residual, lesion, image=image, recon=np.zeros_like(image),
-                        untrained_residuals=residual[:, ::-1].copy(), interpolated=image + 0.1)
+                        untrained_residuals=residual[:, ::-1].copy(), interpolated=image + 0.1,
+                        interpolation_residuals=np.abs(image - image.mean()))
     summary = report.summary()
     intensity = summary["baselines"]["intensity"]
     assert intensity["mean_case_auroc"] > 0.95 and intensity["pooled_auroc"] > 0.95  # the better (inverted) sign
@@ -145,7 +146,8 @@ def test_report_compares_the_residual_with_baselines(tmp_path):
     assert 0.3 < summary["overall"]["0.5"]["mean_case_auroc"] < 0.7
     assert set(summary["baselines"]) == {"intensity", "abs_minus_median", "abs_minus_smoothed", "intensity_smoothed",
                                          "abs_minus_median_smoothed", "abs_minus_smoothed_smoothed",
-                                         "untrained_mae@0.5"}
+                                         "untrained_mae@0.5", "interpolation@0.5"}
+    assert summary["baselines"]["interpolation@0.5"]["mean_case_auroc"] > 0.9  # |x - mean| finds the dark lesion
     rec = summary["reconstruction"]
     assert rec["cases"] == 3 and rec["median_interpolation_gap_db"] > rec["median_psnr_gap_db"] + 10
     assert any("interpolating masked patches" in line for line in format_comparison(summary))

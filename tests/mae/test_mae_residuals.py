@@ -72,6 +72,10 @@ def test_an_mae_trained_on_foreground_boxes_reads_an_image_wherever_its_foregrou
     outside[4:44, 6:54] = False
     assert a["residuals"][:, :, 4:44, 6:54].min() > 0 and not a["residuals"][:, :, outside].any()
     np.testing.assert_array_equal(a["recon"][0, 0][outside], a["normalized"][0, 0][outside])
+    np.testing.assert_array_equal(a["interpolated"][0, 0][outside], a["normalized"][0, 0][outside])
+    interpolation = a["interpolation_residuals"]  # the report's model-free baseline, made like the residual
+    assert interpolation.shape == a["residuals"].shape and not interpolation[:, :, outside].any()
+    assert interpolation[:, :, 4:44, 6:54].mean() > 0 and "interpolation_residuals" not in b
 
     ckpt = load_checkpoint(blob_free_mae["checkpoint"])
     ckpt["train_config"].pop("crop_to_foreground")
