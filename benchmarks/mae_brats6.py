@@ -12,7 +12,8 @@ _preprocessed / _results; the shared volumes linked, never modified), each in it
    (label > 0), per volume and pooled, over the whole volume and over the brain (the report's foreground:
    voxels where any channel is above its volume minimum), beside the same AUROC of the baselines (FLAIR / T1c
    intensity, better sign; |x - median|; |x - Gaussian(4 voxels) * x|; an untrained MAE of the same
-   settings), and the reconstruction PSNR on tumour-free brain voxels against the PSNR of the mean image.
+   settings; the residual of interpolating each masked patch from the visible voxels), and the reconstruction
+   PSNR on tumour-free brain voxels against the PSNR of the mean image and of that interpolation.
 
 Panel: the report's first panel (FLAIR as the MAE sees it | reconstruction | residual | tumour).
 

@@ -11,8 +11,9 @@ Per variant (one MAE training each, settings below):
 2. ``make_residual_folder`` (the ``residuals -i imagesTs --labels labelsTs`` code path) on the 125 held-out
    images, whose report gives: the pixel AUROC of the residual for lesion pixels (pooled and mean per image;
    at mask ratios 0.5 and 0.75), the same AUROC of the baselines (intensity, better sign; |x - median|;
-   |x - Gaussian(4 px) * x|; an untrained MAE of the same settings), and the PSNR of the reconstruction on
-   lesion-free pixels against the PSNR of each image's mean (median over images; the gap in dB).
+   |x - Gaussian(4 px) * x|; an untrained MAE of the same settings; the residual of interpolating each masked
+   patch from the visible pixels), and the PSNR of the reconstruction on lesion-free pixels against the PSNR of
+   each image's mean and of that interpolation (median over images; the gap in dB).
 
 Results: benchmarks/results/mae_busi256.json (one entry per variant; reruns of one variant replace it) and
 benchmarks/results/mae_busi256_panel.png (default) and mae_busi256_panel_<variant>.png (image |

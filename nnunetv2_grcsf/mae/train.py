@@ -58,8 +58,8 @@ from nnunetv2_grcsf import __version__
 from nnunetv2_grcsf.mae import (DEFAULT_STEPS, DEFAULT_TRAINING_SPLITS, PRESETS, TRAINING_SPLITS_KEY,
                                 MAECheckpointError, MAEDatasetError, MAEError, MAEOutputExistsError)
 from nnunetv2_grcsf.mae import data as mdata
-from nnunetv2_grcsf.mae.model import (DictRoundTrip, MAEConfig, MaskedAutoencoder, convert_state_dict,
-                                      masked_reconstruction, random_mask)
+from nnunetv2_grcsf.mae.model import (DictRoundTrip, MAEConfig, MaskedAutoencoder, complementary_masks,
+                                      convert_state_dict, masked_reconstruction, random_mask)
 
 CHECKPOINT_FORMAT = "nnunetv2_grcsf.mae"
 CHECKPOINT_VERSION = 1
@@ -441,26 +441,35 @@ def reconstruction_check(model: MaskedAutoencoder, slices: torch.Tensor, sizes, 
     of the reconstruction (every pixel predicted while masked, :func:`masked_reconstruction`) and of the
     slice's per-channel mean, over the slice's foreground (content pixels where any channel is above its
     minimum, so that the constant background around a skull-stripped brain does not count). Returns the
-    medians and the median gap in dB.
+    medians and the median gap in dB, and the same for interpolating the masked patches from the visible pixels
+    (:func:`~.residuals.interpolated_reconstruction`, same masks).
     """
     from nnunetv2_grcsf.mae.report import reconstruction_psnr
+    from nnunetv2_grcsf.mae.residuals import interpolated_reconstruction
 
     model.eval()
     n = slices.shape[0]
     idx = np.unique(np.linspace(0, n - 1, min(n, RECONSTRUCTION_CHECK_SLICES)).round().astype(int))
     x = slices[torch.as_tensor(idx)].float().to(device)
+    masks = complementary_masks(len(idx), model.config.num_patches, mask_ratio,
+                                generator=_step_generator(seed, -(10 ** 9) - 1))
     with autocast_context(device):
-        recon = masked_reconstruction(model, x, mask_ratio, generator=_step_generator(seed, -(10 ** 9) - 1))
+        recon = masked_reconstruction(model, x, masks=masks)
+    interpolated = interpolated_reconstruction(x, masks, model.config.patch_size).cpu().numpy()
     x, recon = x.cpu().numpy(), recon.float().cpu().numpy()
-    pairs = [reconstruction_psnr(x[j], recon[j], mdata.content_mask(*sizes[i], x.shape[-1]).numpy()
-                                 & mdata.foreground_mask(x[j]))
-             for j, i in enumerate(idx)]
-    pairs = np.array([p for p in pairs if p is not None]).reshape(-1, 2)
-    if not len(pairs):
+    triples = []
+    for j, i in enumerate(idx):
+        where = mdata.content_mask(*sizes[i], x.shape[-1]).numpy() & mdata.foreground_mask(x[j])
+        pair = reconstruction_psnr(x[j], recon[j], where)
+        if pair is not None:
+            triples.append((*pair, reconstruction_psnr(x[j], interpolated[j], where)[0]))
+    if not triples:
         return {}
-    return {"slices": len(pairs), "mask_ratio": mask_ratio, "median_psnr_reconstruction": float(np.median(pairs[:, 0])),
-            "median_psnr_mean_image": float(np.median(pairs[:, 1])),
-            "median_psnr_gap_db": float(np.median(pairs[:, 0] - pairs[:, 1]))}
+    rec, mean, interpolation = np.array(triples).T
+    return {"slices": len(triples), "mask_ratio": mask_ratio, "median_psnr_reconstruction": float(np.median(rec)),
+            "median_psnr_mean_image": float(np.median(mean)), "median_psnr_gap_db": float(np.median(rec - mean)),
+            "median_psnr_interpolation": float(np.median(interpolation)),
+            "median_interpolation_gap_db": float(np.median(interpolation - mean))}
 
 
 def reconstruction_warning(check: dict, dataset_name: str):
@@ -468,9 +477,12 @@ def reconstruction_warning(check: dict, dataset_name: str):
     gap = check.get("median_psnr_gap_db")
     if gap is None or gap >= PSNR_GAP_WARNING_DB:
         return None
+    interpolation = check.get("median_interpolation_gap_db")
+    beside = "" if interpolation is None else \
+        f"; interpolating them from the visible pixels, with no model, gains {interpolation:+.2f} dB"
     return (f"warning: the MAE reconstructs masked patches of its training slices only {gap:+.2f} dB (PSNR, median) "
-            f"better than each slice's mean intensity (under {PSNR_GAP_WARNING_DB:g} dB): it has learned little "
-            f"more than the mean, and its residual maps will mostly show |image - mean|. Train longer "
+            f"better than each slice's mean intensity (under {PSNR_GAP_WARNING_DB:g} dB{beside}): it has learned "
+            f"little more than the mean, and its residual maps will mostly show |image - mean|. Train longer "
             f"(`nnunetv2_grcsf mae-train -d {dataset_name} --resume --steps N` with a larger N), with the tiny "
             f"preset's --pixel-loss, or with a larger --preset on a GPU")
 
@@ -726,9 +738,11 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
     tmp_log.write_text(json.dumps(log_data, indent=2))
     os.replace(tmp_log, out / "training_log.json")
     gap = (check or {}).get("median_psnr_gap_db")
+    interpolation = (check or {}).get("median_interpolation_gap_db")
+    versus = "" if gap is None else f", reconstruction {gap:+.2f} dB over the mean image" + (
+        "" if interpolation is None else f" (interpolation from the visible pixels: {interpolation:+.2f} dB)")
     log(f"done: {step} steps in {elapsed:.0f} s, loss {ema if ema is not None else float('nan'):.4f}, residual scale "
-        f"{scale:.3f}{'' if gap is None else f', reconstruction {gap:+.2f} dB over the mean image'}; "
-        f"checkpoint {out / FINAL}")
+        f"{scale:.3f}{versus}; checkpoint {out / FINAL}")
     warning = reconstruction_warning(check or {}, name)
     if warning:
         log(warning)
