@@ -30,7 +30,9 @@ their labels by ``nnunetv2_grcsf evaluate``.
   a fixed derangement, ``benchmark_statistics.derangement`` with ``--split-seed``, the partner's residual
   resampled to the image's size; it costs predictions only), or ``nnUNetTrainer+zero_channel`` (trained and tested
   on the residual data set with its residual channel all zeros, Dataset809: a second input channel without
-  information).
+  information), or ``TRAINER+interpolation_residual`` (trained and tested on Dataset810, whose residual channel is
+  that of interpolating each masked patch from the visible pixels, ``residuals --reconstruction interpolation``
+  with the same MAE checkpoint and mask ratios: the residual without the MAE; is the MAE needed?).
 - Statistics: per row the mean and standard deviation over seeds of the mean per-image Dice, pooled Dice, HD95
   and lesion F1, and the paired bootstrap 95 % interval of the per-image Dice difference to ``nnUNetTrainer``
   (each image's Dice averaged over the seeds of each row first; 10000 resamples over images, seeded):
@@ -62,6 +64,8 @@ from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME, FILE_ENDING = 802, 803, "BUSI256", ".png"
 ZERO_CHANNEL_ID = 809  # the residual data set with its residual channel all zeros (Row zero_channel)
+INTERPOLATION_ID = 810  # residual of the interpolation from the visible pixels (Row interpolation_residual)
+DATASET_IDS = (SOURCE_ID, RESIDUAL_ID, ZERO_CHANNEL_ID, INTERPOLATION_ID)
 BASELINE = "nnUNetTrainer"
 DEFAULT_ROWS = ["nnUNetTrainer", "nnUNetTrainer+residual", "GRCSFTrainer", "GRCSFTrainer_noRCU", "GRCSFTrainer_noGCU",
                 "GRCSFTrainer+shuffled_residual", "GRCSFTrainer_residualInEncoder", "GRCSFTrainer_rcuEveryScale",
@@ -73,7 +77,10 @@ ROW_NOTES = {"nnUNetTrainer+residual": "residual as a plain extra input channel"
              "nnUNetTrainer+zero_channel": "nnU-Net, an extra input channel of zeros",
              "GRCSFTrainer_residualInEncoder": "GRCSF, its encoder also reading the residual",
              "GRCSFTrainer_rcuEveryScale": "GRCSF, an RCU at every decoder scale the token patch allows",
-             "GRCSFTrainer_noRCU_gcuZeroProjection": "GCU only, starting by a zero-initialized projection"}
+             "GRCSFTrainer_noRCU_gcuZeroProjection": "GCU only, starting by a zero-initialized projection",
+             "GRCSFTrainer+interpolation_residual": "GRCSF reading the residual of the interpolation from the visible "
+                                                    "pixels instead of the MAE's",
+             "nnUNetTrainer+interpolation_residual": "the interpolation's residual as a plain extra input channel"}
 #: (row, reference, what the paired difference row - reference answers): the controls an expert reads against
 #: the trainer rather than against nnU-Net; shown for the pairs whose two rows have runs.
 CONTROL_COMPARISONS = [
@@ -95,7 +102,11 @@ CONTROL_COMPARISONS = [
                                                               "channel"),
     ("GRCSFTrainer_rcuEveryScale", "GRCSFTrainer", "what RCUs at the coarser decoder stages add to GRCSF"),
     ("GRCSFTrainer_noRCU_gcuZeroProjection", "GRCSFTrainer_noRCU", "the GCU started by a zero projection rather "
-                                                                   "than a zero scale")]
+                                                                   "than a zero scale"),
+    ("GRCSFTrainer", "GRCSFTrainer+interpolation_residual", "the MAE's residual against the interpolation's: is "
+                                                            "the MAE needed?"),
+    ("nnUNetTrainer+residual", "nnUNetTrainer+interpolation_residual", "the plain channel: the MAE's residual "
+                                                                       "against the interpolation's")]
 DEFAULT_SEEDS = [0, 1, 2]
 BOOTSTRAP_RESAMPLES = 10000
 #: The whole pipeline in small (minutes): every kind of row (the reference, the plain-channel control, a residual
@@ -119,7 +130,7 @@ def prepare(workspace: Workspace, args, rows: List[Row]) -> Tuple[dict, dict, di
         inputs["source"] = workspace.dataset_folder(SOURCE_ID) / "imagesTs"
         if any(row.residual_data for row in rows):
             try:
-                mae = prepare_residual_rows(workspace, rows, (SOURCE_ID, RESIDUAL_ID, ZERO_CHANNEL_ID), "2d",
+                mae = prepare_residual_rows(workspace, rows, DATASET_IDS, "2d",
                                             args, FILE_ENDING, configurations, inputs)
             except RuntimeError as error:  # the other rows still run; these report the error
                 print(f"  the residual data set could not be made: {error}", flush=True)
@@ -128,7 +139,7 @@ def prepare(workspace: Workspace, args, rows: List[Row]) -> Tuple[dict, dict, di
 
 def run_row(workspace: Workspace, args, row: Row, seed: int, configurations: dict, inputs: dict) -> dict:
     """Train (or reuse), predict the test images and score one row at one seed; an error is returned, not raised."""
-    dataset_id = ZERO_CHANNEL_ID if row.zero_channel else RESIDUAL_ID if row.residual_data else SOURCE_ID
+    dataset_id = row.dataset_id(*DATASET_IDS)
     full_name = f"{row.trainer}_{args.budget}"
     kind = row.test_inputs_kind()
     started = time.perf_counter()
@@ -313,8 +324,9 @@ def parse_args(argv=None):
         dataset_folder=f"Dataset{SOURCE_ID}_{DATASET_NAME}", work_dir=BENCHMARKS / "work" / "accuracy_heldout",
         output=RESULTS / "accuracy_busi256_heldout", split_seed_help="seed of the test split and of the "
                                                                      "shuffled-residual pairing",
-        rows_help="TRAINER, TRAINER+residual or TRAINER+shuffled_residual (TRAINER: nnUNetTrainer or one of "
-                  "nnunetv2_grcsf.trainers, without the budget suffix)")
+        rows_help="TRAINER, TRAINER+residual, TRAINER+shuffled_residual, TRAINER+zero_channel or "
+                  "TRAINER+interpolation_residual (TRAINER: nnUNetTrainer or one of nnunetv2_grcsf.trainers, without "
+                  "the budget suffix)")
     parser.add_argument("--num-cases", type=int, default=None, help="use an evenly spread subset of this many cases")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="fraction of the cases held out for testing")
     parser.add_argument("--speed", default=str(RESULTS / "speed_cpu_busi256_hippocampus.json"),

@@ -25,6 +25,9 @@ lesion-wise F1, with best/worst overlay PNGs of the first seed).
   ``nnUNetTrainer+zero_channel``: nnU-Net trained and tested on Dataset808_Hippocampus, the residual data set with
   its residual channel all zeros (same channels, names and normalization): does a second input channel by itself
   change what 250 steps learn, or is it the residual's content?
+  ``TRAINER+interpolation_residual``: trained and tested on Dataset811_Hippocampus, whose residual channel is that
+  of interpolating each masked patch from the visible voxels (``residuals --reconstruction interpolation``, the same
+  MAE checkpoint and mask ratios): the residual without the MAE.
 - Budget: configuration ``3d_fullres_bs<B>`` (the planned batch 7 is far too slow for this CPU; added by
   nnU-Net's plans inheritance) and schedule ``<budget>`` (default 10epochs_25iters: 250 training steps; at
   5epochs_20iters, 100 steps, nnU-Net's own network still predicted nothing: Dice 0 on both labels).
@@ -56,6 +59,8 @@ from nnunet_workspace import (BENCHMARKS, SEED_VARIABLE, Row, Workspace, budget_
 RESULTS = BENCHMARKS / "results"
 SOURCE_ID, RESIDUAL_ID, DATASET_NAME, FILE_ENDING = 804, 807, "Hippocampus", ".nii.gz"
 ZERO_CHANNEL_ID = 808  # the residual data set with its residual channel all zeros (Row zero_channel)
+INTERPOLATION_ID = 811  # residual of the interpolation from the visible pixels (Row interpolation_residual)
+DATASET_IDS = (SOURCE_ID, RESIDUAL_ID, ZERO_CHANNEL_ID, INTERPOLATION_ID)
 DEFAULT_ROWS = ["nnUNetTrainer", "nnUNetTrainer+residual", "GRCSFTrainer", "GRCSFTrainer+shuffled_residual",
                 "GRCSFTrainer_noRCU", "FIASTrainerAdamW", "GRCSF_FIASTrainerAdamW", "FIASTrainer", "GRCSF_FIASTrainer"]
 LABELS = {"1": "anterior", "2": "posterior"}
@@ -77,7 +82,7 @@ def prepare(workspace: Workspace, args, rows) -> tuple:
         inputs["source"] = workspace.dataset_folder(SOURCE_ID) / "imagesTs"
         if any(row.residual_data for row in rows):
             try:
-                mae = prepare_residual_rows(workspace, rows, (SOURCE_ID, RESIDUAL_ID, ZERO_CHANNEL_ID), "3d_fullres",
+                mae = prepare_residual_rows(workspace, rows, DATASET_IDS, "3d_fullres",
                                             args, FILE_ENDING, configurations, inputs)
             except RuntimeError as error:  # the other rows still run; these report the error
                 print(f"  the residual data set could not be made: {error}", flush=True)
@@ -86,7 +91,7 @@ def prepare(workspace: Workspace, args, rows) -> tuple:
 
 def run_row(workspace: Workspace, args, row: Row, seed: int, configurations: dict, inputs: dict) -> dict:
     """Train (or reuse), predict the test cases and score one row at one seed; an error is returned, not raised."""
-    dataset_id = ZERO_CHANNEL_ID if row.zero_channel else RESIDUAL_ID if row.residual_data else SOURCE_ID
+    dataset_id = row.dataset_id(*DATASET_IDS)
     full_name = f"{row.trainer}_{args.budget}"
     kind = row.test_inputs_kind()
     started = time.perf_counter()
@@ -149,7 +154,8 @@ def parse_args(argv=None):
         __doc__.split("\n\n")[0], rows=DEFAULT_ROWS, seeds=[0, 1], budget="10epochs_25iters",
         configuration="3d_fullres", dataset_folder="Dataset804_Hippocampus",
         work_dir=BENCHMARKS / "work" / "hippocampus_3d_heldout", output=RESULTS / "hippocampus_3d_heldout",
-        split_seed_help="seed of the test split", rows_help="TRAINER or TRAINER+residual")
+        split_seed_help="seed of the test split",
+        rows_help="TRAINER or TRAINER+CONTROL (residual, shuffled_residual, zero_channel, interpolation_residual)")
     parser.add_argument("--num-cases", type=int, default=60, help="use this many cases (0: all 208)")
     parser.add_argument("--num-test", type=int, default=10, help="of which this many are held out as imagesTs")
     return parse_with_smoke_settings(parser, argv, SMOKE)

@@ -396,13 +396,29 @@ def make_zero_channel_dataset(workspace: Workspace, residual_id: int, zero_id: i
     os.replace(partial, target)
 
 
-def prepare_residual_rows(workspace: Workspace, rows: Sequence["Row"], ids: Tuple[int, int, int], configuration: str,
-                          args, file_ending: str, configurations: dict, inputs: dict) -> dict:
-    """The data of the rows that read the residual: the residual data set (``ids``: source, residual, zero-channel
-    data set ids) planned and preprocessed, its test inputs (``inputs['residual']``), and those of the controls the
-    rows name (``'shuffled'``, ``'zero'``: its data set too); ``configurations`` and ``inputs`` are filled in.
-    Returns :func:`mae_record`; a failing command raises RuntimeError."""
-    source_id, residual_id, zero_channel_id = ids
+def make_interpolation_dataset(workspace: Workspace, source_id: int, residual_id: int, interpolation_id: int,
+                               device: str) -> None:
+    """``interpolation_id`` = the source + the residual of interpolating each masked patch from the visible pixels
+    (``residuals --reconstruction interpolation``), with the MAE checkpoint and mask ratios of ``residual_id``, so
+    its channels are normalized, encoded and laid out as the MAE residual's: the control that asks whether the MAE
+    is needed at all."""
+    if (workspace.dataset_folder(interpolation_id) / "dataset.json").is_file():
+        return
+    record = json.loads((workspace.dataset_folder(residual_id) / "dataset.json").read_text())["nnunetv2_grcsf"]
+    run_logged([console_script("nnunetv2_grcsf"), "residuals", "-d", str(source_id), "-o", str(interpolation_id),
+                "-m", record["mae_checkpoint"], "--mask-ratios", *(f"{r:g}" for r in record["mask_ratios"]),
+                "--reconstruction", "interpolation", "--device", device, "--quiet"], workspace.env,
+               workspace.logs / "residuals.log")
+
+
+def prepare_residual_rows(workspace: Workspace, rows: Sequence["Row"], ids: Tuple[int, int, int, int],
+                          configuration: str, args, file_ending: str, configurations: dict, inputs: dict) -> dict:
+    """The data of the rows that read the residual: the residual data set (``ids``: source, residual, zero-channel,
+    interpolation-residual data set ids) planned and preprocessed, its test inputs (``inputs['residual']``), and
+    those of the controls the rows name (``'shuffled'``, ``'zero'``, ``'interpolation'``: their data sets too);
+    ``configurations`` and ``inputs`` are filled in. Returns :func:`mae_record`; a failing command raises
+    RuntimeError."""
+    source_id, residual_id, zero_channel_id, interpolation_id = ids
     mae = make_residual_dataset(workspace, source_id, residual_id, args.mae_steps, args.device)
     configurations[residual_id] = plan_and_preprocess(workspace, residual_id, configuration, args.batch_size)
     inputs["residual"] = residual_test_inputs(workspace, source_id, residual_id, args.device)
@@ -414,6 +430,11 @@ def prepare_residual_rows(workspace: Workspace, rows: Sequence["Row"], ids: Tupl
         configurations[zero_channel_id] = plan_and_preprocess(workspace, zero_channel_id, configuration,
                                                               args.batch_size)
         inputs["zero"] = zero_channel_test_inputs(inputs["residual"], mae["residual_channels"], file_ending)
+    if any(row.interpolation for row in rows):
+        make_interpolation_dataset(workspace, source_id, residual_id, interpolation_id, args.device)
+        configurations[interpolation_id] = plan_and_preprocess(workspace, interpolation_id, configuration,
+                                                               args.batch_size)
+        inputs["interpolation"] = residual_test_inputs(workspace, source_id, interpolation_id, args.device)
     return mae
 
 
@@ -434,31 +455,40 @@ class Row(NamedTuple):
     extra input channel, normalized by nnU-Net as its channel name says), ``TRAINER+shuffled_residual`` (the
     models trained on the residual data set, those of ``TRAINER``'s row or, for a trainer whose network does not read
     the residual, of ``TRAINER+residual``'s, tested with each test image's residual replaced by another test
-    image's) or ``TRAINER+zero_channel`` (trained and tested on the residual data set with the residual channel all
-    zeros, :func:`make_zero_channel_dataset`: an extra input channel without information).
+    image's), ``TRAINER+zero_channel`` (trained and tested on the residual data set with the residual channel all
+    zeros, :func:`make_zero_channel_dataset`: an extra input channel without information) or
+    ``TRAINER+interpolation_residual`` (trained and tested on the data set whose residual channel is that of the
+    interpolation from the visible pixels, :func:`make_interpolation_dataset`: the residual without the MAE).
     """
     name: str
     trainer: str
     residual_data: bool
     shuffled: bool
     zero_channel: bool = False
+    interpolation: bool = False
 
     @classmethod
     def parse(cls, name: str) -> "Row":
         trainer, _, control = name.partition("+")
-        if control not in ("", "residual", "shuffled_residual", "zero_channel"):
-            raise SystemExit(f"row {name}: the part after '+' must be 'residual', 'shuffled_residual' or "
-                             f"'zero_channel'")
+        if control not in ("", "residual", "shuffled_residual", "zero_channel", "interpolation_residual"):
+            raise SystemExit(f"row {name}: the part after '+' must be 'residual', 'shuffled_residual', "
+                             f"'zero_channel' or 'interpolation_residual'")
         if control == "zero_channel" and needs_residuals(trainer):
             raise SystemExit(f"row {name}: {trainer} reads the residual channel with its RCU; the zero-channel "
                              f"control is for trainers that take it as a plain input channel (nnUNetTrainer)")
         residual_data = control != "" or needs_residuals(trainer)
-        return cls(name, trainer, residual_data, control == "shuffled_residual", control == "zero_channel")
+        return cls(name, trainer, residual_data, control == "shuffled_residual", control == "zero_channel",
+                   control == "interpolation_residual")
 
     def test_inputs_kind(self) -> str:
-        """The test inputs it is scored on: 'zero', 'shuffled', 'residual' or 'source'."""
-        return ("zero" if self.zero_channel else "shuffled" if self.shuffled else "residual" if self.residual_data
-                else "source")
+        """The test inputs it is scored on: 'zero', 'interpolation', 'shuffled', 'residual' or 'source'."""
+        return ("zero" if self.zero_channel else "interpolation" if self.interpolation else "shuffled" if self.shuffled
+                else "residual" if self.residual_data else "source")
+
+    def dataset_id(self, source_id: int, residual_id: int, zero_channel_id: int, interpolation_id: int) -> int:
+        """The data set it trains on, of a benchmark's source, residual, zero-channel and interpolation ids."""
+        return (zero_channel_id if self.zero_channel else interpolation_id if self.interpolation else residual_id
+                if self.residual_data else source_id)
 
 
 def train_and_score(workspace: Workspace, dataset_id: int, trainer: str, configuration: str, fold: int, device: str,
@@ -703,7 +733,7 @@ def record_result(workspace: Workspace, results_file: Path, settings: dict, row:
     Settings already in the file that this run does not set (notes on earlier runs) are kept. A row that reads
     residual maps records the sha256 of the MAE that made them (``settings["mae"]``): an MAE trained again for
     later seeds (a new work folder) stays told apart per run."""
-    if Row.parse(row).test_inputs_kind() in ("residual", "shuffled"):
+    if Row.parse(row).test_inputs_kind() in ("residual", "shuffled", "interpolation"):
         result = {**result, "mae_sha256": settings.get("mae", {}).get("sha256")}
     with locked(workspace.root / ".results.lock"):
         report = json.loads(results_file.read_text()) if results_file.is_file() else {"rows": {}}

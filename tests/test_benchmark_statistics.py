@@ -237,7 +237,7 @@ def test_zero_channel_dataset_zeroes_the_residual_keeps_geometry_and_links_the_r
 # ------------------------------------------------------------------------------------------ rows and results
 def test_rows_name_their_data_and_controls():
     row = nnunet_workspace.Row.parse
-    assert row("nnUNetTrainer") == ("nnUNetTrainer", "nnUNetTrainer", False, False, False)
+    assert row("nnUNetTrainer") == ("nnUNetTrainer", "nnUNetTrainer", False, False, False, False)
     assert row("nnUNetTrainer+residual").residual_data
     assert row("GRCSFTrainer").residual_data and not row("GRCSFTrainer_noRCU").residual_data
     shuffled = row("GRCSFTrainer+shuffled_residual")
@@ -248,7 +248,15 @@ def test_rows_name_their_data_and_controls():
     assert zero.residual_data and zero.zero_channel and not zero.shuffled and zero.test_inputs_kind() == "zero"
     assert [row(name).test_inputs_kind() for name in ("nnUNetTrainer", "GRCSFTrainer", "GRCSFTrainer+shuffled_residual")
             ] == ["source", "residual", "shuffled"]
-    with pytest.raises(SystemExit, match="'residual', 'shuffled_residual' or 'zero_channel'"):
+    interpolation = row("GRCSFTrainer+interpolation_residual")
+    assert interpolation.residual_data and interpolation.interpolation and not interpolation.shuffled
+    assert interpolation.test_inputs_kind() == "interpolation"
+    ids = (802, 803, 809, 810)
+    assert [row(name).dataset_id(*ids) for name in ("nnUNetTrainer", "nnUNetTrainer+residual", "GRCSFTrainer",
+                                                    "GRCSFTrainer+shuffled_residual", "nnUNetTrainer+zero_channel",
+                                                    "GRCSFTrainer+interpolation_residual")] == [802, 803, 803, 803, 809,
+                                                                                               810]
+    with pytest.raises(SystemExit, match="'residual', 'shuffled_residual', 'zero_channel' or 'interpolation_residual'"):
         row("GRCSFTrainer+other")
     with pytest.raises(SystemExit, match="GRCSFTrainer reads the residual channel with its RCU"):
         row("GRCSFTrainer+zero_channel")

@@ -230,7 +230,7 @@ def test_accuracy_plot_places_each_row_at_its_train_step_ratio_to_plainconvunet(
 def test_an_interrupted_mae_training_is_resumed_by_the_benchmark(tmp_path, monkeypatch):
     """The accuracy benchmarks resume: an MAE training stopped before its end (checkpoint_latest.pth only, as
     Ctrl-C or a killed run leaves it) is continued with --resume, not refused, and the residual data set is made."""
-    from nnunet_workspace import Workspace, make_residual_dataset
+    from nnunet_workspace import Workspace, make_interpolation_dataset, make_residual_dataset
 
     from nnunetv2_grcsf.mae.train import DEFAULT_SUBFOLDER, FINAL, LATEST, TrainConfig, load_checkpoint, train_mae
     from nnunetv2_grcsf.synthetic import write_synthetic_dataset
@@ -247,6 +247,12 @@ def test_an_interrupted_mae_training_is_resumed_by_the_benchmark(tmp_path, monke
     assert "--resume" in (workspace.logs / "residuals.log").read_text()
     assert load_checkpoint(mae_folder / FINAL)["step"] == 4 and record["steps"] == 4
     assert (workspace.dataset_folder(902) / "dataset.json").is_file()
+    # the interpolation control: the same checkpoint and mask ratios, the interpolation's residual
+    make_interpolation_dataset(workspace, 901, 902, 903, "cpu")
+    mae, control = (json.loads((workspace.dataset_folder(i) / "dataset.json").read_text())["nnunetv2_grcsf"]
+                    for i in (902, 903))
+    assert control["residual_definition"]["reconstruction"] == "interpolation"
+    assert (control["mae_checkpoint"], control["mask_ratios"]) == (mae["mae_checkpoint"], mae["mask_ratios"])
 
 
 @pytest.mark.parametrize("name", ["../elsewhere", "..", "work/sub"])

@@ -63,6 +63,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=None,
                         help="sets of complementary masks to average (default 1; each patch is masked m times per set)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the random masks (default 0)")
+    parser.add_argument("--reconstruction", choices=("mae", "interpolation"), default=None,
+                        help="what the residual compares the image with: the MAE's reconstruction (default) or, as a "
+                             "control without a model of the images, each masked patch interpolated from the visible "
+                             "pixels around it (same masks, normalization, scale and encoding)")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (default 16)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--num-threads", type=int, default=None,
@@ -90,7 +94,8 @@ def _settings(args, base=None):
 
     values = (base or ResidualSettings()).to_dict()
     options = {"mask_ratios": ("--mask-ratios", args.mask_ratios), "smoothing_sigma": ("--smoothing", args.smoothing),
-               "repeats": ("--repeats", args.repeats), "seed": ("--seed", args.seed)}
+               "repeats": ("--repeats", args.repeats), "seed": ("--seed", args.seed),
+               "reconstruction": ("--reconstruction", args.reconstruction)}
     for key, (option, value) in options.items():
         if value is None:
             continue

@@ -194,6 +194,8 @@ def rerun_command(dataset_json: dict, dataset_name: str) -> str:
     for option, key in (("--smoothing", "smoothing_sigma"), ("--repeats", "repeats"), ("--seed", "seed")):
         if key in definition:
             parts += [option, f"{definition[key]:g}"]
+    if definition.get("reconstruction", "mae") != "mae":
+        parts += ["--reconstruction", definition["reconstruction"]]
     return shlex.join(parts + ["--overwrite"])
 
 

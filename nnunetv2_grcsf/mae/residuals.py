@@ -95,16 +95,26 @@ SPACING_WARNING_FACTOR = 2.0
 SPACING_WARNING_MAX_CASES = 5
 #: Gaussian sigma, in MAE patches, of the report's interpolation baseline (:func:`interpolated_reconstruction`).
 INTERPOLATION_SIGMA_PATCHES = 0.5
+#: What ``x_hat`` is: the MAE's reconstruction, or the model-free interpolation from the visible pixels (a control).
+RECONSTRUCTIONS = ("mae", "interpolation")
 
 
 @dataclass
 class ResidualSettings:
-    """How residual maps are made (recorded in the new dataset.json)."""
+    """How residual maps are made (recorded in the new dataset.json).
+
+    ``reconstruction``: ``"mae"`` (the residual definition above) or ``"interpolation"``, a control that asks
+    whether the MAE is needed at all: ``x_hat`` is :func:`interpolated_reconstruction` with the same masks, so the
+    residual marks what the visible pixels around a patch do not predict, with no model of the images. The MAE
+    checkpoint still gives the normalization, the geometry and the residual scale, so both kinds of channel are
+    encoded alike.
+    """
 
     mask_ratios: tuple = (0.75,)
     smoothing_sigma: float = 2.0
     repeats: int = 1
     seed: int = 0
+    reconstruction: str = "mae"
 
     def __post_init__(self):
         self.mask_ratios = tuple(float(r) for r in self.mask_ratios)
@@ -117,6 +127,8 @@ class ResidualSettings:
             raise MAEError(f"mask ratios {list(self.mask_ratios)} repeat a value")
         if self.smoothing_sigma < 0 or self.repeats < 1:
             raise MAEError("smoothing sigma must be >= 0 and repeats >= 1")
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise MAEError(f"reconstruction {self.reconstruction!r}: choose one of {', '.join(RECONSTRUCTIONS)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -226,8 +238,11 @@ class ResidualMapper:
             sel = slice(start, start + self.batch_size)
             x = grid[sel].to(self.device)
             for j, ratio in enumerate(s.mask_ratios):
-                with autocast_context(self.device):
-                    recon = masked_reconstruction(self.model, x, masks=masks[j][:, sel].to(self.device))
+                if s.reconstruction == "interpolation":
+                    recon = interpolated_reconstruction(x.float(), masks[j][:, sel], self.patch_size)
+                else:
+                    with autocast_context(self.device):
+                        recon = masked_reconstruction(self.model, x, masks=masks[j][:, sel].to(self.device))
                 res_grid[sel, j] = (x - recon.float()).abs().mean(dim=1).cpu()
                 if j == 0:
                     rec_grid[sel] = recon.float().cpu()
@@ -498,6 +513,11 @@ def _folders_with_id(dataset_id: int) -> dict:
     return found
 
 
+def _control_note(settings: ResidualSettings) -> str:
+    return "" if settings.reconstruction == "mae" else \
+        " (control: residual of the interpolation from the visible pixels, not of the MAE's reconstruction)"
+
+
 def _is_same_or_inside(a: Path, b: Path) -> bool:
     a, b = Path(a).resolve(), Path(b).resolve()
     return a == b or b in a.parents or a in b.parents
@@ -617,7 +637,7 @@ def make_residual_dataset(source, output_id, checkpoint=None, settings: Residual
             log(line)
     log(f"{src_name} -> {dst_name}: {sum(len(c) for c in splits.values())} cases, residual channel(s) "
         f"{list(range(C, C + len(settings.mask_ratios)))} at mask ratio(s) {list(settings.mask_ratios)}, "
-        f"MAE {ckpt_path}, device {mapper.device}")
+        f"MAE {ckpt_path}{_control_note(settings)}, device {mapper.device}")
     try:
         tmp.mkdir(parents=True)
         figures = {}
@@ -711,7 +731,8 @@ def settings_from_block(block: dict) -> ResidualSettings:
     return ResidualSettings(mask_ratios=tuple(block.get("mask_ratios", defaults.mask_ratios)),
                             smoothing_sigma=definition.get("smoothing_sigma", defaults.smoothing_sigma),
                             repeats=definition.get("repeats", defaults.repeats),
-                            seed=definition.get("seed", defaults.seed))
+                            seed=definition.get("seed", defaults.seed),
+                            reconstruction=definition.get("reconstruction", defaults.reconstruction))
 
 
 def settings_from_dataset(dataset) -> tuple:
@@ -795,7 +816,7 @@ def make_residual_folder(input_folder, output_folder, checkpoint, settings: Resi
         log(stale)
     log(f"{inp} -> {out}: {len(cases)} cases, residual channel(s) "
         f"{list(range(mapper.num_channels, mapper.num_channels + len(settings.mask_ratios)))} at mask ratio(s) "
-        f"{list(settings.mask_ratios)}, device {mapper.device}")
+        f"{list(settings.mask_ratios)}{_control_note(settings)}, device {mapper.device}")
     tmp = incomplete_folder(out)
     try:
         figures = _process_cases(cases, reader, mapper, checks, tmp, ending, rep, labels_folder, progress)

@@ -102,6 +102,39 @@ def test_interpolation_baseline_predicts_a_patch_from_the_visible_pixels_only():
     assert float((a - b).abs().max()) > 0.1  # while its neighbours, predicted from it when visible, do
 
 
+def test_the_interpolation_control_is_the_residual_of_the_interpolation_made_like_the_mae_residual(
+        nnunet_env, blob_free_mae, tmp_path):
+    """``--reconstruction interpolation``: the residual of the model-free interpolation (the report's baseline, same
+    masks, smoothing and grid) in place of the MAE's; recorded, and followed by --from-dataset and the rerun command."""
+    from nnunetv2_grcsf.mae.geometry import rerun_command
+
+    with pytest.raises(MAEError, match="reconstruction 'model'"):
+        ResidualSettings(reconstruction="model")
+    items = [("case", smooth_background(np.random.default_rng(2), (40, 48))[None, None].astype(np.float32),
+              (999, 1, 1))]
+    settings = ResidualSettings(mask_ratios=(0.5, 0.75))
+    (mae,) = ResidualMapper(blob_free_mae["checkpoint"], settings, "cpu").compute(items, want_recon=("case",))
+    control = ResidualSettings(mask_ratios=(0.5, 0.75), reconstruction="interpolation")
+    (interpolation,) = ResidualMapper(blob_free_mae["checkpoint"], control, "cpu").compute(items)
+    np.testing.assert_array_equal(interpolation["residuals"], mae["interpolation_residuals"])
+    assert np.abs(interpolation["residuals"] - mae["residuals"]).max() > 0.05
+
+    src = make_raw_dataset(nnunet_env["nnUNet_raw"], 51, "Interp", num_cases=2)
+    assert run_command("residuals", ["residuals", "-d", "51", "-o", "52", "-m", str(blob_free_mae["checkpoint"]),
+                                     "--reconstruction", "interpolation", "--quiet", "--num-threads", "1"]) == 0
+    dj = json.loads((nnunet_env["nnUNet_raw"] / "Dataset052_Interp" / "dataset.json").read_text())
+    assert dj["nnunetv2_grcsf"]["residual_definition"]["reconstruction"] == "interpolation"
+    assert rerun_command(dj, "Dataset052_Interp").endswith("--reconstruction interpolation --overwrite")
+    out = tmp_path / "inputs"
+    assert run_command("residuals", ["residuals", "-i", str(src / "imagesTr"), "-o", str(out), "--from-dataset", "52",
+                                     "--quiet", "--num-threads", "1"]) == 0
+    for f in out.iterdir():  # the data set's residual files, made again from its record
+        assert f.read_bytes() == (nnunet_env["nnUNet_raw"] / "Dataset052_Interp" / "imagesTr" / f.name).read_bytes()
+    with pytest.raises(MAEError, match="--reconstruction mae differs"):
+        run_command("residuals", ["residuals", "-i", str(src / "imagesTr"), "-o", str(tmp_path / "o2"),
+                                  "--from-dataset", "52", "--reconstruction", "mae"])
+
+
 def test_gaussian_smooth():
     x = torch.zeros(1, 1, 11, 11)
     x[0, 0, 5, 5] = 1.0
