@@ -246,8 +246,9 @@ class ResidualMapper:
                 res_grid[sel, j] = (x - recon.float()).abs().mean(dim=1).cpu()
                 if j == 0:
                     rec_grid[sel] = recon.float().cpu()
-                if interp_grid is not None:
-                    interp = interpolated_reconstruction(x.float(), masks[j][:, sel], self.patch_size)
+                if interp_grid is not None:  # the report's baseline (already computed by the interpolation control)
+                    interp = recon if s.reconstruction == "interpolation" else \
+                        interpolated_reconstruction(x.float(), masks[j][:, sel], self.patch_size)
                     interp_res_grid[sel, j] = (x - interp).abs().mean(dim=1).cpu()
                     if j == 0:
                         interp_grid[sel] = interp.cpu()

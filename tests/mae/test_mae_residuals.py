@@ -115,8 +115,9 @@ def test_the_interpolation_control_is_the_residual_of_the_interpolation_made_lik
     settings = ResidualSettings(mask_ratios=(0.5, 0.75))
     (mae,) = ResidualMapper(blob_free_mae["checkpoint"], settings, "cpu").compute(items, want_recon=("case",))
     control = ResidualSettings(mask_ratios=(0.5, 0.75), reconstruction="interpolation")
-    (interpolation,) = ResidualMapper(blob_free_mae["checkpoint"], control, "cpu").compute(items)
+    (interpolation,) = ResidualMapper(blob_free_mae["checkpoint"], control, "cpu").compute(items, want_recon=("case",))
     np.testing.assert_array_equal(interpolation["residuals"], mae["interpolation_residuals"])
+    np.testing.assert_array_equal(interpolation["interpolation_residuals"], interpolation["residuals"])
     assert np.abs(interpolation["residuals"] - mae["residuals"]).max() > 0.05
 
     src = make_raw_dataset(nnunet_env["nnUNet_raw"], 51, "Interp", num_cases=2)
