@@ -31,8 +31,8 @@
   first cut to the bounding box of its foreground (:func:`foreground_box`: voxels where any channel is above
   its minimum, e.g. the brain of a skull-stripped MRI), as nnU-Net crops to the non-zero region before
   planning. Outside the box every channel is constant, so nothing is lost there; inside it, the anatomy fills
-  the model's input instead of a fraction of it (BraTS: the brain is 60-75 % of the 240-voxel slice along
-  each axis). Images without constant margins (BUSI, Hippocampus) are their own box.
+  the model's input instead of a fraction of it. Images without constant margins (ultrasound, MRI crops)
+  are their own box.
 - Slices go to the model's square input (``img_size``) by **resize-and-pad**: the long side is
   resized to ``img_size`` (bilinear, antialiased when shrinking), keeping the aspect ratio in pixels,
   and the short side is padded with the slice's minimum (per channel), i.e. with "background". The

@@ -46,7 +46,7 @@ class GRCSFTrainer_rcuEveryScale(GRCSFTrainer):
 class GRCSFTrainer_noRCU_gcuZeroProjection(GRCSFTrainer_noRCU):
     """GCU only, each GCU starting as the identity by a zero-initialized detail projection (ControlNet's zero
     convolution) instead of a zero output scale, so that it changes the function at a conv's pace under nnU-Net's
-    SGD (blocks/gcu.py, GCU_STARTS). Its GCUs act (on held-out BUSI256 26-76 % of the stage output, against 0.4-5 %),
-    at the same Dice as nnU-Net and the zero-scale GCU on BUSI256 and worse on Hippocampus (README, Accuracy)."""
+    SGD (blocks/gcu.py, GCU_STARTS). Its GCUs act where the zero-scale ones barely do, at the same Dice as nnU-Net
+    and the zero-scale GCU on BUSI256 and worse on Hippocampus (README, Accuracy)."""
 
     network_kwargs = {"use_gcu": True, "use_rcu": False, "gcu_start": "zero_projection"}

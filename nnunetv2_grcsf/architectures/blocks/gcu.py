@@ -23,14 +23,13 @@ Everything below that level is our design. One GCU sits beside every downsamplin
   'zero_scale' (default): stage_output + scale * (gate * detail + context), ``scale`` per output channel
   initialized to 0. ``scale`` gets a gradient from the first step; once it moves, every other parameter does.
   Its gradient is one correlation per channel between the loss gradient and the compensation, so under
-  nnU-Net's SGD it grows slowly: after 250-500 steps the GCUs of our benchmark models add 0.04-5 % of the stage
-  output's norm (README, Accuracy; benchmarks/gcu_activity.py).
+  nnU-Net's SGD it grows slowly: after our benchmarks' few hundred steps the trained GCUs are still all but the
+  identity (README, Accuracy; benchmarks/gcu_activity.py).
   'zero_projection': stage_output + gate * detail + context with the detail projection and the context's output
   layer zero-initialized (ControlNet's "zero convolution"), no detail norm (the norm of an all-zero map would
   amplify the first gradient by 1 / sqrt(eps)), no scale. Every weight of the zero-initialized projection gets
-  its own gradient from the first step, as any conv's, so the unit changes the function at a conv's pace (on
-  BUSI256 after 500 steps 26-76 % of the stage output, at the same Dice as nnU-Net and the zero-scale GCU; on
-  Hippocampus after 250 steps 4-25 %, at a lower Dice).
+  its own gradient from the first step, as any conv's, so the unit changes the function at a conv's pace
+  (measured in README, Accuracy).
   A network's weight initialization (GRCSFUNet.initialize, He for every conv) runs after construction: it calls
   :meth:`GlobalCompensationUnit.reset_to_identity` afterwards.
 
