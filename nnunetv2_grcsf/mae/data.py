@@ -24,6 +24,13 @@
   * ``per_image`` for channels nnU-Net z-scores (MRI, ultrasound, any unknown name): the image is
     clipped to its own 0.5 / 99.5 percentiles and z-scored with its own mean and std (MR and
     ultrasound gain differ between scans);
+  * ``per_image_foreground`` instead of ``per_image`` where the training images are mostly constant
+    background (median foreground share under ``FOREGROUND_NORMALIZATION_SHARE``, decided when fitting, as
+    nnU-Net z-scores within the non-zero region when cropping to it shrinks the images by a quarter or more):
+    percentiles, mean and std are those of the image's foreground (:func:`foreground_mask`) and the background
+    is set to the clipped foreground's lowest value. Otherwise the share of background (e.g. 80 % of a brain
+    MRI volume, differing between scans) would set the scale, and the same tissue would get different values
+    in different images;
   * ``global`` for ``CT``, ``noNorm``, ``rgb_to_0_1``: clipped to the data set's 0.5 / 99.5 percentiles
     and z-scored with the data set's mean and std (fitted on up to 64 training cases).
 
@@ -52,6 +59,9 @@ from nnunetv2_grcsf.datasets import find_raw_dataset
 from nnunetv2_grcsf.mae import MAEDatasetError, MAEImageReadError, MAEIncompatibleError
 
 PERCENTILES = (0.5, 99.5)
+#: ``per_image`` channels are normalized over the foreground when the training images' median foreground share
+#: is below this (nnU-Net's threshold for normalizing within the non-zero mask).
+FOREGROUND_NORMALIZATION_SHARE = 0.75
 GLOBAL_FIT_MAX_CASES = 64
 
 
@@ -330,7 +340,8 @@ def case_seed(case: str, seed: int) -> int:
 
 # ---- intensity normalization --------------------------------------------------------------------------
 class IntensityNormalizer:
-    """Per-channel ``global`` or ``per_image`` clip-and-z-score (see module docstring); serializable."""
+    """Per-channel ``global``, ``per_image`` or ``per_image_foreground`` clip-and-z-score (see module docstring);
+    serializable."""
 
     def __init__(self, modes, stats=None):
         self.modes = list(modes)
@@ -349,18 +360,21 @@ class IntensityNormalizer:
         return modes
 
     def fit(self, images) -> "IntensityNormalizer":
-        """Fit the ``global`` channels on an iterable of ``[C, ...]`` images (subsampled voxels)."""
-        if "global" not in self.modes:
-            return self
+        """Fit the ``global`` channels on an iterable of ``[C, ...]`` images (subsampled voxels), and turn the
+        ``per_image`` channels to ``per_image_foreground`` if the images are mostly background."""
         rng = np.random.default_rng(0)
         samples = [[] for _ in self.modes]
+        foreground_shares = []
         for image in images:
+            foreground_shares.append(float(foreground_mask(image).mean()))
             for c, mode in enumerate(self.modes):
                 if mode == "global":
                     v = image[c].ravel()
                     if v.size > 200_000:
                         v = v[rng.integers(0, v.size, 200_000)]
                     samples[c].append(v.astype(np.float64))
+        if foreground_shares and np.median(foreground_shares) < FOREGROUND_NORMALIZATION_SHARE:
+            self.modes = ["per_image_foreground" if mode == "per_image" else mode for mode in self.modes]
         for c, mode in enumerate(self.modes):
             if mode == "global":
                 v = np.concatenate(samples[c])
@@ -373,15 +387,22 @@ class IntensityNormalizer:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """Normalize a ``[C, ...]`` float image (returns a new float32 array)."""
         out = np.empty(image.shape, dtype=np.float32)
+        foreground = foreground_mask(image) if "per_image_foreground" in self.modes else None
+        if foreground is not None and not foreground.any():
+            foreground = np.ones_like(foreground)
         for c, mode in enumerate(self.modes):
             x = image[c].astype(np.float32)
             if mode == "global":
                 s = self.stats[c]
                 out[c] = (np.clip(x, s["low"], s["high"]) - s["mean"]) / s["std"]
-            else:
-                low, high = np.percentile(x, PERCENTILES)
-                x = np.clip(x, low, high)
-                out[c] = (x - x.mean()) / max(float(x.std()), 1e-8)
+                continue
+            values = x[foreground] if mode == "per_image_foreground" else x
+            low, high = np.percentile(values, PERCENTILES)
+            values = np.clip(values, low, high)
+            mean, std = float(values.mean()), max(float(values.std()), 1e-8)
+            out[c] = (np.clip(x, low, high) - mean) / std
+            if mode == "per_image_foreground":
+                out[c][~foreground] = (low - mean) / std
         return out
 
     def to_dict(self) -> dict:

@@ -61,6 +61,34 @@ def test_normalizer_modes_and_serialization():
     assert norm(images[0] + 1000)[1].mean() > out[1].mean() + 1
 
 
+def test_images_mostly_background_are_normalized_over_their_foreground():
+    """Skull-stripped MRI: the same tissue gets the same values whatever the extent and value of the constant
+    background around it (a whole-image z-score would follow the background); images without margins keep the
+    whole-image z-score."""
+    rng = np.random.default_rng(0)
+    tissue = rng.normal(0.0, 1.0, (2, 1, 12, 12)).astype(np.float32)
+
+    def embedded(background: float, size: int) -> np.ndarray:
+        image = np.full((2, 1, size, size), background, dtype=np.float32)
+        image[:, :, 2:14, 3:15] = tissue
+        return image
+
+    images = [embedded(-6.0, 30), embedded(-9.0, 40)]
+    norm = mdata.IntensityNormalizer(["per_image", "per_image"]).fit(images)
+    assert norm.modes == ["per_image_foreground"] * 2
+    small, large = norm(images[0]), norm(images[1])
+    np.testing.assert_allclose(small[:, :, 2:14, 3:15], large[:, :, 2:14, 3:15], atol=1e-5)
+    inside = small[:, :, 2:14, 3:15]
+    assert np.abs(inside.mean(axis=(1, 2, 3))).max() < 0.02 and np.abs(inside.std(axis=(1, 2, 3)) - 1).max() < 0.05
+    assert (small[:, 0, 0, 0] == small.reshape(2, -1).min(axis=1)).all()  # background: the tissue's lowest value
+    assert not (mdata.foreground_mask(small) & ~mdata.foreground_mask(images[0])).any()  # still background
+    plain = mdata.IntensityNormalizer(["per_image", "per_image"])
+    assert plain(images[0])[0, 0, 5, 5] != plain(images[1])[0, 0, 5, 5]  # what it avoids
+    assert mdata.IntensityNormalizer.from_dict(norm.to_dict()).modes == norm.modes
+    no_margin = [rng.normal(5.0, 2.0, (1, 1, 16, 16)).astype(np.float32) for _ in range(3)]
+    assert mdata.IntensityNormalizer(["per_image"]).fit(no_margin).modes == ["per_image"]
+
+
 def test_list_cases_and_channel_check(tmp_path):
     folder = make_raw_dataset(tmp_path, 3, num_cases=3, channels=2)
     cases = mdata.list_cases(folder / "imagesTr", ".png")
