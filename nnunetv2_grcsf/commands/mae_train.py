@@ -48,6 +48,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     arch.add_argument("--num-heads", type=int, default=None, help="encoder attention heads")
     arch.add_argument("--decoder-dim", type=int, default=None, help="decoder width")
     arch.add_argument("--decoder-depth", type=int, default=None, help="number of decoder blocks")
+    arch.add_argument("--channel-tokens", action=argparse.BooleanOptionalAction, default=None,
+                      help="a token per channel of each patch, masked on its own, so the MAE learns what one channel "
+                           "shows given the others at the same place (default: on for data sets of several "
+                           "channels, e.g. multi-modal MRI)")
     loss = arch.add_mutually_exclusive_group()
     loss.add_argument("--pixel-loss", dest="norm_pix_loss", action="store_false", default=None,
                       help="loss on pixels (the tiny preset's default)")
@@ -109,7 +113,8 @@ def run(args) -> int:
         raise MAEError(f"--num-threads {args.num_threads}: give at least 1")
     architecture = dict(img_size=args.image_size, patch_size=args.patch_size, embed_dim=args.embed_dim,
                         depth=args.depth, num_heads=args.num_heads, decoder_embed_dim=args.decoder_dim,
-                        decoder_depth=args.decoder_depth, norm_pix_loss=args.norm_pix_loss)
+                        decoder_depth=args.decoder_depth, norm_pix_loss=args.norm_pix_loss,
+                        channel_tokens=args.channel_tokens)
     model_config = None
     if not args.resume:
         from nnunetv2_grcsf.mae.data import channel_names_of, load_dataset_json, resolve_raw_dataset

@@ -23,14 +23,24 @@ loss). :meth:`MaskedAutoencoder.reconstruct` is then ``normalized prediction * p
 predicted mean`` and uses nothing of the removed patches. With ``norm_pix_loss=False`` the decoder
 predicts raw (already globally normalized) pixels and the statistics head is not built.
 
+Ours too, for images of several channels (multi-modal MRI), with ``channel_tokens``: each channel of each
+patch is its own token (one patch embedding shared by the channels, plus a learned embedding per channel, in
+encoder and decoder), and masks remove tokens, so a patch may be removed in one channel and visible in
+another (as in MultiMAE, Bachmann et al., ECCV 2022). The MAE then learns what one sequence shows given the
+others at the same place, which the visible neighbourhood of a single channel predicts poorly in brain MRI.
+Lesions are where that cross-channel relation of normal tissue breaks (e.g. FLAIR bright where T1c shows
+normal-looking tissue). Without it (the MAE paper's design, and what one channel means anyway) a token holds
+every channel of its patch.
+
 Other choices: patch normalization is per channel (multi-modal MRI channels have unrelated scales);
 its variance gets ``norm_eps`` = 0.01 (images arrive z-scored, so this floors the patch standard
 deviation at 0.1 image standard deviations: flat patches, e.g. padding, would otherwise turn noise
-into unit-variance targets). Masks can be passed in explicitly (boolean ``[N, L]``, True = removed,
+into unit-variance targets). Masks can be passed in explicitly (boolean ``[N, T]``, True = removed,
 the same count in every row), which is how :mod:`.residuals` uses complementary masks.
 
 Shapes: images ``[N, C, S, S]`` with ``S = img_size``; ``L = (S / patch_size)^2`` patches; patch vectors
-are laid out ``[N, L, C * patch_size^2]`` channel-major.
+are laid out ``[N, L, C * patch_size^2]`` channel-major. Masks are ``[N, T]`` over the ``T = L`` tokens, or with
+``channel_tokens`` ``T = C * L`` (channel-major: token ``c * L + l`` is channel ``c`` of patch ``l``).
 """
 
 from dataclasses import asdict, dataclass, fields
@@ -72,6 +82,7 @@ class MAEConfig(DictRoundTrip):
     norm_pix_loss: bool = True
     norm_eps: float = 1e-2
     stats_loss_weight: float = 1.0
+    channel_tokens: bool = False
 
     def __post_init__(self):
         sizes = {"img_size": self.img_size, "patch_size": self.patch_size, "embed_dim": self.embed_dim,
@@ -94,6 +105,19 @@ class MAEConfig(DictRoundTrip):
     @property
     def num_patches(self) -> int:
         return self.grid_size ** 2
+
+    @property
+    def tokens_per_patch(self) -> int:
+        """``in_channels`` with ``channel_tokens`` (a token per channel of a patch), else 1."""
+        return self.in_channels if self.channel_tokens else 1
+
+    @property
+    def channels_per_token(self) -> int:
+        return self.in_channels // self.tokens_per_patch
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches * self.tokens_per_patch
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
@@ -133,16 +157,17 @@ def transformer_block(dim: int, num_heads: int, mlp_ratio: float) -> Block:
     return Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
-def random_mask(batch_size: int, num_patches: int, mask_ratio: float, device=None,
+def random_mask(batch_size: int, num_tokens: int, mask_ratio: float, device=None,
                 generator: torch.Generator = None) -> torch.Tensor:
-    """A random boolean mask ``[N, L]`` (True = removed) with the same number of removed patches per row.
+    """A random boolean mask ``[N, T]`` (True = removed) with the same number of removed tokens per row.
 
-    ``round(L * (1 - mask_ratio))`` patches stay visible (at least one); the rest are removed.
+    ``T = num_tokens`` (``MAEConfig.num_tokens``); ``round(T * (1 - mask_ratio))`` stay visible (at least one);
+    the rest are removed.
     """
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-    num_keep = max(1, int(round(num_patches * (1.0 - mask_ratio))))
-    noise = torch.rand(batch_size, num_patches, generator=generator)
+    num_keep = max(1, int(round(num_tokens * (1.0 - mask_ratio))))
+    noise = torch.rand(batch_size, num_tokens, generator=generator)
     ranks = noise.argsort(dim=1).argsort(dim=1)
     return (ranks >= num_keep).to(device)
 
@@ -153,9 +178,13 @@ class MaskedAutoencoder(nn.Module):
     def __init__(self, config: MAEConfig):
         super().__init__()
         self.config = c = config
-        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_channels, c.embed_dim)
+        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.channels_per_token, c.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(c.embed_dim, c.grid_size)[None], persistent=False)
+        # with channel tokens: which channel a token shows, in the encoder and in the decoder
+        self.channel_embed = nn.Parameter(torch.zeros(1, c.in_channels, 1, c.embed_dim)) if c.channel_tokens else None
+        self.decoder_channel_embed = nn.Parameter(torch.zeros(1, c.in_channels, 1, c.decoder_embed_dim)) \
+            if c.channel_tokens else None
         self.blocks = nn.ModuleList([transformer_block(c.embed_dim, c.num_heads, c.mlp_ratio) for _ in range(c.depth)])
         self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
 
@@ -166,9 +195,9 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_blocks = nn.ModuleList([transformer_block(c.decoder_embed_dim, c.decoder_num_heads, c.mlp_ratio)
                                              for _ in range(c.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(c.decoder_embed_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(c.decoder_embed_dim, c.patch_size ** 2 * c.in_channels)
+        self.decoder_pred = nn.Linear(c.decoder_embed_dim, c.patch_size ** 2 * c.channels_per_token)
         # per patch and channel: mean and log-std of the patch (only with a per-patch normalized target)
-        self.decoder_stats = nn.Linear(c.decoder_embed_dim, 2 * c.in_channels) if c.norm_pix_loss else None
+        self.decoder_stats = nn.Linear(c.decoder_embed_dim, 2 * c.channels_per_token) if c.norm_pix_loss else None
         self._init_weights()
 
     def _init_weights(self):
@@ -176,6 +205,9 @@ class MaskedAutoencoder(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
+        for embedding in (self.channel_embed, self.decoder_channel_embed):
+            if embedding is not None:
+                nn.init.normal_(embedding, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -216,13 +248,32 @@ class MaskedAutoencoder(nn.Module):
         x = patches.reshape(n, length, self.config.in_channels, -1)
         return ((x - mean) / (var + self.config.norm_eps).sqrt()).reshape(n, length, -1)
 
+    def patch_channel_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A token mask ``[N, T]`` -> ``[N, L, C]``: whether channel ``c`` of patch ``l`` is removed."""
+        c = self.config
+        n = mask.shape[0]
+        if c.channel_tokens:
+            return mask.reshape(n, c.in_channels, c.num_patches).transpose(1, 2)
+        return mask.unsqueeze(-1).expand(n, c.num_patches, c.in_channels)
+
+    def _tokens(self, x: torch.Tensor, pos_embed: torch.Tensor, channel_embed) -> torch.Tensor:
+        """Token embeddings ``[N * C', L, D]`` or ``[N, C' * L, D]`` (``C'`` = tokens per patch, channel-major)
+        -> ``[N, T, D]`` with position (and channel) embeddings added."""
+        if channel_embed is None:
+            return x + pos_embed
+        d = x.shape[-1]
+        x = x.reshape(-1, self.config.in_channels, self.config.num_patches, d) + pos_embed[:, None] + channel_embed
+        return x.reshape(x.shape[0], -1, d)
+
     # ---- encoder / decoder ------------------------------------------------------------------------
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor):
-        """Encode the visible patches. ``mask`` ``[N, L]`` bool, True = removed, same count per row.
+        """Encode the visible tokens. ``mask`` ``[N, T]`` bool, True = removed, same count per row.
 
-        Returns ``(latent [N, 1 + L_visible, D], ids_keep [N, L_visible])``.
+        Returns ``(latent [N, 1 + T_visible, D], ids_keep [N, T_visible])``.
         """
-        x = self.patch_embed(imgs) + self.pos_embed  # [N, L, D]
+        if self.config.channel_tokens:
+            imgs = imgs.reshape(-1, 1, *imgs.shape[2:])
+        x = self._tokens(self.patch_embed(imgs), self.pos_embed, self.channel_embed)  # [N, T, D]
         n, length, d = x.shape
         num_keep = length - int(mask[0].sum())
         # stable sort puts visible (False) patches first, in positional order
@@ -234,41 +285,47 @@ class MaskedAutoencoder(nn.Module):
         return self.norm(x), ids_keep
 
     def forward_decoder(self, latent: torch.Tensor, ids_keep: torch.Tensor):
-        """Decode every patch. Returns ``(pred [N, L, C * p^2], stats [N, L, C, 2] or None)``."""
+        """Decode every token. Returns ``(pred [N, L, C * p^2], stats [N, L, C, 2] or None)``, per patch whether
+        or not its channels are separate tokens."""
+        c = self.config
         x = self.decoder_embed(latent)
         n, _, d = x.shape
-        length = self.config.num_patches
-        full = self.mask_token.to(x.dtype).expand(n, length, d)
+        full = self.mask_token.to(x.dtype).expand(n, c.num_tokens, d)
         full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, d), x[:, 1:])
-        x = torch.cat([x[:, :1], full + self.decoder_pos_embed], dim=1)
+        full = self._tokens(full, self.decoder_pos_embed, self.decoder_channel_embed)
+        x = torch.cat([x[:, :1], full], dim=1)
         for block in self.decoder_blocks:
             x = block(x)
         x = self.decoder_norm(x)[:, 1:]
-        pred = self.decoder_pred(x)
+        if c.channel_tokens:  # [N, C * L, D] -> [N, L, C, D]: a patch's channels side by side
+            x = x.reshape(n, c.in_channels, c.num_patches, -1).transpose(1, 2)
+        pred = self.decoder_pred(x).reshape(n, c.num_patches, -1)
         stats = None
         if self.decoder_stats is not None:
-            stats = self.decoder_stats(x).reshape(n, length, self.config.in_channels, 2)
+            stats = self.decoder_stats(x).reshape(n, c.num_patches, c.in_channels, 2)
         return pred, stats
 
     # ---- loss / forward ---------------------------------------------------------------------------
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, stats, mask: torch.Tensor,
                      excluded: torch.Tensor = None) -> torch.Tensor:
-        """MSE on removed patches only (mean over the removed patches of the per-patch mean squared error).
+        """MSE on removed tokens only (mean over the removed patch channels of their mean squared error).
 
         ``excluded`` (``[N, L]`` bool, optional): patches left out of the loss even when removed, e.g. those
         holding a labelled lesion, so that the MAE learns to reconstruct normal tissue only.
-        With ``norm_pix_loss`` the MSE of the predicted patch mean and log-std (also on removed patches
+        With ``norm_pix_loss`` the MSE of the predicted patch mean and log-std (also on removed tokens
         only) is added with weight ``stats_loss_weight``.
         """
-        pred = pred.float()
-        m = (mask & ~excluded if excluded is not None else mask).float()
-        loss = ((pred - self.target(imgs)) ** 2).mean(dim=-1)  # [N, L]
+        n, length, _ = pred.shape
+        m = self.patch_channel_mask(mask)  # [N, L, C]
+        m = (m & ~excluded.unsqueeze(-1) if excluded is not None else m).float()
+        error = (pred.float() - self.target(imgs)) ** 2
+        loss = error.reshape(n, length, self.config.in_channels, -1).mean(dim=-1)  # [N, L, C]
         loss = (loss * m).sum() / m.sum().clamp_min(1.0)
         if stats is not None:
             mean, var = self.patch_stats(self.patchify(imgs))
             log_std = 0.5 * torch.log(var + self.config.norm_eps)
             true_stats = torch.cat([mean, log_std], dim=-1)  # [N, L, C, 2]
-            s_loss = ((stats.float() - true_stats) ** 2).mean(dim=(-1, -2))
+            s_loss = ((stats.float() - true_stats) ** 2).mean(dim=-1)
             loss = loss + self.config.stats_loss_weight * (s_loss * m).sum() / m.sum().clamp_min(1.0)
         return loss
 
@@ -277,10 +334,10 @@ class MaskedAutoencoder(nn.Module):
         """Mask (randomly at ``mask_ratio`` unless ``mask`` is given), encode, decode, loss (without ``excluded``
         patches: :meth:`forward_loss`).
 
-        Returns ``{"loss": scalar, "pred": [N, L, C*p^2], "stats": [N, L, C, 2] or None, "mask": [N, L]}``.
+        Returns ``{"loss": scalar, "pred": [N, L, C*p^2], "stats": [N, L, C, 2] or None, "mask": [N, T]}``.
         """
         if mask is None:
-            mask = random_mask(imgs.shape[0], self.config.num_patches, mask_ratio, imgs.device, generator)
+            mask = random_mask(imgs.shape[0], self.config.num_tokens, mask_ratio, imgs.device, generator)
         latent, ids_keep = self.forward_encoder(imgs, mask)
         pred, stats = self.forward_decoder(latent, ids_keep)
         return {"loss": self.forward_loss(imgs, pred, stats, mask, excluded), "pred": pred, "stats": stats,
@@ -297,9 +354,9 @@ class MaskedAutoencoder(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The model's reconstruction ``[N, C, S, S]`` of ``imgs`` with ``mask`` (True = removed) patches removed.
+        """The model's reconstruction ``[N, C, S, S]`` of ``imgs`` with ``mask`` (True = removed) tokens removed.
 
-        Only the removed patches are meaningful predictions; nothing of them is used to make them.
+        Only the removed tokens are meaningful predictions; nothing of them is used to make them.
         """
         latent, ids_keep = self.forward_encoder(imgs, mask)
         pred, stats = self.forward_decoder(latent, ids_keep)
@@ -321,51 +378,55 @@ def mask_schedule(mask_ratio: float, max_passes: int = 20) -> tuple:
     return frac.denominator, frac.numerator
 
 
-def complementary_masks(batch_size: int, num_patches: int, mask_ratio: float, repeats: int = 1,
+def complementary_masks(batch_size: int, num_tokens: int, mask_ratio: float, repeats: int = 1,
                         generator: torch.Generator = None) -> torch.Tensor:
-    """Masks ``[P, N, L]`` (True = removed) for ``P = K * repeats`` passes; see :func:`mask_schedule`.
+    """Masks ``[P, N, T]`` (True = removed) for ``P = K * repeats`` passes over ``T = num_tokens`` tokens
+    (``MAEConfig.num_tokens``: the patches, or each channel of each patch); see :func:`mask_schedule`.
 
-    Per row and repeat the patches are split at random into ``K`` groups of (almost) equal size
+    Per row and repeat the tokens are split at random into ``K`` groups of (almost) equal size
     (sizes differ by at most one and are the same in every row); pass ``k`` removes groups
-    ``k, k+1, ..., k+m-1`` (mod ``K``). So every pass removes a ``mask_ratio`` share of the patches
-    (exactly when ``K`` divides ``L``) with the same count in every row, the visible groups of the ``K``
-    passes partition the patches, and **every patch is removed in exactly ``m * repeats`` passes**.
+    ``k, k+1, ..., k+m-1`` (mod ``K``). So every pass removes a ``mask_ratio`` share of the tokens
+    (exactly when ``K`` divides ``T``) with the same count in every row, the visible groups of the ``K``
+    passes partition the tokens, and **every token is removed in exactly ``m * repeats`` passes**.
     """
     k_passes, m = mask_schedule(mask_ratio)
     masks = []
     for _ in range(repeats):
-        ranks = torch.rand(batch_size, num_patches, generator=generator).argsort(dim=1).argsort(dim=1)
-        group = ranks * k_passes // num_patches  # [N, L] in 0..K-1
+        ranks = torch.rand(batch_size, num_tokens, generator=generator).argsort(dim=1).argsort(dim=1)
+        group = ranks * k_passes // num_tokens  # [N, T] in 0..K-1
         for k in range(k_passes):
             masks.append((group - k) % k_passes < m)
     return torch.stack(masks)
 
 
-def patch_mask_to_pixels(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``[N, L]`` patch mask -> ``[N, 1, S, S]`` float pixel mask."""
+def patch_mask_to_pixels(mask: torch.Tensor, patch_size: int, tokens_per_patch: int = 1) -> torch.Tensor:
+    """``[N, T]`` token mask -> ``[N, tokens_per_patch, S, S]`` float pixel mask (per channel with channel
+    tokens, else one for all channels)."""
     n, length = mask.shape
-    g = int(round(length ** 0.5))
-    m = mask.reshape(n, 1, g, g).float()
+    g = int(round((length // tokens_per_patch) ** 0.5))
+    m = mask.reshape(n, tokens_per_patch, g, g).float()
     return m.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
 
 
 @torch.no_grad()
 def masked_reconstruction(model: "MaskedAutoencoder", imgs: torch.Tensor, mask_ratio: float = 0.75, repeats: int = 1,
                           generator: torch.Generator = None, masks: torch.Tensor = None) -> torch.Tensor:
-    """Reconstruction ``[N, C, S, S]`` in which every pixel comes only from passes where its patch was removed.
+    """Reconstruction ``[N, C, S, S]`` in which every pixel comes only from passes where its token was removed.
 
-    Uses :func:`complementary_masks` (or the given ``masks`` ``[P, N, L]``, which must remove every patch at
-    least once); each pixel's value is the mean of its predictions made while its patch was removed
-    (visible patches, which the decoder merely copies, never count).
+    Uses :func:`complementary_masks` (or the given ``masks`` ``[P, N, T]``, which must remove every token at
+    least once); each pixel's value is the mean of its predictions made while its token was removed
+    (visible tokens, which the decoder merely copies, never count).
     """
+    c = model.config
     if masks is None:
-        masks = complementary_masks(imgs.shape[0], model.config.num_patches, mask_ratio, repeats, generator)
+        masks = complementary_masks(imgs.shape[0], c.num_tokens, mask_ratio, repeats, generator)
     if not bool(masks.any(dim=0).all()):
         raise ValueError("the masks leave some patch visible in every pass")
     total = torch.zeros(imgs.shape, dtype=torch.float32, device=imgs.device)
-    count = torch.zeros((imgs.shape[0], 1, *imgs.shape[2:]), dtype=torch.float32, device=imgs.device)
+    count = torch.zeros((imgs.shape[0], c.tokens_per_patch, *imgs.shape[2:]), dtype=torch.float32,
+                        device=imgs.device)
     for mask in masks.to(imgs.device):
-        pixel_mask = patch_mask_to_pixels(mask, model.config.patch_size)
+        pixel_mask = patch_mask_to_pixels(mask, c.patch_size, c.tokens_per_patch)
         total += model.reconstruct(imgs, mask).float() * pixel_mask
         count += pixel_mask
     return total / count

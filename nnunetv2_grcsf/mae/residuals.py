@@ -10,7 +10,9 @@ reconstruction and the image"):
    masks** (:func:`~nnunetv2_grcsf.mae.model.complementary_masks`): the visible patches of the ``K``
    passes partition the image, so every patch is removed in exactly ``m`` passes (3 of 4 at 0.75, 1
    of 2 at 0.5), and a pixel's reconstruction is the mean of the ``m`` predictions made while its
-   patch was removed. Visible patches, which the decoder merely copies, never contribute.
+   patch was removed. Visible patches, which the decoder merely copies, never contribute. With an MAE of
+   channel tokens (mae-train's default for several channels) the masks partition the tokens, each channel of
+   each patch, so a channel's patch is predicted while other channels may show the same place.
 3. Residual = ``|x - x_hat|`` per pixel, averaged over the image channels, in units of the
    normalized intensity (image standard deviations); optionally smoothed with a Gaussian of
    ``smoothing_sigma`` model-grid pixels (default 2, chosen with ``benchmarks/mae_busi256.py``, whose
@@ -153,20 +155,22 @@ def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return y.reshape(n, c, h, w)
 
 
-def interpolated_reconstruction(imgs: torch.Tensor, masks: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """The report's model-free reconstruction ``[N, C, S, S]`` of ``imgs`` under ``masks`` ``[P, N, L]``.
+def interpolated_reconstruction(imgs: torch.Tensor, masks: torch.Tensor, patch_size: int,
+                                tokens_per_patch: int = 1) -> torch.Tensor:
+    """The report's model-free reconstruction ``[N, C, S, S]`` of ``imgs`` under token masks ``[P, N, T]``
+    (``tokens_per_patch`` as the MAE's config: C with channel tokens, each channel masked on its own).
 
     As :func:`~nnunetv2_grcsf.mae.model.masked_reconstruction` (each pixel the mean of its predictions made
-    while its patch was removed), but each prediction is a Gaussian-weighted mean of the *visible* pixels
+    while its token was removed), but each prediction is a Gaussian-weighted mean of the *visible* pixels
     (normalized convolution, sigma ``INTERPOLATION_SIGMA_PATCHES`` patches; where no visible pixel is near,
     the slice's visible mean): what the visible tissue around a patch tells without any learned model. An MAE
     that does not beat it has learned no more than interpolation.
     """
     sigma = INTERPOLATION_SIGMA_PATCHES * patch_size
     total = torch.zeros(imgs.shape, dtype=torch.float32, device=imgs.device)
-    count = torch.zeros((imgs.shape[0], 1, *imgs.shape[2:]), dtype=torch.float32, device=imgs.device)
+    count = torch.zeros((imgs.shape[0], tokens_per_patch, *imgs.shape[2:]), dtype=torch.float32, device=imgs.device)
     for mask in masks.to(imgs.device):
-        removed = patch_mask_to_pixels(mask, patch_size)
+        removed = patch_mask_to_pixels(mask, patch_size, tokens_per_patch)
         visible = 1.0 - removed
         weight = gaussian_smooth(visible, sigma)
         estimate = gaussian_smooth(imgs * visible, sigma) / weight.clamp_min(1e-6)
@@ -215,7 +219,7 @@ class ResidualMapper:
         reconstructions are the image.
         """
         s = self.settings
-        length = self.model.config.num_patches
+        length = self.model.config.num_tokens
         prepared, grids, masks = [], [], [[] for _ in s.mask_ratios]
         for case, image, spacing in items:
             norm = self.normalizer(image)
@@ -239,7 +243,8 @@ class ResidualMapper:
             x = grid[sel].to(self.device)
             for j, ratio in enumerate(s.mask_ratios):
                 if s.reconstruction == "interpolation":
-                    recon = interpolated_reconstruction(x.float(), masks[j][:, sel], self.patch_size)
+                    recon = interpolated_reconstruction(x.float(), masks[j][:, sel], self.patch_size,
+                                                        self.model.config.tokens_per_patch)
                 else:
                     with autocast_context(self.device):
                         recon = masked_reconstruction(self.model, x, masks=masks[j][:, sel].to(self.device))
@@ -248,7 +253,8 @@ class ResidualMapper:
                     rec_grid[sel] = recon.float().cpu()
                 if interp_grid is not None:  # the report's baseline (already computed by the interpolation control)
                     interp = recon if s.reconstruction == "interpolation" else \
-                        interpolated_reconstruction(x.float(), masks[j][:, sel], self.patch_size)
+                        interpolated_reconstruction(x.float(), masks[j][:, sel], self.patch_size,
+                                                    self.model.config.tokens_per_patch)
                     interp_res_grid[sel, j] = (x - interp).abs().mean(dim=1).cpu()
                     if j == 0:
                         interp_grid[sel] = interp.cpu()

@@ -128,10 +128,12 @@ class TrainConfig(DictRoundTrip):
 
 
 def model_config_from_preset(preset: str = "tiny", in_channels: int = 1, **overrides) -> MAEConfig:
-    """An :class:`MAEConfig` from a named preset with ``None``-free overrides applied."""
+    """An :class:`MAEConfig` from a named preset with ``None``-free overrides applied; channel tokens unless
+    overridden when there are several channels."""
     if preset not in PRESETS:
         raise MAEError(f"unknown MAE preset {preset!r}; choose one of {sorted(PRESETS)}")
-    kwargs = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}, "in_channels": in_channels}
+    kwargs = {**PRESETS[preset], "channel_tokens": in_channels > 1,
+              **{k: v for k, v in overrides.items() if v is not None}, "in_channels": in_channels}
     try:
         return MAEConfig(**kwargs)
     except (TypeError, ValueError) as error:
@@ -451,11 +453,12 @@ def reconstruction_check(model: MaskedAutoencoder, slices: torch.Tensor, sizes, 
     n = slices.shape[0]
     idx = np.unique(np.linspace(0, n - 1, min(n, RECONSTRUCTION_CHECK_SLICES)).round().astype(int))
     x = slices[torch.as_tensor(idx)].float().to(device)
-    masks = complementary_masks(len(idx), model.config.num_patches, mask_ratio,
+    masks = complementary_masks(len(idx), model.config.num_tokens, mask_ratio,
                                 generator=_step_generator(seed, -(10 ** 9) - 1))
     with autocast_context(device):
         recon = masked_reconstruction(model, x, masks=masks)
-    interpolated = interpolated_reconstruction(x, masks, model.config.patch_size).cpu().numpy()
+    interpolated = interpolated_reconstruction(x, masks, model.config.patch_size,
+                                               model.config.tokens_per_patch).cpu().numpy()
     x, recon = x.cpu().numpy(), recon.float().cpu().numpy()
     triples = []
     for j, i in enumerate(idx):
@@ -689,7 +692,7 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
             if excluded is not None:
                 excluded = excluded.to(dev)
             ratio = train_config.mask_ratios[step % len(train_config.mask_ratios)]
-            mask = random_mask(x.shape[0], model_config.num_patches, ratio, generator=gen)
+            mask = random_mask(x.shape[0], model_config.num_tokens, ratio, generator=gen)
             x, mask = x.to(dev, non_blocking=True), mask.to(dev)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, total, train_config.lr, train_config.warmup_fraction)

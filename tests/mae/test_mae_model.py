@@ -151,6 +151,61 @@ def test_masked_reconstruction_rejects_masks_that_leave_patches_visible():
         masked_reconstruction(model, torch.randn(1, 1, 32, 32), masks=masks)
 
 
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_channel_tokens_mask_each_channel_of_a_patch_on_its_own(norm_pix):
+    """With channel tokens a mask is [N, C * L]; the loss counts exactly the removed patch channels."""
+    model = tiny(in_channels=2, channel_tokens=True, norm_pix_loss=norm_pix)
+    assert model.config.num_tokens == 32 and model.patch_embed.proj.in_channels == 1
+    x = torch.randn(2, 2, 32, 32)
+    mask = random_mask(2, 32, 0.5, generator=torch.Generator().manual_seed(0))
+    out = model(x, mask=mask)
+    assert out["pred"].shape == (2, 16, 128) and out["mask"].shape == (2, 32)
+    patch_channel = model.patch_channel_mask(mask)  # [N, L, C]
+    assert patch_channel.shape == (2, 16, 2) and torch.equal(patch_channel[:, :, 1], mask[:, 16:])
+    per_channel = ((out["pred"] - model.target(x)) ** 2).reshape(2, 16, 2, 64).mean(-1)
+    expected = per_channel[patch_channel].mean()
+    if norm_pix:
+        patches = model.patchify(x).reshape(2, 16, 2, -1)
+        true = torch.cat([patches.mean(-1, keepdim=True), 0.5 * torch.log(patches.var(-1, keepdim=True) + 1e-2)], -1)
+        expected = expected + ((out["stats"] - true) ** 2).mean(-1)[patch_channel].mean()
+    torch.testing.assert_close(out["loss"], expected)
+    px = patch_mask_to_pixels(mask, 8, 2)
+    assert px.shape == (2, 2, 32, 32) and torch.equal(px[:, 1, ::8, ::8].bool().flatten(1), mask[:, 16:])
+
+
+def test_channel_tokens_predict_a_removed_channel_from_the_other_channel_at_the_same_place():
+    """A patch removed in channel 0 but visible in channel 1: its reconstruction depends on channel 1 there (the
+    cross-channel relation the MAE learns), never on channel 0's own pixels there."""
+    model = tiny(in_channels=2, channel_tokens=True).eval()
+    x = torch.randn(1, 2, 32, 32)
+    mask = torch.zeros(1, 32, dtype=torch.bool)
+    mask[0, 6] = True  # channel 0 of patch 6 (grid row 1, column 2) removed; channel 1 of it visible
+    mask[0, :4] = mask[0, 16:20] = True  # and some tokens of both channels elsewhere
+
+    def patch6(y):
+        return model.reconstruct(y, mask)[0, 0, 8:16, 16:24]
+
+    own, other = x.clone(), x.clone()
+    own[0, 0, 8:16, 16:24] += 10.0
+    other[0, 1, 8:16, 16:24] += 10.0
+    torch.testing.assert_close(patch6(own), patch6(x))
+    assert float((patch6(other) - patch6(x)).abs().max()) > 1e-3
+    # masked_reconstruction then takes each channel's pixels only from passes where that channel was removed
+    masks = complementary_masks(1, 32, 0.5, generator=torch.Generator().manual_seed(0))
+    rec, rec_own = masked_reconstruction(model, x, masks=masks), masked_reconstruction(model, own, masks=masks)
+    torch.testing.assert_close(rec[0, 0, 8:16, 16:24], rec_own[0, 0, 8:16, 16:24])
+
+
+def test_without_channel_tokens_a_token_holds_every_channel_of_its_patch():
+    """Checkpoints from before channel tokens (no key) read as a token per patch, as they were trained."""
+    config = MAEConfig.from_dict({k: v for k, v in MAEConfig(in_channels=2).to_dict().items() if k != "channel_tokens"})
+    assert not config.channel_tokens and config.num_tokens == config.num_patches
+    model = tiny(in_channels=2)
+    mask = random_mask(1, 16, 0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.patch_channel_mask(mask), mask[..., None].expand(1, 16, 2))
+    assert model.channel_embed is None and model.patch_embed.proj.in_channels == 2
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="multiple"):
         MAEConfig(img_size=30, patch_size=8)

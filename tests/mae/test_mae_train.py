@@ -185,6 +185,30 @@ def test_cli_mae_train(nnunet_env, tmp_path, capsys):
         run_command("mae_train", ["mae-train", "-d", "17", "-o", str(tmp_path / "cli"), "--quiet"])
 
 
+def test_cli_mae_train_gives_each_channel_its_own_tokens_on_several_channels(nnunet_env, tmp_path):
+    """Channel tokens by default on a two-channel data set (off with --no-channel-tokens, and with one channel),
+    recorded in the checkpoint; the residual maps of such an MAE cover the image like any other's."""
+    from PIL import Image
+
+    from nnunetv2_grcsf.mae.residuals import ResidualMapper
+
+    folder = make_raw_dataset(nnunet_env["nnUNet_raw"], 18, num_cases=3, shape=(32, 32), channels=2)
+    small = ["--image-size", "32", "--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--decoder-dim", "32",
+             "--decoder-depth", "1", "--steps", "2", "--batch-size", "2", "--quiet", "--num-threads", "1"]
+    for name, extra, expected in (("auto", [], True), ("off", ["--no-channel-tokens"], False)):
+        assert run_command("mae_train", ["mae-train", "-d", "18", "-o", str(tmp_path / name), *small, *extra]) == 0
+        assert load_checkpoint(tmp_path / name / FINAL)["model_config"]["channel_tokens"] is expected
+    mapper = ResidualMapper(tmp_path / "auto" / FINAL, device="cpu")
+    assert mapper.model.config.num_tokens == 2 * mapper.model.config.num_patches
+    image = np.stack([np.asarray(Image.open(folder / "imagesTr" / f"case_000_000{c}.png"), dtype=np.float32)
+                      for c in (0, 1)])
+    (result,) = mapper.compute([("case", image[:, None], (999.0, 1.0, 1.0))])
+    assert result["residuals"].shape[-2:] == image.shape[-2:] and np.isfinite(result["residuals"]).all()
+    make_raw_dataset(nnunet_env["nnUNet_raw"], 19, num_cases=3, shape=(32, 32))
+    assert run_command("mae_train", ["mae-train", "-d", "19", "-o", str(tmp_path / "one"), *small]) == 0
+    assert load_checkpoint(tmp_path / "one" / FINAL)["model_config"]["channel_tokens"] is False
+
+
 def test_cli_help_documents_every_option():
     import argparse
     from nnunetv2_grcsf.commands import mae_train, residuals
