@@ -224,6 +224,11 @@ def _check_dataset(report: Report, dataset: str) -> None:
                                                  f"nnunetv2_grcsf residuals -d {dataset} -o NEW_ID")
         return
     report.ok("MAE residual channels", f"{channels}: GRCSFTrainer and GRCSF_FIASTrainer can train on it")
+    reconstruction = dataset_json[DATASET_JSON_KEY].get("residual_definition", {}).get("reconstruction", "mae")
+    if reconstruction != "mae":
+        report.info("residual", f"a control: |image - {reconstruction} of the masked patches| (`residuals "
+                                f"--reconstruction {reconstruction}`), not the MAE's residual; for comparisons with "
+                                f"it, not for GRCSF's results")
     _check_residual_mae(report, folder, dataset_json)
     _check_residual_geometry(report, folder, dataset_json)
 

@@ -100,12 +100,20 @@ def test_interpolation_baseline_predicts_a_patch_from_the_visible_pixels_only():
     a, b = interpolated_reconstruction(ramp, masks, 8), interpolated_reconstruction(spiked, masks, 8)
     torch.testing.assert_close(a[:, :, 8:16, 16:24], b[:, :, 8:16, 16:24])
     assert float((a - b).abs().max()) > 0.1  # while its neighbours, predicted from it when visible, do
+    # with channel tokens (masks over C * L tokens) each channel is interpolated where it is removed, from its
+    # own visible pixels
+    token_masks = complementary_masks(2, 32, 0.5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(interpolated_reconstruction(flat, token_masks, 8, 2), flat)
+    a, b = interpolated_reconstruction(ramp, token_masks, 8, 2), interpolated_reconstruction(spiked, token_masks, 8, 2)
+    torch.testing.assert_close(a[:, :, 8:16, 16:24], b[:, :, 8:16, 16:24])
 
 
 def test_the_interpolation_control_is_the_residual_of_the_interpolation_made_like_the_mae_residual(
-        nnunet_env, blob_free_mae, tmp_path):
+        nnunet_env, blob_free_mae, tmp_path, capsys):
     """``--reconstruction interpolation``: the residual of the model-free interpolation (the report's baseline, same
-    masks, smoothing and grid) in place of the MAE's; recorded, and followed by --from-dataset and the rerun command."""
+    masks, smoothing and grid) in place of the MAE's; recorded, and followed by --from-dataset, the rerun command and
+    doctor."""
+    from nnunetv2_grcsf.commands import doctor
     from nnunetv2_grcsf.mae.geometry import rerun_command
 
     with pytest.raises(MAEError, match="reconstruction 'model'"):
@@ -126,6 +134,9 @@ def test_the_interpolation_control_is_the_residual_of_the_interpolation_made_lik
     dj = json.loads((nnunet_env["nnUNet_raw"] / "Dataset052_Interp" / "dataset.json").read_text())
     assert dj["nnunetv2_grcsf"]["residual_definition"]["reconstruction"] == "interpolation"
     assert rerun_command(dj, "Dataset052_Interp").endswith("--reconstruction interpolation --overwrite")
+    report = doctor.Report()
+    doctor._check_dataset(report, "52")
+    assert "a control: |image - interpolation of the masked patches|" in capsys.readouterr().out
     out = tmp_path / "inputs"
     assert run_command("residuals", ["residuals", "-i", str(src / "imagesTr"), "-o", str(out), "--from-dataset", "52",
                                      "--quiet", "--num-threads", "1"]) == 0
