@@ -12,6 +12,8 @@ patches holding a labelled voxel of labelsTr, so the MAE models normal tissue on
 in its residual (--no-skip-labelled-patches: every patch); test images' labels are never read.
 3D volumes are cut into slices along their lowest-resolution axis;
 the checkpoint records the median in-slice spacing, which `residuals` compares its images with.
+With several channels (multi-modal MRI) each channel of a patch is a token of its own, masked on its own
+(--no-channel-tokens: one token per patch); such data sets need more steps (e.g. --steps 3200 --max-shift 3).
 Writes checkpoint_latest.pth (periodically), checkpoint_final.pth and training_log.json to
 $nnUNet_results/DatasetXXX_Name/nnunetv2_grcsf_mae/ (or -o); never into the raw data set. At the end it
 measures how much better than the mean image the MAE reconstructs masked patches (PSNR) and warns
@@ -22,7 +24,8 @@ EXAMPLES = """\
 examples:
   nnunetv2_grcsf mae-train -d 500                      # tiny preset, default steps (CPU: minutes)
   nnunetv2_grcsf mae-train -d 500 --preset small --epochs 200 --device cuda
-  nnunetv2_grcsf mae-train -d 500 --resume --steps 1000   # continue / extend a run"""
+  nnunetv2_grcsf mae-train -d 500 --resume --steps 1000   # continue / extend a run
+  nnunetv2_grcsf mae-train -d 501 --steps 3200 --max-shift 3  # skull-stripped multi-modal MRI, CPU"""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
