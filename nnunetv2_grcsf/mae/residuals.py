@@ -174,7 +174,9 @@ def interpolated_reconstruction(imgs: torch.Tensor, masks: torch.Tensor, patch_s
         visible = 1.0 - removed
         weight = gaussian_smooth(visible, sigma)
         estimate = gaussian_smooth(imgs * visible, sigma) / weight.clamp_min(1e-6)
-        visible_mean = (imgs * visible).sum(dim=(2, 3), keepdim=True) / visible.sum(dim=(2, 3), keepdim=True)
+        # 0, the normalized image's mean level, for a channel a pass removes entirely (possible with channel tokens)
+        visible_mean = ((imgs * visible).sum(dim=(2, 3), keepdim=True) /
+                        visible.sum(dim=(2, 3), keepdim=True).clamp_min(1))
         total += torch.where(weight > 1e-3, estimate, visible_mean) * removed
         count += removed
     return total / count

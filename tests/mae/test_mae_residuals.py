@@ -106,6 +106,10 @@ def test_interpolation_baseline_predicts_a_patch_from_the_visible_pixels_only():
     torch.testing.assert_close(interpolated_reconstruction(flat, token_masks, 8, 2), flat)
     a, b = interpolated_reconstruction(ramp, token_masks, 8, 2), interpolated_reconstruction(spiked, token_masks, 8, 2)
     torch.testing.assert_close(a[:, :, 8:16, 16:24], b[:, :, 8:16, 16:24])
+    one_channel_per_pass = torch.zeros(2, 2, 32, dtype=torch.bool)  # pass 0 removes all of channel 0, pass 1 of 1
+    one_channel_per_pass[0, :, :16] = True
+    one_channel_per_pass[1, :, 16:] = True
+    assert interpolated_reconstruction(ramp, one_channel_per_pass, 8, 2).isfinite().all()
 
 
 def test_the_interpolation_control_is_the_residual_of_the_interpolation_made_like_the_mae_residual(
