@@ -396,11 +396,12 @@ class IntensityNormalizer:
                 s = self.stats[c]
                 out[c] = (np.clip(x, s["low"], s["high"]) - s["mean"]) / s["std"]
                 continue
-            values = x[foreground] if mode == "per_image_foreground" else x
-            low, high = np.percentile(values, PERCENTILES)
-            values = np.clip(values, low, high)
-            mean, std = float(values.mean()), max(float(values.std()), 1e-8)
-            out[c] = (np.clip(x, low, high) - mean) / std
+            region = foreground if mode == "per_image_foreground" else Ellipsis  # the voxels that set the scale
+            low, high = np.percentile(x[region], PERCENTILES)
+            clipped = np.clip(x, low, high)
+            kept = clipped[region]
+            mean, std = float(kept.mean()), max(float(kept.std()), 1e-8)
+            out[c] = (clipped - mean) / std
             if mode == "per_image_foreground":
                 out[c][~foreground] = (low - mean) / std
         return out
