@@ -244,19 +244,20 @@ class ResidualMapper:
             sel = slice(start, start + self.batch_size)
             x = grid[sel].to(self.device)
             for j, ratio in enumerate(s.mask_ratios):
+                batch_masks = masks[j][:, sel]
+                interp = None  # the control's reconstruction and the report's baseline: computed once for both
+                if s.reconstruction == "interpolation" or interp_grid is not None:
+                    interp = interpolated_reconstruction(x.float(), batch_masks, self.patch_size,
+                                                         self.model.config.tokens_per_patch)
                 if s.reconstruction == "interpolation":
-                    recon = interpolated_reconstruction(x.float(), masks[j][:, sel], self.patch_size,
-                                                        self.model.config.tokens_per_patch)
+                    recon = interp
                 else:
                     with autocast_context(self.device):
-                        recon = masked_reconstruction(self.model, x, masks=masks[j][:, sel].to(self.device))
+                        recon = masked_reconstruction(self.model, x, masks=batch_masks.to(self.device))
                 res_grid[sel, j] = (x - recon.float()).abs().mean(dim=1).cpu()
                 if j == 0:
                     rec_grid[sel] = recon.float().cpu()
-                if interp_grid is not None:  # the report's baseline (already computed by the interpolation control)
-                    interp = recon if s.reconstruction == "interpolation" else \
-                        interpolated_reconstruction(x.float(), masks[j][:, sel], self.patch_size,
-                                                    self.model.config.tokens_per_patch)
+                if interp_grid is not None:
                     interp_res_grid[sel, j] = (x - interp).abs().mean(dim=1).cpu()
                     if j == 0:
                         interp_grid[sel] = interp.cpu()
