@@ -113,13 +113,32 @@ def test_images_that_already_have_the_residual_channel_get_no_second_one(shared_
     assert_same_predictions(output, shared_model["reference"])
 
 
+def plain_predict_error_lines(shared_model, output, extra_arguments=()):
+    """Run plain nnUNetv2_predict on images without the residual channel; returns (exit code, stderr lines)."""
+    result = subprocess.run(["nnUNetv2_predict", "-i", str(shared_model["new_images"]), "-o", str(output), *PREDICT,
+                             *extra_arguments], env=shared_model["env_b"], capture_output=True, text=True, timeout=600)
+    return result.returncode, result.stderr.strip().splitlines()
+
+
+def assert_says_what_to_run(line):
+    assert "needs 2 input channels" in line and "the images have 1" in line
+    assert "`nnunetv2_grcsf predict`" in line
+
+
 def test_plain_nnunet_predict_without_the_residual_channel_says_what_to_run(shared_model, tmp_path):
-    result = subprocess.run(["nnUNetv2_predict", "-i", str(shared_model["new_images"]), "-o", str(tmp_path / "out"),
-                             *PREDICT], env=shared_model["env_b"], capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert "needs 2 input channels" in last_line and "the images have 1" in last_line
-    assert "`nnunetv2_grcsf predict`" in last_line
+    code, lines = plain_predict_error_lines(shared_model, tmp_path / "out", ["-npp", "0", "-nps", "0"])
+    assert code != 0
+    assert_says_what_to_run(lines[-1])
+
+
+def test_plain_nnunet_predict_with_its_worker_processes_says_it_once(shared_model, tmp_path):
+    """With nnU-Net's default preprocessing workers, a worker may print its own traceback after ours when the main
+    process ends (its manager's socket is gone): the error is the main process's exception line, said once."""
+    code, lines = plain_predict_error_lines(shared_model, tmp_path / "out")
+    assert code != 0
+    ours = [line for line in lines if line.startswith("nnunetv2_grcsf.residual_channels.ResidualChannelError: ")]
+    assert len(ours) == 1
+    assert_says_what_to_run(ours[0])
 
 
 def test_sigterm_removes_the_temporary_residual_inputs(shared_model, tmp_path):
