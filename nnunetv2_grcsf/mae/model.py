@@ -28,6 +28,8 @@ patch is its own token (one patch embedding shared by the channels, plus a learn
 encoder and decoder), and masks remove tokens, so a patch may be removed in one channel and visible in
 another (as in MultiMAE, Bachmann et al., ECCV 2022). The MAE then learns what one sequence shows given the
 others at the same place, which the visible neighbourhood of a single channel predicts poorly in brain MRI.
+Its masks, in training and for residual maps, stagger the channels of a patch (:func:`complementary_masks`):
+at ratio 0.5 with two channels every removed channel is predicted from the other one at its place.
 Lesions are where that cross-channel relation of normal tissue breaks (e.g. FLAIR bright where T1c shows
 normal-looking tissue). Without it (the MAE paper's design, and what one channel means anyway) a token holds
 every channel of its patch.
@@ -158,14 +160,19 @@ def transformer_block(dim: int, num_heads: int, mlp_ratio: float) -> Block:
 
 
 def random_mask(batch_size: int, num_tokens: int, mask_ratio: float, device=None,
-                generator: torch.Generator = None) -> torch.Tensor:
+                generator: torch.Generator = None, tokens_per_patch: int = 1) -> torch.Tensor:
     """A random boolean mask ``[N, T]`` (True = removed) with the same number of removed tokens per row.
 
     ``T = num_tokens`` (``MAEConfig.num_tokens``); ``round(T * (1 - mask_ratio))`` stay visible (at least one);
-    the rest are removed.
+    the rest are removed. With channel tokens (``tokens_per_patch`` > 1) the mask is one pass of
+    :func:`complementary_masks`, whose channels of a patch are staggered: the MAE trains on the masks its
+    residual maps are made with.
     """
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    if tokens_per_patch > 1:
+        return complementary_masks(batch_size, num_tokens, mask_ratio, generator=generator,
+                                   tokens_per_patch=tokens_per_patch)[0].to(device)
     num_keep = max(1, int(round(num_tokens * (1.0 - mask_ratio))))
     noise = torch.rand(batch_size, num_tokens, generator=generator)
     ranks = noise.argsort(dim=1).argsort(dim=1)
@@ -337,7 +344,8 @@ class MaskedAutoencoder(nn.Module):
         Returns ``{"loss": scalar, "pred": [N, L, C*p^2], "stats": [N, L, C, 2] or None, "mask": [N, T]}``.
         """
         if mask is None:
-            mask = random_mask(imgs.shape[0], self.config.num_tokens, mask_ratio, imgs.device, generator)
+            mask = random_mask(imgs.shape[0], self.config.num_tokens, mask_ratio, imgs.device, generator,
+                               self.config.tokens_per_patch)
         latent, ids_keep = self.forward_encoder(imgs, mask)
         pred, stats = self.forward_decoder(latent, ids_keep)
         return {"loss": self.forward_loss(imgs, pred, stats, mask, excluded), "pred": pred, "stats": stats,
@@ -379,21 +387,29 @@ def mask_schedule(mask_ratio: float, max_passes: int = 20) -> tuple:
 
 
 def complementary_masks(batch_size: int, num_tokens: int, mask_ratio: float, repeats: int = 1,
-                        generator: torch.Generator = None) -> torch.Tensor:
+                        generator: torch.Generator = None, tokens_per_patch: int = 1) -> torch.Tensor:
     """Masks ``[P, N, T]`` (True = removed) for ``P = K * repeats`` passes over ``T = num_tokens`` tokens
     (``MAEConfig.num_tokens``: the patches, or each channel of each patch); see :func:`mask_schedule`.
 
-    Per row and repeat the tokens are split at random into ``K`` groups of (almost) equal size
+    Per row and repeat the patches are split at random into ``K`` groups of (almost) equal size
     (sizes differ by at most one and are the same in every row); pass ``k`` removes groups
     ``k, k+1, ..., k+m-1`` (mod ``K``). So every pass removes a ``mask_ratio`` share of the tokens
     (exactly when ``K`` divides ``T``) with the same count in every row, the visible groups of the ``K``
     passes partition the tokens, and **every token is removed in exactly ``m * repeats`` passes**.
+
+    With channel tokens (``tokens_per_patch`` = C > 1, tokens channel-major) channel ``c`` of a patch of group
+    ``g`` is in group ``g + c * K // C`` (mod ``K``): the channels of a patch are staggered over the passes,
+    so a removed channel is predicted while as many of the other channels at its place are visible as the
+    ratio allows (at 0.5 with two channels: always the other one). Our design: the MAE then models each channel
+    from the others at the same place, the cross-sequence relation a model of normal tissue should know.
     """
     k_passes, m = mask_schedule(mask_ratio)
+    patches = num_tokens // tokens_per_patch
+    offsets = torch.arange(tokens_per_patch)[:, None] * k_passes // tokens_per_patch  # [C, 1]
     masks = []
     for _ in range(repeats):
-        ranks = torch.rand(batch_size, num_tokens, generator=generator).argsort(dim=1).argsort(dim=1)
-        group = ranks * k_passes // num_tokens  # [N, T] in 0..K-1
+        ranks = torch.rand(batch_size, patches, generator=generator).argsort(dim=1).argsort(dim=1)
+        group = ((ranks * k_passes // patches)[:, None] + offsets).reshape(batch_size, num_tokens)  # [N, T]
         for k in range(k_passes):
             masks.append((group - k) % k_passes < m)
     return torch.stack(masks)
@@ -419,7 +435,7 @@ def masked_reconstruction(model: "MaskedAutoencoder", imgs: torch.Tensor, mask_r
     """
     c = model.config
     if masks is None:
-        masks = complementary_masks(imgs.shape[0], c.num_tokens, mask_ratio, repeats, generator)
+        masks = complementary_masks(imgs.shape[0], c.num_tokens, mask_ratio, repeats, generator, c.tokens_per_patch)
     if not bool(masks.any(dim=0).all()):
         raise ValueError("the masks leave some patch visible in every pass")
     total = torch.zeros(imgs.shape, dtype=torch.float32, device=imgs.device)

@@ -12,7 +12,8 @@ reconstruction and the image"):
    of 2 at 0.5), and a pixel's reconstruction is the mean of the ``m`` predictions made while its
    patch was removed. Visible patches, which the decoder merely copies, never contribute. With an MAE of
    channel tokens (mae-train's default for several channels) the masks partition the tokens, each channel of
-   each patch, so a channel's patch is predicted while other channels may show the same place.
+   each patch, and the channels of a patch are staggered over the passes, so a channel's patch is predicted
+   while the other channels show the same place as often as the ratio allows (always, at 0.5 with two).
 3. Residual = ``|x - x_hat|`` per pixel, averaged over the image channels, in units of the
    normalized intensity (image standard deviations); optionally smoothed with a Gaussian of
    ``smoothing_sigma`` model-grid pixels (default 2, chosen with ``benchmarks/mae_busi256.py``, whose
@@ -232,7 +233,8 @@ class ResidualMapper:
             grids.append(mdata.to_model_grid(sl, self.size))
             gen = torch.Generator().manual_seed(mdata.case_seed(case, s.seed))
             for j, ratio in enumerate(s.mask_ratios):
-                masks[j].append(complementary_masks(sl.shape[0], length, ratio, s.repeats, gen))
+                masks[j].append(complementary_masks(sl.shape[0], length, ratio, s.repeats, gen,
+                                                       self.model.config.tokens_per_patch))
             prepared.append((case, norm, axis, sl.shape, box))
         grid = torch.cat(grids)
         masks = [torch.cat(m, dim=1) for m in masks]

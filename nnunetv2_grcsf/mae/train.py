@@ -454,7 +454,8 @@ def reconstruction_check(model: MaskedAutoencoder, slices: torch.Tensor, sizes, 
     idx = np.unique(np.linspace(0, n - 1, min(n, RECONSTRUCTION_CHECK_SLICES)).round().astype(int))
     x = slices[torch.as_tensor(idx)].float().to(device)
     masks = complementary_masks(len(idx), model.config.num_tokens, mask_ratio,
-                                generator=_step_generator(seed, -(10 ** 9) - 1))
+                                generator=_step_generator(seed, -(10 ** 9) - 1),
+                                tokens_per_patch=model.config.tokens_per_patch)
     with autocast_context(device):
         recon = masked_reconstruction(model, x, masks=masks)
     interpolated = interpolated_reconstruction(x, masks, model.config.patch_size,
@@ -692,7 +693,8 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
             if excluded is not None:
                 excluded = excluded.to(dev)
             ratio = train_config.mask_ratios[step % len(train_config.mask_ratios)]
-            mask = random_mask(x.shape[0], model_config.num_tokens, ratio, generator=gen)
+            mask = random_mask(x.shape[0], model_config.num_tokens, ratio, generator=gen,
+                               tokens_per_patch=model_config.tokens_per_patch)
             x, mask = x.to(dev, non_blocking=True), mask.to(dev)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, total, train_config.lr, train_config.warmup_fraction)

@@ -106,11 +106,11 @@ def test_mask_schedule(ratio, passes, times):
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75, 0.6])
-@pytest.mark.parametrize("num_patches", [16, 64, 30])
+@pytest.mark.parametrize("num_patches,tokens_per_patch", [(16, 1), (64, 1), (30, 1), (32, 2), (60, 3)])
 @pytest.mark.parametrize("repeats", [1, 2])
-def test_complementary_masks_cover_every_patch_exactly(ratio, num_patches, repeats):
+def test_complementary_masks_cover_every_patch_exactly(ratio, num_patches, tokens_per_patch, repeats):
     k, m = mask_schedule(ratio)
-    masks = complementary_masks(3, num_patches, ratio, repeats, torch.Generator().manual_seed(0))
+    masks = complementary_masks(3, num_patches, ratio, repeats, torch.Generator().manual_seed(0), tokens_per_patch)
     assert masks.shape == (k * repeats, 3, num_patches)
     # every patch is removed in exactly m * repeats passes (so visible in (k - m) * repeats)
     assert (masks.sum(dim=0) == m * repeats).all()
@@ -122,6 +122,37 @@ def test_complementary_masks_cover_every_patch_exactly(ratio, num_patches, repea
     # the visible sets of the k passes of one repeat partition the patches
     for r in range(repeats):
         assert ((~masks[r * k:(r + 1) * k]).sum(dim=0) == k - m).all()
+
+
+def test_complementary_masks_stagger_the_channels_of_a_patch():
+    """With channel tokens a removed channel is predicted while the other channel at its place is visible (0.5),
+    or visible in as many of its passes as the ratio allows (0.75: one of three); never both visible at once."""
+    half = complementary_masks(4, 2 * 16, 0.5, generator=torch.Generator().manual_seed(0), tokens_per_patch=2)
+    per_channel = half.reshape(2, 4, 2, 16)  # [pass, row, channel, patch]
+    assert (per_channel[:, :, 0] != per_channel[:, :, 1]).all()
+    quarter = complementary_masks(4, 2 * 16, 0.75, generator=torch.Generator().manual_seed(0), tokens_per_patch=2)
+    per_channel = quarter.reshape(4, 4, 2, 16)
+    assert not (~per_channel[:, :, 0] & ~per_channel[:, :, 1]).any()
+    assert ((per_channel[:, :, 0] & ~per_channel[:, :, 1]).sum(dim=0) == 1).all()
+
+
+def test_training_masks_of_channel_tokens_are_staggered_like_the_residual_maps_masks():
+    mask = random_mask(4, 2 * 16, 0.5, generator=torch.Generator().manual_seed(0), tokens_per_patch=2)
+    assert mask.shape == (4, 32)
+    per_channel = mask.reshape(4, 2, 16)
+    assert (per_channel[:, 0] != per_channel[:, 1]).all()  # one channel of every patch removed
+    assert (per_channel.sum(dim=2) == 8).all()  # half of each channel's patches
+    assert not torch.equal(mask, random_mask(4, 32, 0.5, generator=torch.Generator().manual_seed(1),
+                                             tokens_per_patch=2))
+
+
+def test_complementary_masks_of_one_token_per_patch_are_those_residual_data_sets_were_made_with():
+    """Single-token patches keep the masks of earlier versions (random groups of patches), so `residuals -i`
+    remakes the residual channel of an existing data set exactly."""
+    ranks = torch.rand(3, 64, generator=torch.Generator().manual_seed(0)).argsort(dim=1).argsort(dim=1)
+    group = ranks * 4 // 64
+    earlier = torch.stack([(group - k) % 4 < 3 for k in range(4)])
+    assert torch.equal(complementary_masks(3, 64, 0.75, generator=torch.Generator().manual_seed(0)), earlier)
 
 
 def test_patch_mask_to_pixels():
