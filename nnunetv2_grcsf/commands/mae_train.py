@@ -13,7 +13,8 @@ in its residual (--no-skip-labelled-patches: every patch); test images' labels a
 3D volumes are cut into slices along their lowest-resolution axis;
 the checkpoint records the median in-slice spacing, which `residuals` compares its images with.
 With several channels (multi-modal MRI) each channel of a patch is a token of its own, masked on its own
-(--no-channel-tokens: one token per patch); such data sets need more steps (e.g. --steps 3200 --max-shift 3).
+(--no-channel-tokens: one token per patch), trained by default for 3200 steps with --max-shift 3 and --lr 4e-3
+(800 steps are not enough there).
 Writes checkpoint_latest.pth (periodically), checkpoint_final.pth and training_log.json to
 $nnUNet_results/DatasetXXX_Name/nnunetv2_grcsf_mae/ (or -o); never into the raw data set. At the end it
 measures how much better than the mean image the MAE reconstructs masked patches (PSNR) and warns
@@ -25,11 +26,13 @@ examples:
   nnunetv2_grcsf mae-train -d 500                      # tiny preset, default steps (CPU: minutes)
   nnunetv2_grcsf mae-train -d 500 --preset small --epochs 200 --device cuda
   nnunetv2_grcsf mae-train -d 500 --resume --steps 1000   # continue / extend a run
-  nnunetv2_grcsf mae-train -d 501 --steps 3200 --max-shift 3  # skull-stripped multi-modal MRI, CPU"""
+  nnunetv2_grcsf mae-train -d 501                      # multi-modal MRI: channel tokens, 3200 steps (CPU: 10 min)"""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from nnunetv2_grcsf.mae import DEFAULT_STEPS, PRESETS
+    from nnunetv2_grcsf.mae import CHANNEL_TOKEN_TRAINING, DEFAULT_STEPS, PRESETS
+
+    recipe = CHANNEL_TOKEN_TRAINING
 
     parser = subparsers.add_parser(
         "mae-train", help="train the MAE for residual maps on an nnU-Net raw data set's images",
@@ -62,10 +65,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help="loss on per-patch normalized pixels, as in the paper (the small and base presets' default)")
     opt = parser.add_argument_group("training")
     budget = opt.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    budget.add_argument("--steps", type=int, default=None,
+                        help=f"optimizer steps (default {DEFAULT_STEPS}; {recipe['steps']} with channel tokens)")
     budget.add_argument("--epochs", type=float, default=None, help="passes over the training slices (instead of --steps)")
     opt.add_argument("--batch-size", type=int, default=16, help="slices per step (default 16)")
-    opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default 1e-3)")
+    opt.add_argument("--lr", type=float, default=None,
+                     help=f"peak learning rate of AdamW (default 1e-3; {recipe['lr']:g} with channel tokens)")
     opt.add_argument("--mask-ratios", "--mask-ratio", dest="mask_ratios", type=float, nargs="+", default=[0.5, 0.75],
                      help="share(s) of patches removed; each step uses the next (default 0.5 0.75)")
     opt.add_argument("--include-test-images", action="store_true",
@@ -82,10 +87,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     opt.add_argument("--save-every", type=int, default=100, help="write checkpoint_latest.pth every N steps (default 100)")
     opt.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-    opt.add_argument("--max-shift", type=int, default=0, metavar="PATCHES",
+    opt.add_argument("--max-shift", type=int, default=None, metavar="PATCHES",
                      help="shift each training slice by a random whole number of patches, up to this many per axis, "
                           "so the MAE reconstructs from the visible tissue around a patch rather than from where "
-                          "anatomy usually lies (default 0: no shifts)")
+                          f"anatomy usually lies (default 0: no shifts; {recipe['max_shift_patches']} with channel "
+                          f"tokens)")
     opt.add_argument("--max-slices-per-case", type=int, default=None,
                      help="3D: keep at most N evenly spaced slices per volume in memory (default: all)")
     opt.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default auto)")

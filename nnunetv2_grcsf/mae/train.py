@@ -48,15 +48,15 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nnunetv2_grcsf import __version__
-from nnunetv2_grcsf.mae import (DEFAULT_STEPS, DEFAULT_TRAINING_SPLITS, PRESETS, TRAINING_SPLITS_KEY,
-                                MAECheckpointError, MAEDatasetError, MAEError, MAEOutputExistsError)
+from nnunetv2_grcsf.mae import (CHANNEL_TOKEN_TRAINING, DEFAULT_STEPS, DEFAULT_TRAINING_SPLITS, PRESETS,
+                                TRAINING_SPLITS_KEY, MAECheckpointError, MAEDatasetError, MAEError, MAEOutputExistsError)
 from nnunetv2_grcsf.mae import data as mdata
 from nnunetv2_grcsf.mae.model import (DictRoundTrip, MAEConfig, MaskedAutoencoder, complementary_masks,
                                       convert_state_dict, masked_reconstruction, random_mask)
@@ -75,12 +75,13 @@ RECONSTRUCTION_CHECK_SLICES = 32
 
 @dataclass
 class TrainConfig(DictRoundTrip):
-    """Optimization settings (stored in the checkpoint). ``steps`` wins over ``epochs``; default ``DEFAULT_STEPS``."""
+    """Optimization settings (stored in the checkpoint). ``steps`` wins over ``epochs``. ``steps``, ``lr`` and
+    ``max_shift_patches`` left ``None`` take the defaults of the MAE they train (:meth:`with_defaults`)."""
 
     steps: int = None
     epochs: float = None
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = None
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
     mask_ratios: tuple = (0.5, 0.75)
@@ -89,11 +90,20 @@ class TrainConfig(DictRoundTrip):
     flip: bool = True
     max_slices_per_case: int = None
     skip_labelled_patches: bool = True
-    max_shift_patches: int = 0
+    max_shift_patches: int = None
     crop_to_foreground: bool = True
 
     def __post_init__(self):
         self.mask_ratios = tuple(float(r) for r in self.mask_ratios)
+
+    def with_defaults(self, channel_tokens: bool) -> "TrainConfig":
+        """A copy whose unset ``steps``, ``lr`` and ``max_shift_patches`` take mae-train's defaults: for an MAE with
+        channel tokens :data:`~nnunetv2_grcsf.mae.CHANNEL_TOKEN_TRAINING`, else ``DEFAULT_STEPS`` steps at lr 1e-3
+        without shifts (``steps`` stays unset when ``epochs`` is given)."""
+        defaults = CHANNEL_TOKEN_TRAINING if channel_tokens else {"steps": DEFAULT_STEPS, "lr": 1e-3,
+                                                                  "max_shift_patches": 0}
+        return replace(self, **{name: value for name, value in defaults.items() if getattr(self, name) is None
+                                and not (name == "steps" and self.epochs is not None)})
 
     @classmethod
     def from_dict(cls, d: dict):
@@ -112,14 +122,14 @@ class TrainConfig(DictRoundTrip):
             problems.append(f"--epochs {self.epochs}: give a positive number of passes")
         if self.batch_size < 1:
             problems.append(f"--batch-size {self.batch_size}: give at least 1 slice per step")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"--lr {self.lr}: the learning rate must be a positive number (e.g. 1e-3)")
         if not self.mask_ratios or any(not 0.0 < r < 1.0 for r in self.mask_ratios):
             problems.append(f"--mask-ratios {' '.join(f'{r:g}' for r in self.mask_ratios)}: each must be between 0 "
                             f"and 1 (exclusive)")
         if self.save_every < 1:
             problems.append(f"--save-every {self.save_every}: give at least 1")
-        if self.max_shift_patches < 0:
+        if self.max_shift_patches is not None and self.max_shift_patches < 0:
             problems.append(f"--max-shift {self.max_shift_patches}: give 0 (no shifts) or more patches")
         if self.max_slices_per_case is not None and self.max_slices_per_case < 1:
             problems.append(f"--max-slices-per-case {self.max_slices_per_case}: give at least 1")
@@ -612,7 +622,7 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
         normalizer = mdata.IntensityNormalizer.from_dict(ckpt["normalization"])
     else:
         model_config = model_config or model_config_from_preset("tiny", num_channels)
-        train_config = train_config or TrainConfig()
+        train_config = (train_config or TrainConfig()).with_defaults(model_config.channel_tokens)
         normalizer = mdata.IntensityNormalizer(mdata.IntensityNormalizer.auto_modes(mdata.channel_names_of(dataset_json)))
     if model_config.in_channels != num_channels:
         raise MAEError(f"the MAE architecture has {model_config.in_channels} input channels but {name} has "
@@ -628,8 +638,10 @@ def _train_mae(dataset, output_folder, model_config, train_config, device, resum
     total = total_steps(train_config, n)
     labelled_share = float(labelled.float().mean()) if labelled is not None else None
     log(f"MAE on {name} ({' + '.join(splits)}): {len(cases)} images ({dim}D), {n} training slices of "
-        f"{model_config.img_size}^2, {total} steps of batch {train_config.batch_size}, mask ratios "
-        f"{' and '.join(f'{r:g}' for r in train_config.mask_ratios)}, "
+        f"{model_config.img_size}^2, {total} steps of batch {train_config.batch_size} at lr {train_config.lr:g}, "
+        f"{'channel tokens, ' if model_config.channel_tokens else ''}"
+        f"{f'shifts up to {train_config.max_shift_patches} patches, ' if train_config.max_shift_patches else ''}"
+        f"mask ratios {' and '.join(f'{r:g}' for r in train_config.mask_ratios)}, "
         f"{'' if labelled is None else f'loss outside labelled regions ({labelled_share:.1%} of patches left out), '}"
         f"device {dev}"
         f"{f' ({torch.get_num_threads()} CPU thread(s))' if dev.type == 'cpu' else ''}; "

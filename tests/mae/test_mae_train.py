@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nnunetv2_grcsf.datasets import DatasetNotFoundError
-from nnunetv2_grcsf.mae import MAECheckpointError, MAEDatasetError, MAEImageReadError, MAEOutputExistsError
+from nnunetv2_grcsf.mae import (CHANNEL_TOKEN_TRAINING, DEFAULT_STEPS, MAECheckpointError, MAEDatasetError,
+                                MAEImageReadError, MAEOutputExistsError)
 from nnunetv2_grcsf.mae.train import (FINAL, LATEST, TrainConfig, find_latest_checkpoint, learning_rate,
                                       load_checkpoint, model_from_checkpoint, random_flips, random_shifts,
                                       train_mae)
@@ -185,6 +186,18 @@ def test_cli_mae_train(nnunet_env, tmp_path, capsys):
         run_command("mae_train", ["mae-train", "-d", "17", "-o", str(tmp_path / "cli"), "--quiet"])
 
 
+def test_unset_training_settings_take_the_defaults_of_the_mae_they_train():
+    unset = TrainConfig()
+    assert (unset.steps, unset.lr, unset.max_shift_patches) == (None, None, None)
+    plain = unset.with_defaults(channel_tokens=False)
+    assert (plain.steps, plain.lr, plain.max_shift_patches) == (DEFAULT_STEPS, 1e-3, 0)
+    tokens = unset.with_defaults(channel_tokens=True)
+    assert {k: getattr(tokens, k) for k in CHANNEL_TOKEN_TRAINING} == CHANNEL_TOKEN_TRAINING
+    assert CHANNEL_TOKEN_TRAINING["steps"] != DEFAULT_STEPS
+    by_epochs = TrainConfig(epochs=5, lr=3e-4).with_defaults(channel_tokens=True)
+    assert (by_epochs.steps, by_epochs.epochs, by_epochs.lr) == (None, 5, 3e-4)
+
+
 def test_cli_mae_train_gives_each_channel_its_own_tokens_on_several_channels(nnunet_env, tmp_path):
     """Channel tokens by default on a two-channel data set (off with --no-channel-tokens, and with one channel),
     recorded in the checkpoint; the residual maps of such an MAE cover the image like any other's."""
@@ -197,7 +210,16 @@ def test_cli_mae_train_gives_each_channel_its_own_tokens_on_several_channels(nnu
              "--decoder-depth", "1", "--steps", "2", "--batch-size", "2", "--quiet", "--num-threads", "1"]
     for name, extra, expected in (("auto", [], True), ("off", ["--no-channel-tokens"], False)):
         assert run_command("mae_train", ["mae-train", "-d", "18", "-o", str(tmp_path / name), *small, *extra]) == 0
-        assert load_checkpoint(tmp_path / name / FINAL)["model_config"]["channel_tokens"] is expected
+        checkpoint = load_checkpoint(tmp_path / name / FINAL)
+        assert checkpoint["model_config"]["channel_tokens"] is expected
+        # channel tokens train with their own defaults of the settings not given (--steps is given here)
+        expected_training = {**CHANNEL_TOKEN_TRAINING, "steps": 2} if expected else \
+            {"steps": 2, "lr": 1e-3, "max_shift_patches": 0}
+        assert {k: checkpoint["train_config"][k] for k in expected_training} == expected_training
+    assert run_command("mae_train", ["mae-train", "-d", "18", "-o", str(tmp_path / "given"), *small, "--lr", "5e-4",
+                                     "--max-shift", "1"]) == 0
+    given = load_checkpoint(tmp_path / "given" / FINAL)["train_config"]
+    assert (given["lr"], given["max_shift_patches"]) == (5e-4, 1)
     mapper = ResidualMapper(tmp_path / "auto" / FINAL, device="cpu")
     assert mapper.model.config.num_tokens == 2 * mapper.model.config.num_patches
     image = np.stack([np.asarray(Image.open(folder / "imagesTr" / f"case_000_000{c}.png"), dtype=np.float32)
