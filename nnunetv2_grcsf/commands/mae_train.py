@@ -30,9 +30,9 @@ examples:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from nnunetv2_grcsf.mae import CHANNEL_TOKEN_TRAINING, DEFAULT_STEPS, PRESETS
+    from nnunetv2_grcsf.mae import CHANNEL_TOKEN_TRAINING, DEFAULT_TRAINING, PRESETS
 
-    recipe = CHANNEL_TOKEN_TRAINING
+    plain, tokens = DEFAULT_TRAINING, CHANNEL_TOKEN_TRAINING
 
     parser = subparsers.add_parser(
         "mae-train", help="train the MAE for residual maps on an nnU-Net raw data set's images",
@@ -66,11 +66,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     opt = parser.add_argument_group("training")
     budget = opt.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=None,
-                        help=f"optimizer steps (default {DEFAULT_STEPS}; {recipe['steps']} with channel tokens)")
+                        help=f"optimizer steps (default {plain['steps']}; {tokens['steps']} with channel tokens)")
     budget.add_argument("--epochs", type=float, default=None, help="passes over the training slices (instead of --steps)")
     opt.add_argument("--batch-size", type=int, default=16, help="slices per step (default 16)")
     opt.add_argument("--lr", type=float, default=None,
-                     help=f"peak learning rate of AdamW (default 1e-3; {recipe['lr']:g} with channel tokens)")
+                     help=f"peak learning rate of AdamW (default {plain['lr']:g}; {tokens['lr']:g} with channel "
+                          f"tokens)")
     opt.add_argument("--mask-ratios", "--mask-ratio", dest="mask_ratios", type=float, nargs="+", default=[0.5, 0.75],
                      help="share(s) of patches removed; each step uses the next (default 0.5 0.75)")
     opt.add_argument("--include-test-images", action="store_true",
@@ -90,8 +91,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     opt.add_argument("--max-shift", type=int, default=None, metavar="PATCHES",
                      help="shift each training slice by a random whole number of patches, up to this many per axis, "
                           "so the MAE reconstructs from the visible tissue around a patch rather than from where "
-                          f"anatomy usually lies (default 0: no shifts; {recipe['max_shift_patches']} with channel "
-                          f"tokens)")
+                          f"anatomy usually lies (default {plain['max_shift_patches']}: no shifts; "
+                          f"{tokens['max_shift_patches']} with channel tokens)")
     opt.add_argument("--max-slices-per-case", type=int, default=None,
                      help="3D: keep at most N evenly spaced slices per volume in memory (default: all)")
     opt.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (default auto)")

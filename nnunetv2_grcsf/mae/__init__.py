@@ -93,11 +93,14 @@ PRESETS = {
 }
 #: Training budget when neither steps nor epochs are given (the tiny preset: minutes on a 2-core CPU).
 DEFAULT_STEPS = 800
+#: mae-train's defaults for an MAE of one token per patch (single-channel data sets, or --no-channel-tokens).
+DEFAULT_TRAINING = {"steps": DEFAULT_STEPS, "max_shift_patches": 0, "lr": 1e-3}
 #: mae-train's defaults for an MAE with channel tokens (data sets of several channels, e.g. multi-modal MRI), where
 #: 800 steps reconstruct held-out brain worse than its mean: more steps, slices shifted by up to 3 patches and a
 #: higher peak learning rate (measured on BraTS6 with benchmarks/mae_brats6.py: README); 10 minutes on 2 CPU cores.
 CHANNEL_TOKEN_TRAINING = {"steps": 3200, "max_shift_patches": 3, "lr": 4e-3}
 
-__all__ = ["PRESETS", "DEFAULT_STEPS", "CHANNEL_TOKEN_TRAINING", "DEFAULT_TRAINING_SPLITS", "TRAINING_SPLITS_KEY", "checkpoint_saw_test_images",
+__all__ = ["PRESETS", "DEFAULT_STEPS", "DEFAULT_TRAINING", "CHANNEL_TOKEN_TRAINING", "DEFAULT_TRAINING_SPLITS",
+           "TRAINING_SPLITS_KEY", "checkpoint_saw_test_images",
            "MAEError", "MAEDatasetError", "MAECheckpointError", "MAEIncompatibleError", "MAEOutputExistsError",
            "MAEImageReadError", "MAEGeometryError"]

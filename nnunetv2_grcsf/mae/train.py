@@ -55,8 +55,8 @@ import numpy as np
 import torch
 
 from nnunetv2_grcsf import __version__
-from nnunetv2_grcsf.mae import (CHANNEL_TOKEN_TRAINING, DEFAULT_STEPS, DEFAULT_TRAINING_SPLITS, PRESETS,
-                                TRAINING_SPLITS_KEY, MAECheckpointError, MAEDatasetError, MAEError, MAEOutputExistsError)
+from nnunetv2_grcsf.mae import (CHANNEL_TOKEN_TRAINING, DEFAULT_STEPS, DEFAULT_TRAINING, DEFAULT_TRAINING_SPLITS,
+                                PRESETS, TRAINING_SPLITS_KEY, MAECheckpointError, MAEDatasetError, MAEError, MAEOutputExistsError)
 from nnunetv2_grcsf.mae import data as mdata
 from nnunetv2_grcsf.mae.model import (DictRoundTrip, MAEConfig, MaskedAutoencoder, complementary_masks,
                                       convert_state_dict, masked_reconstruction, random_mask)
@@ -98,10 +98,9 @@ class TrainConfig(DictRoundTrip):
 
     def with_defaults(self, channel_tokens: bool) -> "TrainConfig":
         """A copy whose unset ``steps``, ``lr`` and ``max_shift_patches`` take mae-train's defaults: for an MAE with
-        channel tokens :data:`~nnunetv2_grcsf.mae.CHANNEL_TOKEN_TRAINING`, else ``DEFAULT_STEPS`` steps at lr 1e-3
-        without shifts (``steps`` stays unset when ``epochs`` is given)."""
-        defaults = CHANNEL_TOKEN_TRAINING if channel_tokens else {"steps": DEFAULT_STEPS, "lr": 1e-3,
-                                                                  "max_shift_patches": 0}
+        channel tokens :data:`~nnunetv2_grcsf.mae.CHANNEL_TOKEN_TRAINING`, else
+        :data:`~nnunetv2_grcsf.mae.DEFAULT_TRAINING` (``steps`` stays unset when ``epochs`` is given)."""
+        defaults = CHANNEL_TOKEN_TRAINING if channel_tokens else DEFAULT_TRAINING
         return replace(self, **{name: value for name, value in defaults.items() if getattr(self, name) is None
                                 and not (name == "steps" and self.epochs is not None)})
 
