@@ -56,7 +56,8 @@ import torch
 
 from nnunetv2_grcsf import __version__
 from nnunetv2_grcsf.mae import (CHANNEL_TOKEN_TRAINING, DEFAULT_STEPS, DEFAULT_TRAINING, DEFAULT_TRAINING_SPLITS,
-                                PRESETS, TRAINING_SPLITS_KEY, MAECheckpointError, MAEDatasetError, MAEError, MAEOutputExistsError)
+                                PRESETS, TRAINING_SPLITS_KEY, MAECheckpointError, MAEDatasetError, MAEError,
+                                MAEOutputExistsError)
 from nnunetv2_grcsf.mae import data as mdata
 from nnunetv2_grcsf.mae.model import (DictRoundTrip, MAEConfig, MaskedAutoencoder, complementary_masks,
                                       convert_state_dict, masked_reconstruction, random_mask)
