@@ -46,7 +46,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 
 from nnunetv2_grcsf.architectures.blocks.gcu import GlobalCompensationUnit
-from nnunetv2_grcsf.architectures.helpers import stage_sizes
+from nnunetv2_grcsf.architectures.helpers import AddedUnits, stage_sizes
 from nnunetv2_grcsf.architectures.input_routing import (DEFAULT_RCU_STAGES, ResidualMapRoutingUNet,
                                                         region_compensation_units)
 
@@ -60,8 +60,9 @@ class GRCSFEncoder(nn.Module):
     """
 
     def add_global_compensation(self, stage_input_channels: Sequence[int], use_gcu: bool, gcu_start: str):
-        """One GCU per stage with a stride product > 1 (none if ``use_gcu`` is False), starting as ``gcu_start``."""
-        self.global_compensation = nn.ModuleDict({
+        """One GCU per stage with a stride product > 1 (none if ``use_gcu`` is False), starting as ``gcu_start``;
+        built and initialized from random numbers of their own (helpers.AddedUnits)."""
+        self.global_compensation = AddedUnits("global_compensation", lambda: {
             str(stage): GlobalCompensationUnit(self.conv_op, stage_input_channels[stage], self.output_channels[stage],
                                                stride, self.norm_op, self.norm_op_kwargs, start=gcu_start)
             for stage, stride in enumerate(self.strides) if use_gcu and np.prod(stride) > 1})

@@ -2,15 +2,20 @@
 
 - sizes: :func:`stage_sizes`, :func:`per_axis_kernel`, :func:`feature_map_estimate` (nnU-Net's memory units);
 - activation checkpointing: :func:`maybe_checkpoint`; eager regions under torch.compile: :func:`maybe_eager`;
+- units added to an nnU-Net backbone with random numbers of their own: :class:`AddedUnits`,
+  :func:`separate_random_stream`;
 - the depthwise conv of the FIAS blocks, :func:`depthwise_conv`: plain ``F.conv`` (cuDNN) on every device but the
   CPU, where a custom autograd function with a faster backward is used (see :class:`_CPUDepthwiseConv`).
 """
-from typing import List, Optional, Sequence, Tuple, Union
+import hashlib
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch import nn
 
 CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}  # by number of spatial axes
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by tensor dimension
@@ -38,6 +43,45 @@ def feature_map_estimate(size: Sequence[int], stored_per_position: float) -> np.
     included) counts half of them, and nnU-Net's planners compare it in the same units as PlainConvUNet.
     """
     return np.int64(np.prod(size, dtype=np.int64) * stored_per_position / 2)
+
+
+@contextmanager
+def separate_random_stream(name: str) -> Iterator[None]:
+    """Torch's CPU random numbers drawn inside come from a stream of their own; the global generator is left where
+    it was.
+
+    The stream is seeded from a hash of the global generator's state and ``name`` (nothing is drawn from the global
+    generator): after ``torch.manual_seed(s)`` what is drawn inside is reproducible, differs between names, and
+    does not shift what is drawn outside.
+    """
+    state = torch.random.get_rng_state()
+    digest = hashlib.sha256(state.numpy().tobytes() + name.encode()).digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(digest[:8], "little"))
+        yield
+
+
+class AddedUnits(nn.ModuleDict):
+    """A ModuleDict of units added to an nnU-Net backbone (GRCSF's GCUs and RCUs), drawing their random numbers
+    from a stream of their own (:func:`separate_random_stream`, one per ``name``).
+
+    The units are built inside it (``build`` returns them by key) and initialized inside it (``apply``, which
+    nnU-Net's ``network.apply(network.initialize)`` reaches), so the backbone's initial weights, and every random
+    number drawn after the network is built (nnU-Net's batch sampling), are those of the backbone alone under the
+    same seed: a run with the units and nnUNetTrainer's run with the same ``NNUNETV2_GRCSF_SEED`` start from the
+    same U-Net, and two variants (e.g. with and without GCUs) start from the same weights of the units they share.
+    State-dict keys are those of a plain ModuleDict.
+    """
+
+    def __init__(self, name: str, build: Callable[[], Dict[str, nn.Module]]):
+        with separate_random_stream(name):
+            units = build()
+        super().__init__(units)
+        self.stream_name = name
+
+    def apply(self, fn):
+        with separate_random_stream(self.stream_name):
+            return super().apply(fn)
 
 
 def maybe_checkpoint(function, x: Union[torch.Tensor, Tuple[torch.Tensor, ...]], checkpointing: bool):

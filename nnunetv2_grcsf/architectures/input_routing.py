@@ -19,6 +19,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from nnunetv2_grcsf.architectures.blocks.rcu import (ATTENTION_LAYOUTS, RegionCompensationUnit,
                                                      default_token_patch_size)
+from nnunetv2_grcsf.architectures.helpers import AddedUnits
 from nnunetv2_grcsf.residual_channels import ResidualChannelError, check_input_channels, check_residual_channels
 
 DEFAULT_RCU_STAGES = (0, 1)  # the two finest decoder resolution stages
@@ -32,7 +33,8 @@ def region_compensation_units(network_name: str, conv_op: Type[_ConvNd], feature
                               rcu_patch_size: Union[None, int, Sequence[int]] = None, rcu_num_heads: int = 2,
                               rcu_window: int = 3) -> nn.ModuleDict:
     """One RegionCompensationUnit per resolution stage in ``rcu_stages`` (0 = full resolution, as the plans count;
-    decoder stages are 0..n_stages - 2), keyed by the stage as a string; empty without residual-map channels.
+    decoder stages are 0..n_stages - 2), keyed by the stage as a string, built and initialized from random numbers
+    of their own (helpers.AddedUnits); empty without residual-map channels.
 
     Each fuses into the features of its stage (features_per_stage[stage] channels, at the product of
     strides[:stage + 1]); its global features are the bottleneck (features_per_stage[-1] channels).
@@ -61,16 +63,16 @@ def region_compensation_units(network_name: str, conv_op: Type[_ConvNd], feature
     if bad_stages:
         raise ValueError(f"{network_name}: rcu_stages {bad_stages} out of range; decoder resolution stages are "
                          f"0..{n_stages - 2} (0 = full resolution).")
-    units = {}
-    for stage in sorted(set(rcu_stages)):
-        feature_stride = feature_strides[stage].tolist()
+    for stage in rcu_stages:
         if not stride_divides_patch[stage]:
-            raise ValueError(f"{network_name}: rcu_stages includes stage {stage}, whose stride {feature_stride} does "
-                             f"not divide rcu_patch_size {patch_size}; use finer rcu_stages or a larger patch.")
-        units[str(stage)] = RegionCompensationUnit(conv_op, features_per_stage[stage], residual_map_channels,
-                                                   features_per_stage[-1], patch_size, feature_stride,
-                                                   rcu_num_heads, rcu_window)
-    return nn.ModuleDict(units)
+            raise ValueError(f"{network_name}: rcu_stages includes stage {stage}, whose stride "
+                             f"{feature_strides[stage].tolist()} does not divide rcu_patch_size {patch_size}; use "
+                             f"finer rcu_stages or a larger patch.")
+    return AddedUnits("region_compensation", lambda: {
+        str(stage): RegionCompensationUnit(conv_op, features_per_stage[stage], residual_map_channels,
+                                           features_per_stage[-1], patch_size, feature_strides[stage].tolist(),
+                                           rcu_num_heads, rcu_window)
+        for stage in sorted(set(rcu_stages))})
 
 
 class ResidualMapRoutingUNet(AbstractDynamicNetworkArchitectures):

@@ -108,6 +108,17 @@ def test_with_rcu_the_residual_channel_is_split_off_and_changes_the_output():
         assert torch.allclose(network(x)[0], network(changed)[0])
 
 
+def test_with_rcu_the_network_starts_as_fias_without_it_from_the_same_seed():
+    """The RCUs draw their random numbers from a stream of their own (helpers.AddedUnits): FIASTrainer's and
+    GRCSF_FIASTrainer's runs of one seed start from the same FIAS weights and draw the same numbers afterwards."""
+    with_rcu = build(input_channels=2, residual_channels=[1], use_rcu=True).state_dict()
+    after_with_rcu = torch.rand(8)
+    without = build(input_channels=1).state_dict()
+    assert torch.equal(after_with_rcu, torch.rand(8))
+    assert {key for key in with_rcu if key not in without} == {key for key in with_rcu if ".region_compensation." in key}
+    assert all(torch.equal(value, with_rcu[key]) for key, value in without.items())
+
+
 def test_without_rcu_every_channel_is_an_image_channel():
     network = build(input_channels=2, residual_channels=[1])
     assert network.image_channels == [0, 1] and network.residual_channels == []

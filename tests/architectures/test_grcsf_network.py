@@ -240,3 +240,49 @@ def test_rcu_attention_layout_reaches_every_rcu_and_keeps_the_function():
         with torch.no_grad():
             outputs.append(network(x)[0])
     assert all(torch.allclose(outputs[0], other, atol=1e-5) for other in outputs[1:])
+
+
+@pytest.mark.parametrize("plans, arch", [(HIPPOCAMPUS, "unet.PlainConvUNet"), (BUSI, "unet.PlainConvUNet"),
+                                         (BUSI_RESENC, "unet.ResidualEncoderUNet")])
+@pytest.mark.parametrize("units", [dict(use_rcu=False, input_channels=1, residual_channels=[]), dict(use_gcu=False),
+                                   dict(), dict(rcu_stages="every")])
+def test_the_backbone_starts_as_nnunets_network_of_the_same_seed(plans, arch, units):
+    """GCUs and RCUs draw their random numbers from streams of their own (helpers.AddedUnits): built and initialized
+    as nnU-Net does after the same torch.manual_seed, the backbone's weights are those of nnU-Net's network, and so
+    is every random number drawn afterwards (nnU-Net's batch sampling); the units shared by two variants start
+    equal too (GCU only: trained on the image channel alone, as GRCSFTrainer_noRCU on the source data set)."""
+    configuration = "3d_fullres" if plans == HIPPOCAMPUS else "2d"
+    network = build(plans, configuration, **units)
+    after_network = torch.rand(8)
+    torch.manual_seed(0)
+    plain, _ = build_network_from_plans(f"dynamic_network_architectures.architectures.{arch}", plans, configuration,
+                                        len(network.encoder_channels), 3)
+    after_plain = torch.rand(8)
+    assert torch.equal(after_network, after_plain)
+    backbone = plain.state_dict()
+    units_state = {}
+    for key, value in network.state_dict().items():
+        if ".global_compensation." in key or ".region_compensation." in key:
+            units_state[key] = value
+        else:
+            assert torch.equal(value, backbone.pop(key)), key
+    assert not backbone
+    full = build(plans, configuration).state_dict()  # GCUs and RCUs
+    assert units_state and all(torch.equal(value, full[key]) for key, value in units_state.items()
+                               if "rcu_stages" not in units)
+
+
+def test_separate_random_streams_differ_by_name_and_leave_the_global_generator():
+    from nnunetv2_grcsf.architectures.helpers import separate_random_stream
+
+    torch.manual_seed(3)
+    with separate_random_stream("a"):
+        a = torch.rand(4)
+    with separate_random_stream("a"):
+        a_again = torch.rand(4)
+    with separate_random_stream("b"):
+        b = torch.rand(4)
+    after = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(a, a_again) and not torch.equal(a, b) and torch.equal(after, torch.rand(4))
+    assert not torch.equal(a, after)
