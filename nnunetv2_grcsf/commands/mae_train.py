@@ -13,8 +13,8 @@ in its residual (--no-skip-labelled-patches: every patch); test images' labels a
 3D volumes are cut into slices along their lowest-resolution axis;
 the checkpoint records the median in-slice spacing, which `residuals` compares its images with.
 With several channels (multi-modal MRI) each channel of a patch is a token of its own, masked on its own
-(--no-channel-tokens: one token per patch), trained by default for 3200 steps with --max-shift 3 and --lr 4e-3
-(800 steps are not enough there).
+(--no-channel-tokens: one token per patch), trained by default for {steps} steps with --max-shift
+{max_shift_patches} and --lr {lr:g} ({plain_steps} steps are not enough there).
 Writes checkpoint_latest.pth (periodically), checkpoint_final.pth and training_log.json to
 $nnUNet_results/DatasetXXX_Name/nnunetv2_grcsf_mae/ (or -o); never into the raw data set. At the end it
 measures how much better than the mean image the MAE reconstructs masked patches (PSNR) and warns
@@ -26,7 +26,7 @@ examples:
   nnunetv2_grcsf mae-train -d 500                      # tiny preset, default steps (CPU: minutes)
   nnunetv2_grcsf mae-train -d 500 --preset small --epochs 200 --device cuda
   nnunetv2_grcsf mae-train -d 500 --resume --steps 1000   # continue / extend a run
-  nnunetv2_grcsf mae-train -d 501                      # multi-modal MRI: channel tokens, 3200 steps (CPU: 10 min)"""
+  nnunetv2_grcsf mae-train -d 501                      # multi-modal MRI: channel tokens, {steps} steps (CPU: 10 min)"""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -36,7 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     parser = subparsers.add_parser(
         "mae-train", help="train the MAE for residual maps on an nnU-Net raw data set's images",
-        description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=DESCRIPTION.format(**tokens, plain_steps=plain["steps"]), epilog=EXAMPLES.format(**tokens),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-d", "--dataset", required=True,
                         help="raw data set id (e.g. 500) or name (Dataset500_X), looked up in $nnUNet_raw")
     parser.add_argument("-o", "--output", default=None,
