@@ -379,7 +379,9 @@ def zero_channel_test_inputs(residual_inputs: Path, residual_channels: Sequence[
 def make_zero_channel_dataset(workspace: Workspace, residual_id: int, zero_id: int,
                               residual_channels: Sequence[int], file_ending: str) -> None:
     """``zero_id`` = the residual data set with its residual channel(s) all zeros (the zero-channel control: the
-    same channels, names and normalization, no information in the extra channel); its labels linked."""
+    same channels, names and normalization, no information in the extra channel); its labels linked. Its
+    dataset.json keeps only the residual channels' indices of the MAE record (an RCU trainer reads them; no MAE made
+    these channels)."""
     import shutil
 
     source, target = workspace.dataset_folder(residual_id), workspace.dataset_folder(zero_id)
@@ -391,7 +393,7 @@ def make_zero_channel_dataset(workspace: Workspace, residual_id: int, zero_id: i
     zeroed_channel_images(source / "imagesTr", partial / "imagesTr", residual_channels, file_ending)
     (partial / "labelsTr").symlink_to((source / "labelsTr").resolve())
     dataset_json = json.loads((source / "dataset.json").read_text())
-    dataset_json.pop("nnunetv2_grcsf", None)  # no MAE made these channels
+    dataset_json["nnunetv2_grcsf"] = {"residual_channels": list(residual_channels)}
     (partial / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
     os.replace(partial, target)
 
@@ -456,7 +458,8 @@ class Row(NamedTuple):
     models trained on the residual data set, those of ``TRAINER``'s row or, for a trainer whose network does not read
     the residual, of ``TRAINER+residual``'s, tested with each test image's residual replaced by another test
     image's), ``TRAINER+zero_channel`` (trained and tested on the residual data set with the residual channel all
-    zeros, :func:`make_zero_channel_dataset`: an extra input channel without information) or
+    zeros, :func:`make_zero_channel_dataset`: an extra input channel without information; for a trainer whose RCU
+    reads the residual channel, the RCU without a residual to read: what its architecture does by itself) or
     ``TRAINER+interpolation_residual`` (trained and tested on the data set whose residual channel is that of the
     interpolation from the visible pixels, :func:`make_interpolation_dataset`: the residual without the MAE).
     """
@@ -473,9 +476,6 @@ class Row(NamedTuple):
         if control not in ("", "residual", "shuffled_residual", "zero_channel", "interpolation_residual"):
             raise SystemExit(f"row {name}: the part after '+' must be 'residual', 'shuffled_residual', "
                              f"'zero_channel' or 'interpolation_residual'")
-        if control == "zero_channel" and needs_residuals(trainer):
-            raise SystemExit(f"row {name}: {trainer} reads the residual channel with its RCU; the zero-channel "
-                             f"control is for trainers that take it as a plain input channel (nnUNetTrainer)")
         residual_data = control != "" or needs_residuals(trainer)
         return cls(name, trainer, residual_data, control == "shuffled_residual", control == "zero_channel",
                    control == "interpolation_residual")

@@ -205,7 +205,8 @@ def test_shuffled_volumes_pair_the_sorted_test_cases_and_resample_onto_the_own_g
 
 def test_zero_channel_dataset_zeroes_the_residual_keeps_geometry_and_links_the_rest(tmp_path):
     """The zero-channel control's data set: the residual data set's image channel linked, its residual channel
-    zeros of the same geometry and dtype, its labels linked, its dataset.json without the MAE record."""
+    zeros of the same geometry and dtype, its labels linked, its dataset.json without the MAE record but with the
+    residual channels' indices."""
     import SimpleITK as sitk
 
     workspace = nnunet_workspace.Workspace(tmp_path / "work", "Vol", n_proc_da=0)
@@ -225,7 +226,8 @@ def test_zero_channel_dataset_zeroes_the_residual_keeps_geometry_and_links_the_r
     nnunet_workspace.make_zero_channel_dataset(workspace, 807, 808, [1], ".nii.gz")
     zero = workspace.dataset_folder(808)
     written = json.loads((zero / "dataset.json").read_text())
-    assert "nnunetv2_grcsf" not in written and written["channel_names"] == dataset_json["channel_names"]
+    assert written["nnunetv2_grcsf"] == {"residual_channels": [1]}  # for an RCU trainer; no MAE record
+    assert written["channel_names"] == dataset_json["channel_names"]
     assert (zero / "labelsTr").resolve() == (residual / "labelsTr").resolve()
     assert (zero / "imagesTr" / "c1_0000.nii.gz").resolve() == (residual / "imagesTr" / "c1_0000.nii.gz").resolve()
     zeros = sitk.ReadImage(str(zero / "imagesTr" / "c2_0001.nii.gz"))
@@ -258,8 +260,8 @@ def test_rows_name_their_data_and_controls():
                                                                                                810]
     with pytest.raises(SystemExit, match="'residual', 'shuffled_residual', 'zero_channel' or 'interpolation_residual'"):
         row("GRCSFTrainer+other")
-    with pytest.raises(SystemExit, match="GRCSFTrainer reads the residual channel with its RCU"):
-        row("GRCSFTrainer+zero_channel")
+    rcu_without_residual = row("GRCSFTrainer_noGCU+zero_channel")  # the RCU given zeros: its architecture alone
+    assert rcu_without_residual.zero_channel and rcu_without_residual.dataset_id(*ids) == 809
 
 
 def test_results_are_kept_per_row_and_seed_and_never_mixed_with_other_settings(tmp_path):
