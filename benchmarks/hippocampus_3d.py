@@ -24,7 +24,8 @@ lesion-wise F1, with best/worst overlay PNGs of the first seed).
   ``nnUNetTrainer+shuffled_residual``: the same for the plain channel's models (those of ``nnUNetTrainer+residual``).
   ``nnUNetTrainer+zero_channel``: nnU-Net trained and tested on Dataset808_Hippocampus, the residual data set with
   its residual channel all zeros (same channels, names and normalization): does a second input channel by itself
-  change what 250 steps learn, or is it the residual's content?
+  change what 250 steps learn, or is it the residual's content? With an RCU trainer (``GRCSFTrainer_noGCU+zero_channel``)
+  the RCU trains and predicts on that all-zero residual: what its architecture does without the residual.
   ``TRAINER+interpolation_residual``: trained and tested on Dataset811_Hippocampus, whose residual channel is that
   of interpolating each masked patch from the visible voxels (``residuals --reconstruction interpolation``, the same
   MAE checkpoint and mask ratios): the residual without the MAE.
