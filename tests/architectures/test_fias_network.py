@@ -115,7 +115,8 @@ def test_with_rcu_the_network_starts_as_fias_without_it_from_the_same_seed():
     after_with_rcu = torch.rand(8)
     without = build(input_channels=1).state_dict()
     assert torch.equal(after_with_rcu, torch.rand(8))
-    assert {key for key in with_rcu if key not in without} == {key for key in with_rcu if ".region_compensation." in key}
+    added = {key for key in with_rcu if key not in without}
+    assert added == {key for key in with_rcu if ".region_compensation." in key}
     assert all(torch.equal(value, with_rcu[key]) for key, value in without.items())
 
 
